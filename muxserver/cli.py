@@ -1,0 +1,194 @@
+"""The ``muxserver`` command: options, environment, logging, signals, exit codes.
+
+Every option can come from ``MUXSERVER_<OPTION>`` in the environment; the
+command line wins. Exit status is part of the interface: 0 after a clean
+shutdown, 2 for bad arguments (argparse's convention), 1 with one line on
+stderr when the server cannot start. User errors never print a traceback.
+
+The ready line ``muxserver listening on HOST:PORT`` is printed to stdout and
+flushed exactly once, when the socket accepts: tools and tests wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+
+from . import __version__
+from .server import Config, Server
+
+ENV_PREFIX = "MUXSERVER_"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be 0..65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _frame_size(text: str) -> int:
+    value = int(text)
+    if not 64 <= value <= 0xFFFFFFFF - 1024:
+        raise ValueError("must be 64..4294966271 bytes")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("must be one of debug, info, warning, error, critical")
+    return level
+
+
+def _name(text: str) -> str:
+    if not 1 <= len(text.encode("utf-8")) <= 255:
+        raise ValueError("must be 1..255 bytes")
+    return text
+
+
+# (option, type, default, help). The table is the single source of truth for
+# the parser, the environment variables and the README's options table.
+OPTIONS = [
+    ("host", str, "127.0.0.1", "address to listen on (use :: or 0.0.0.0 for all)"),
+    ("port", _port, 7878, "TCP port; 0 picks a free one"),
+    ("max-frame", _frame_size, 1048576, "largest frame a client may send, in bytes"),
+    ("max-connections", _positive_int, 10000, "connections beyond this get ERROR LIMIT"),
+    ("max-output", _positive_int, 8388608, "unsent bytes per connection before SLOW_CONSUMER"),
+    ("max-rooms", _positive_int, 1000, "rooms one connection may be in"),
+    ("ping-interval", _seconds, 25.0, "seconds of client silence before the server PINGs"),
+    ("ping-timeout", _seconds, 20.0, "further silence before IDLE_TIMEOUT"),
+    ("drain-timeout", _seconds, 5.0, "grace period for closing connections and shutdown"),
+    ("hello-timeout", _seconds, 10.0, "seconds a new connection has to complete HELLO"),
+    ("name", _name, "muxserver", "server name announced in WELCOME"),
+    ("token", str, "", "shared secret every HELLO must carry (empty: no auth)"),
+    ("log-level", _log_level, "INFO", "debug, info, warning, error"),
+]
+
+
+def env_name(option: str) -> str:
+    return ENV_PREFIX + option.upper().replace("-", "_")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump to stdout
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="muxserver",
+        description="Real-time messaging server: rooms, namespaces, events, presence.",
+        epilog="Every option can also be set as MUXSERVER_<OPTION>, e.g. MUXSERVER_PORT=9000.",
+    )
+    parser.add_argument("--version", action="version", version=f"muxserver {__version__}")
+    for option, conv, default, help_text in OPTIONS:
+
+        def convert(text, _conv=conv, _opt=option):
+            try:
+                return _conv(text)
+            except ValueError as exc:
+                msg = str(exc) if "must" in str(exc) else "not a valid value"
+                raise argparse.ArgumentTypeError(f"{text!r}: {msg}") from None
+
+        convert.__name__ = option  # argparse names the option in its message
+        parser.add_argument(
+            f"--{option}",
+            type=convert,
+            default=None,
+            metavar=option.split("-")[-1].upper(),
+            help=f"{help_text} (default {default}; env {env_name(option)})",
+        )
+    return parser
+
+
+def resolve(argv: list[str] | None = None, environ=None) -> dict:
+    """Parse the command line over the environment over the defaults."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = {}
+    for option, conv, default, _ in OPTIONS:
+        key = option.replace("-", "_")
+        value = getattr(args, key)
+        if value is None and env_name(option) in environ:
+            raw = environ[env_name(option)]
+            try:
+                value = conv(raw)
+            except ValueError as exc:
+                parser.exit(2, f"muxserver: error: {env_name(option)}={raw!r}: {exc}\n")
+        values[key] = default if value is None else value
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    values = resolve(argv)
+    logging.basicConfig(
+        level=values.pop("log_level"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = Config(**values)
+    server = Server(config)
+    try:
+        host, port = server.start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            reason = f"port {config.port} is already in use"
+        elif exc.errno == errno.EACCES:
+            reason = f"permission denied binding {config.host}:{config.port}"
+        elif isinstance(exc, socket.gaierror):
+            reason = f"cannot resolve host {config.host!r}"
+        else:
+            reason = f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        print(f"muxserver: {reason}", file=sys.stderr)
+        return 1
+
+    interrupted = []
+
+    def on_signal(signum: int) -> None:
+        if server.shutting_down and signum == signal.SIGINT:
+            interrupted.append(signum)  # second Ctrl-C: leave now
+            server.loop.stop()
+            return
+        server.begin_shutdown()
+
+    server.loop.handle_signals((signal.SIGTERM, signal.SIGINT), on_signal)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"muxserver listening on {shown}:{port}", flush=True)
+    log.info("muxserver %s listening on %s:%d", __version__, shown, port)
+    try:
+        server.run()
+    finally:
+        server.close()
+        server.loop.close()
+    if interrupted:
+        return 130
+    log.info("muxserver stopped")
+    return 0
+
+
+log = logging.getLogger("muxserver")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

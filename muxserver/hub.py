@@ -1,0 +1,221 @@
+"""Who is where: namespaces, rooms, nicknames and presence. Pure, no I/O.
+
+The hub answers two questions for the server: "who gets this" (a room's
+members, a namespace's members, the holder of a nick) and "what changed"
+(the PRESENCE notices a join, leave, nick change or disconnect produces, and
+who should get each). It never touches a socket, so every rule of protocol
+sections 4 and 7 that is about membership can be tested here alone.
+
+Members are duck-typed: anything with the writable attributes ``nick``,
+``ns`` and ``rooms`` (see :class:`Member`). The server's Connection carries
+those slots itself, so a room's member dict holds connections directly and a
+broadcast is one loop over it, with no extra hop per recipient.
+
+Rooms keep two insertion-ordered dicts: all members (join order is WHO's
+order) and the *watchers* that asked for PRESENCE. A join then costs work in
+proportion to the watchers, not the room: 19,000 joins to one room would
+otherwise be quadratic.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .protocol import (
+    INVALID_NAME,
+    LIMIT,
+    NICK_TAKEN,
+    PRESENCE_JOIN,
+    PRESENCE_LEAVE,
+    PRESENCE_NICK,
+    Presence,
+    check_name,
+)
+
+
+class HubError(Exception):
+    """A request the hub refuses; ``status`` is the protocol status code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Change(NamedTuple):
+    """One PRESENCE notice and the members who should receive it."""
+
+    recipients: list
+    presence: Presence
+
+
+class Member:
+    """The minimal member shape (the server's Connection has the same slots)."""
+
+    __slots__ = ("nick", "ns", "rooms")
+
+    def __init__(self, nick: str = "") -> None:
+        self.nick = nick
+        self.ns: Namespace | None = None
+        self.rooms: dict[str, Room] = {}
+
+    def __repr__(self) -> str:
+        return f"<Member {self.nick!r}>"
+
+
+class Room:
+    __slots__ = ("name", "members", "watchers")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: dict = {}  # member -> None, in join order
+        self.watchers: dict = {}  # members who asked for PRESENCE
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+class Namespace:
+    __slots__ = ("name", "members", "nicks", "rooms")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: dict = {}  # member -> None, in arrival order
+        self.nicks: dict = {}  # nick -> member
+        self.rooms: dict[str, Room] = {}
+
+
+class Hub:
+    def __init__(self, max_rooms: int = 1000) -> None:
+        self.max_rooms = max_rooms
+        self.namespaces: dict[str, Namespace] = {}
+
+    # ------------------------------------------------------------ session
+    def nick_taken(self, ns_name: str, nick: str) -> bool:
+        ns = self.namespaces.get(ns_name)
+        return ns is not None and nick in ns.nicks
+
+    def attach(self, member, ns_name: str, nick: str) -> Namespace:
+        """Admit ``member`` to namespace ``ns_name`` under ``nick``."""
+        why = check_name(ns_name, "namespace") or check_name(nick, "nick")
+        if why:
+            raise HubError(INVALID_NAME, why)
+        ns = self.namespaces.get(ns_name)
+        if ns is None:
+            ns = self.namespaces[ns_name] = Namespace(ns_name)
+        if nick in ns.nicks:
+            if not ns.members:
+                del self.namespaces[ns_name]
+            raise HubError(NICK_TAKEN, f"nick {nick!r} is taken in {ns_name}")
+        member.nick = nick
+        member.ns = ns
+        member.rooms = {}
+        ns.members[member] = None
+        ns.nicks[nick] = member
+        return ns
+
+    def detach(self, member) -> list[Change]:
+        """Remove ``member`` from everything: a leave for each of its rooms."""
+        ns = member.ns
+        if ns is None:
+            return []
+        changes = [c for name in list(member.rooms) for c in self.leave(member, name)]
+        ns.members.pop(member, None)
+        if ns.nicks.get(member.nick) is member:
+            del ns.nicks[member.nick]
+        member.ns = None
+        if not ns.members:
+            del self.namespaces[ns.name]
+        return changes
+
+    # -------------------------------------------------------------- rooms
+    def join(self, member, room_name: str, presence: bool = False) -> list[Change]:
+        why = check_name(room_name, "room")
+        if why:
+            raise HubError(INVALID_NAME, why)
+        ns = member.ns
+        room = member.rooms.get(room_name)
+        if room is not None:
+            # Idempotent; a second JOIN may still switch PRESENCE on or off.
+            if presence:
+                room.watchers[member] = None
+            else:
+                room.watchers.pop(member, None)
+            return []
+        if len(member.rooms) >= self.max_rooms:
+            raise HubError(LIMIT, f"already in {self.max_rooms} rooms (the limit)")
+        room = ns.rooms.get(room_name)
+        if room is None:
+            room = ns.rooms[room_name] = Room(room_name)
+        changes = []
+        if room.watchers:
+            changes.append(
+                Change(list(room.watchers), Presence(PRESENCE_JOIN, room_name, member.nick))
+            )
+        room.members[member] = None
+        if presence:
+            room.watchers[member] = None
+        member.rooms[room_name] = room
+        return changes
+
+    def leave(self, member, room_name: str) -> list[Change]:
+        room = member.rooms.pop(room_name, None)
+        if room is None:
+            why = check_name(room_name, "room")
+            if why:
+                raise HubError(INVALID_NAME, why)
+            return []  # not a member: idempotent
+        del room.members[member]
+        room.watchers.pop(member, None)
+        if not room.members:
+            del member.ns.rooms[room_name]
+            return []
+        if not room.watchers:
+            return []
+        return [Change(list(room.watchers), Presence(PRESENCE_LEAVE, room_name, member.nick))]
+
+    def rename(self, member, new_nick: str) -> list[Change]:
+        why = check_name(new_nick, "nick")
+        if why:
+            raise HubError(INVALID_NAME, why)
+        ns = member.ns
+        old = member.nick
+        if new_nick == old:
+            return []
+        if new_nick in ns.nicks:
+            raise HubError(NICK_TAKEN, f"nick {new_nick!r} is taken in {ns.name}")
+        del ns.nicks[old]
+        ns.nicks[new_nick] = member
+        member.nick = new_nick
+        changes = []
+        for room in member.rooms.values():
+            watchers = [m for m in room.watchers if m is not member]
+            if watchers:
+                changes.append(
+                    Change(watchers, Presence(PRESENCE_NICK, room.name, old, new_nick))
+                )
+        return changes
+
+    # ------------------------------------------------------------ queries
+    def room_of(self, member, room_name: str) -> Room | None:
+        return member.ns.rooms.get(room_name) if member.ns else None
+
+    def who(self, member, room_name: str) -> list[str]:
+        """Nicks of a room of the member's namespace, in join order."""
+        why = check_name(room_name, "room")
+        if why:
+            raise HubError(INVALID_NAME, why)
+        room = self.room_of(member, room_name)
+        return [m.nick for m in room.members] if room else []
+
+    def rooms(self, member, all_rooms: bool = False) -> list[tuple[str, int]]:
+        source = member.ns.rooms if all_rooms else member.rooms
+        return [(name, len(room.members)) for name, room in source.items()]
+
+    def find(self, member, nick: str):
+        """The member of ``member``'s namespace holding ``nick``, or None."""
+        return member.ns.nicks.get(nick)
+
+    @property
+    def room_count(self) -> int:
+        return sum(len(ns.rooms) for ns in self.namespaces.values())

@@ -1,0 +1,198 @@
+"""A small single-threaded event loop over ``selectors``.
+
+Why not asyncio: the server's hot path is "read, decode, append one shared
+bytes object to N queues, flush once per turn". asyncio's transports and
+futures add a layer of objects and calls per message that this design does
+not need, and a hand-written loop keeps every step visible (Redis's ``ae.c``
+is the model).
+
+What it offers:
+
+* fd callbacks: ``register(fileobj, events, callback)``; the callback gets the
+  ready mask. ``modify`` changes interest (rarely: only when a socket's
+  kernel buffer fills or drains, never per message).
+* timers on a heap, with the clock injectable so tests can run heartbeat and
+  timeout logic on fake time in milliseconds.
+* a wake-up fd for signals (``signal.set_wakeup_fd``): a signal makes
+  ``select`` return at once, and the signal numbers are read from the fd and
+  handed to the registered handler *inside* the loop, never in the middle of
+  a half-finished flush.
+* before-sleep hooks, run right before each ``select``: this is where the
+  server flushes all connections that have pending output, one send each.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+
+class Timer:
+    """Handle of a scheduled call; ``cancel()`` makes it a no-op."""
+
+    __slots__ = ("when", "callback", "args", "cancelled")
+
+    def __init__(self, when: float, callback: Callable, args: tuple) -> None:
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told to (for tests)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class EventLoop:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.selector = selectors.DefaultSelector()
+        # Cached time of the current turn: handlers read ``loop.now`` instead
+        # of calling the clock once per frame.
+        self.now = clock()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._before_sleep: list[Callable[[], None]] = []
+        self._running = False
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._signal_handler: Callable[[int], None] | None = None
+        self._old_wakeup_fd: int | None = None
+
+    # ------------------------------------------------------------- fds
+    def register(self, fileobj, events: int, callback: Callable[[int], None]) -> None:
+        self.selector.register(fileobj, events, callback)
+
+    def modify(self, fileobj, events: int, callback: Callable[[int], None]) -> None:
+        self.selector.modify(fileobj, events, callback)
+
+    def unregister(self, fileobj) -> None:
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    # ---------------------------------------------------------- timers
+    def time(self) -> float:
+        return self.clock()
+
+    def call_later(self, delay: float, callback: Callable, *args) -> Timer:
+        return self.call_at(self.clock() + delay, callback, *args)
+
+    def call_at(self, when: float, callback: Callable, *args) -> Timer:
+        timer = Timer(when, callback, args)
+        heapq.heappush(self._timers, (when, next(self._seq), timer))
+        return timer
+
+    def run_timers(self) -> int:
+        """Run every timer that is due on the clock; returns how many ran."""
+        now = self.now = self.clock()
+        timers = self._timers
+        ran = 0
+        while timers and timers[0][0] <= now:
+            _, _, timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                timer.cancelled = True  # a timer fires once
+                timer.callback(*timer.args)
+                ran += 1
+        return ran
+
+    def next_timeout(self) -> float | None:
+        """Seconds until the next live timer, or None when there is none."""
+        timers = self._timers
+        while timers and timers[0][2].cancelled:
+            heapq.heappop(timers)
+        if not timers:
+            return None
+        return max(0.0, timers[0][0] - self.clock())
+
+    # ---------------------------------------------------------- hooks
+    def add_before_sleep(self, hook: Callable[[], None]) -> None:
+        self._before_sleep.append(hook)
+
+    # --------------------------------------------------------- signals
+    def handle_signals(self, signums, handler: Callable[[int], None]) -> None:
+        """Route ``signums`` to ``handler(signum)``, called from inside the loop."""
+        if self._wake_r is None:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno())
+            self.register(self._wake_r, EVENT_READ, self._on_wakeup)
+        self._signal_handler = handler
+        for signum in signums:
+            # The Python-level handler does nothing: the C handler has already
+            # written the signal number to the wake-up fd, which we read below.
+            signal.signal(signum, _noop_signal)
+
+    def _on_wakeup(self, _mask: int) -> None:
+        try:
+            data = self._wake_r.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        if self._signal_handler is not None:
+            for signum in data:
+                self._signal_handler(signum)
+
+    # ------------------------------------------------------------- run
+    def run_once(self, timeout: float | None = None) -> None:
+        """One turn: before-sleep hooks, select, fd callbacks, due timers."""
+        for hook in self._before_sleep:
+            hook()
+        wait = self.next_timeout()
+        if timeout is not None:
+            wait = timeout if wait is None else min(wait, timeout)
+        events = self.selector.select(wait)
+        self.now = self.clock()
+        for key, mask in events:
+            key.data(mask)
+        if self._timers:
+            self.run_timers()
+
+    def run(self) -> None:
+        self._running = True
+        while self._running:
+            self.run_once()
+        # Whatever the last turn queued still goes out.
+        for hook in self._before_sleep:
+            hook()
+
+    def stop(self) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        if self._wake_r is not None:
+            self.unregister(self._wake_r)
+            if self._old_wakeup_fd is not None:
+                try:
+                    signal.set_wakeup_fd(self._old_wakeup_fd)
+                except ValueError:
+                    pass
+            self._wake_r.close()
+            self._wake_w.close()
+            self._wake_r = self._wake_w = None
+        self.selector.close()
+
+
+def _noop_signal(signum, frame) -> None:
+    pass

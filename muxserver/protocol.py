@@ -1,0 +1,585 @@
+"""The frame types of wire protocol v1 as small immutable types, with encode/decode.
+
+Pure code: no sockets, no I/O. ``decode(type, body)`` turns a frame body into
+one of the NamedTuples below or raises :class:`ProtocolError` with the status
+code the protocol names (BAD_FRAME for a body that does not parse,
+UNKNOWN_TYPE for a type byte nobody defined); ``encode(msg)`` returns the
+whole frame as bytes. Name checks live here too, with a small cache, because
+the server checks the same room and event names over and over on its hot
+path.
+
+The server's EMIT fast path uses :func:`parse_emit_head` and the prefix
+builders directly instead of building an ``Emit`` tuple per message: the
+EVENT frame ends with the same three fields as the EMIT body, so a room
+broadcast forwards the EMIT's tail behind a new prefix without re-encoding.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from .framing import HEADER, LENGTH, FrameError, encode_frame
+
+PROTOCOL_VERSION = 1
+
+# ---------------------------------------------------------------- frame types
+HELLO = 0x01
+JOIN = 0x02
+LEAVE = 0x03
+NICK = 0x04
+EMIT = 0x05
+PING = 0x06
+PONG = 0x07
+WHO = 0x08
+ROOMS = 0x09
+BYE = 0x0A
+
+WELCOME = 0x81
+REPLY = 0x82
+EVENT = 0x83
+PRESENCE = 0x84
+ERROR = 0x85
+SERVER_PING = 0x86
+SERVER_PONG = 0x87
+
+TYPE_NAMES = {
+    HELLO: "HELLO", JOIN: "JOIN", LEAVE: "LEAVE", NICK: "NICK", EMIT: "EMIT",
+    PING: "PING", PONG: "PONG", WHO: "WHO", ROOMS: "ROOMS", BYE: "BYE",
+    WELCOME: "WELCOME", REPLY: "REPLY", EVENT: "EVENT", PRESENCE: "PRESENCE",
+    ERROR: "ERROR", SERVER_PING: "PING", SERVER_PONG: "PONG",
+}  # fmt: skip
+
+# ------------------------------------------------------------- status codes
+OK = 0
+BAD_FRAME = 1
+UNKNOWN_TYPE = 2
+NOT_HELLO = 3
+AUTH_FAILED = 4
+UNSUPPORTED_VERSION = 5
+TOO_LARGE = 6
+NICK_TAKEN = 7
+INVALID_NAME = 8
+NOT_MEMBER = 9
+NO_SUCH_TARGET = 10
+LIMIT = 11
+RATE_LIMITED = 12
+SLOW_CONSUMER = 13
+IDLE_TIMEOUT = 14
+SHUTTING_DOWN = 15
+
+STATUS_NAMES = {
+    OK: "OK", BAD_FRAME: "BAD_FRAME", UNKNOWN_TYPE: "UNKNOWN_TYPE",
+    NOT_HELLO: "NOT_HELLO", AUTH_FAILED: "AUTH_FAILED",
+    UNSUPPORTED_VERSION: "UNSUPPORTED_VERSION", TOO_LARGE: "TOO_LARGE",
+    NICK_TAKEN: "NICK_TAKEN", INVALID_NAME: "INVALID_NAME",
+    NOT_MEMBER: "NOT_MEMBER", NO_SUCH_TARGET: "NO_SUCH_TARGET", LIMIT: "LIMIT",
+    RATE_LIMITED: "RATE_LIMITED", SLOW_CONSUMER: "SLOW_CONSUMER",
+    IDLE_TIMEOUT: "IDLE_TIMEOUT", SHUTTING_DOWN: "SHUTTING_DOWN",
+}  # fmt: skip
+
+# EMIT target kinds, also EVENT source kinds.
+TARGET_ROOM = 0
+TARGET_DIRECT = 1
+TARGET_BROADCAST = 2
+
+# PRESENCE kinds.
+PRESENCE_JOIN = 1
+PRESENCE_LEAVE = 2
+PRESENCE_NICK = 3
+
+# Flags.
+JOIN_PRESENCE = 0x01
+EMIT_ECHO = 0x01
+
+# Frames the server sends may be this much longer than max_frame (an EVENT
+# carries the sender's nick on top of what was emitted).
+SERVER_FRAME_SLACK = 512
+
+
+class ProtocolError(FrameError):
+    """A frame body that breaks the protocol: the peer's fault, fatal."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+
+
+# ------------------------------------------------------------------ structs
+U8 = struct.Struct(">B")
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+REQ = U32
+REQ_U8 = struct.Struct(">IB")
+EMIT_HEAD = struct.Struct(">IBBB")  # req, flags, target_kind, len(target)
+REPLY_HEAD = struct.Struct(">IBIH")  # frame length, type, req, status
+REPLY_COUNT = struct.Struct(">IBIHI")  # ... + u32 recipients
+PING_FRAME = struct.Struct(">IBQ")  # frame length (9), type, nonce
+ERROR_HEAD = struct.Struct(">IBH")
+
+
+# ------------------------------------------------------------ frame tuples
+class Hello(NamedTuple):
+    version: int = PROTOCOL_VERSION
+    namespace: str = "/"
+    nick: str = ""
+    token: str = ""
+
+
+class Join(NamedTuple):
+    req: int
+    room: str
+    flags: int = 0
+
+
+class Leave(NamedTuple):
+    req: int
+    room: str
+
+
+class Nick(NamedTuple):
+    req: int
+    nick: str
+
+
+class Emit(NamedTuple):
+    req: int
+    target_kind: int
+    target: str
+    event: str
+    payload: bytes = b""
+    flags: int = 0
+
+
+class Ping(NamedTuple):
+    nonce: int
+
+
+class Pong(NamedTuple):
+    nonce: int
+
+
+class Who(NamedTuple):
+    req: int
+    room: str
+
+
+class Rooms(NamedTuple):
+    req: int
+    scope: int = 0
+
+
+class Bye(NamedTuple):
+    pass
+
+
+class Welcome(NamedTuple):
+    version: int
+    conn_id: int
+    nick: str
+    max_frame: int
+    ping_interval_ms: int
+    server_name: str
+
+
+class Reply(NamedTuple):
+    """REPLY. ``body`` is the raw bytes after status; see the helpers below."""
+
+    req: int
+    status: int
+    body: bytes = b""
+
+    @property
+    def message(self) -> str:
+        return self.body.decode("utf-8", "replace") if self.status else ""
+
+
+class Event(NamedTuple):
+    source_kind: int
+    sender: str
+    source: str
+    event: str
+    payload: bytes
+
+
+class Presence(NamedTuple):
+    kind: int
+    room: str
+    nick: str
+    new_nick: str = ""
+
+
+class Error(NamedTuple):
+    code: int
+    message: str = ""
+
+    @property
+    def name(self) -> str:
+        return STATUS_NAMES.get(self.code, str(self.code))
+
+
+class ServerPing(NamedTuple):
+    nonce: int
+
+
+class ServerPong(NamedTuple):
+    nonce: int
+
+
+# ------------------------------------------------------------ body reading
+class _Reader:
+    """Cursor over one frame body; every shortfall is BAD_FRAME."""
+
+    __slots__ = ("body", "pos", "kind")
+
+    def __init__(self, body: bytes, kind: str) -> None:
+        self.body = body
+        self.pos = 0
+        self.kind = kind
+
+    def _need(self, n: int) -> int:
+        pos = self.pos
+        if pos + n > len(self.body):
+            raise ProtocolError(BAD_FRAME, f"{self.kind} body too short")
+        self.pos = pos + n
+        return pos
+
+    def u8(self) -> int:
+        return self.body[self._need(1)]
+
+    def u16(self) -> int:
+        return U16.unpack_from(self.body, self._need(2))[0]
+
+    def u32(self) -> int:
+        return U32.unpack_from(self.body, self._need(4))[0]
+
+    def u64(self) -> int:
+        return U64.unpack_from(self.body, self._need(8))[0]
+
+    def raw8(self) -> bytes:
+        n = self.u8()
+        if self.pos + n > len(self.body):
+            raise ProtocolError(BAD_FRAME, f"{self.kind}: string longer than the body")
+        start = self.pos
+        self.pos = start + n
+        return self.body[start : self.pos]
+
+    def str8(self) -> str:
+        raw = self.raw8()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(BAD_FRAME, f"{self.kind}: string is not valid UTF-8") from None
+
+    def rest(self) -> bytes:
+        start = self.pos
+        self.pos = len(self.body)
+        return self.body[start:]
+
+    def end(self) -> None:
+        if self.pos != len(self.body):
+            raise ProtocolError(BAD_FRAME, f"{self.kind}: trailing bytes after the last field")
+
+
+def str8(value: str | bytes) -> bytes:
+    raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    if len(raw) > 255:
+        raise ValueError(f"string of {len(raw)} bytes does not fit a str8")
+    return bytes((len(raw),)) + raw
+
+
+# --------------------------------------------------------------- decoding
+def _d_hello(r: _Reader) -> Hello:
+    version = r.u8()
+    # Names are checked against the name rules by the server, which answers
+    # INVALID_NAME; here we only insist on well-formed str8 fields.
+    ns, nick, token = r.raw8(), r.raw8(), r.raw8()
+    r.end()
+    return Hello(version, _text(ns), _text(nick), _text(token))
+
+
+def _text(raw: bytes) -> str:
+    """Decode a client-sent name field.
+
+    "Valid UTF-8" is a *name rule* (status INVALID_NAME), not a framing rule
+    (BAD_FRAME), so undecodable bytes survive as lone surrogates
+    (surrogateescape) for :func:`check_name` to reject.
+    """
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _d_join(r: _Reader) -> Join:
+    req, flags, room = r.u32(), r.u8(), _text(r.raw8())
+    r.end()
+    return Join(req, room, flags)
+
+
+def _d_leave(r: _Reader) -> Leave:
+    req, room = r.u32(), _text(r.raw8())
+    r.end()
+    return Leave(req, room)
+
+
+def _d_nick(r: _Reader) -> Nick:
+    req, nick = r.u32(), _text(r.raw8())
+    r.end()
+    return Nick(req, nick)
+
+
+def _d_emit(r: _Reader) -> Emit:
+    req, flags, kind = r.u32(), r.u8(), r.u8()
+    target, event = _text(r.raw8()), _text(r.raw8())
+    payload = r.rest()
+    _check_target(kind, target)
+    return Emit(req, kind, target, event, payload, flags)
+
+
+def _check_target(kind: int, target) -> None:
+    if kind > TARGET_BROADCAST:
+        raise ProtocolError(BAD_FRAME, f"EMIT: unknown target_kind {kind}")
+    if kind == TARGET_BROADCAST and target:
+        raise ProtocolError(BAD_FRAME, "EMIT: broadcast must have an empty target")
+
+
+def _d_nonce(cls, r: _Reader):
+    if len(r.body) != 8:
+        raise ProtocolError(BAD_FRAME, f"{r.kind}: body must be exactly 8 bytes")
+    return cls(r.u64())
+
+
+def _d_who(r: _Reader) -> Who:
+    req, room = r.u32(), _text(r.raw8())
+    r.end()
+    return Who(req, room)
+
+
+def _d_rooms(r: _Reader) -> Rooms:
+    req, scope = r.u32(), r.u8()
+    r.end()
+    if scope > 1:
+        raise ProtocolError(BAD_FRAME, f"ROOMS: unknown scope {scope}")
+    return Rooms(req, scope)
+
+
+def _d_bye(r: _Reader) -> Bye:
+    r.end()
+    return Bye()
+
+
+def _d_welcome(r: _Reader) -> Welcome:
+    w = Welcome(r.u8(), r.u32(), r.str8(), r.u32(), r.u32(), r.str8())
+    r.end()
+    return w
+
+
+def _d_reply(r: _Reader) -> Reply:
+    return Reply(r.u32(), r.u16(), r.rest())
+
+
+def _d_event(r: _Reader) -> Event:
+    return Event(r.u8(), r.str8(), r.str8(), r.str8(), r.rest())
+
+
+def _d_presence(r: _Reader) -> Presence:
+    p = Presence(r.u8(), r.str8(), r.str8(), r.str8())
+    r.end()
+    return p
+
+
+def _d_error(r: _Reader) -> Error:
+    return Error(r.u16(), r.rest().decode("utf-8", "replace"))
+
+
+_DECODERS = {
+    HELLO: _d_hello, JOIN: _d_join, LEAVE: _d_leave, NICK: _d_nick, EMIT: _d_emit,
+    PING: lambda r: _d_nonce(Ping, r), PONG: lambda r: _d_nonce(Pong, r),
+    WHO: _d_who, ROOMS: _d_rooms, BYE: _d_bye,
+    WELCOME: _d_welcome, REPLY: _d_reply, EVENT: _d_event, PRESENCE: _d_presence,
+    ERROR: _d_error,
+    SERVER_PING: lambda r: _d_nonce(ServerPing, r),
+    SERVER_PONG: lambda r: _d_nonce(ServerPong, r),
+}  # fmt: skip
+
+CLIENT_TYPES = frozenset(range(HELLO, BYE + 1))
+SERVER_TYPES = frozenset(range(WELCOME, SERVER_PONG + 1))
+
+
+def decode(ftype: int, body: bytes):
+    """Frame body -> NamedTuple. Raises ProtocolError(BAD_FRAME / UNKNOWN_TYPE)."""
+    fn = _DECODERS.get(ftype)
+    if fn is None:
+        raise ProtocolError(UNKNOWN_TYPE, f"unknown frame type 0x{ftype:02x}")
+    return fn(_Reader(body, TYPE_NAMES[ftype]))
+
+
+# --------------------------------------------------------------- encoding
+def encode(msg) -> bytes:
+    """NamedTuple -> whole frame bytes (length prefix included)."""
+    return _ENCODERS[type(msg)](msg)
+
+
+def _e_reply(m: Reply) -> bytes:
+    return encode_frame(REPLY, U32.pack(m.req) + U16.pack(m.status) + m.body)
+
+
+_ENCODERS = {
+    Hello: lambda m: encode_frame(
+        HELLO, bytes((m.version,)) + str8(m.namespace) + str8(m.nick) + str8(m.token)
+    ),
+    Join: lambda m: encode_frame(JOIN, REQ_U8.pack(m.req, m.flags) + str8(m.room)),
+    Leave: lambda m: encode_frame(LEAVE, REQ.pack(m.req) + str8(m.room)),
+    Nick: lambda m: encode_frame(NICK, REQ.pack(m.req) + str8(m.nick)),
+    Emit: lambda m: encode_frame(
+        EMIT,
+        REQ_U8.pack(m.req, m.flags)
+        + bytes((m.target_kind,))
+        + str8(m.target)
+        + str8(m.event)
+        + bytes(m.payload),
+    ),
+    Ping: lambda m: encode_frame(PING, U64.pack(m.nonce)),
+    Pong: lambda m: encode_frame(PONG, U64.pack(m.nonce)),
+    Who: lambda m: encode_frame(WHO, REQ.pack(m.req) + str8(m.room)),
+    Rooms: lambda m: encode_frame(ROOMS, REQ_U8.pack(m.req, m.scope)),
+    Bye: lambda m: encode_frame(BYE),
+    Welcome: lambda m: encode_frame(
+        WELCOME,
+        bytes((m.version,)) + U32.pack(m.conn_id) + str8(m.nick)
+        + U32.pack(m.max_frame) + U32.pack(m.ping_interval_ms) + str8(m.server_name),
+    ),
+    Reply: _e_reply,
+    Event: lambda m: encode_frame(
+        EVENT,
+        bytes((m.source_kind,)) + str8(m.sender) + str8(m.source) + str8(m.event)
+        + bytes(m.payload),
+    ),
+    Presence: lambda m: encode_frame(
+        PRESENCE, bytes((m.kind,)) + str8(m.room) + str8(m.nick) + str8(m.new_nick)
+    ),
+    Error: lambda m: encode_frame(ERROR, U16.pack(m.code) + m.message.encode("utf-8")),
+    ServerPing: lambda m: encode_frame(SERVER_PING, U64.pack(m.nonce)),
+    ServerPong: lambda m: encode_frame(SERVER_PONG, U64.pack(m.nonce)),
+}  # fmt: skip
+
+
+# ----------------------------------------------------- server fast helpers
+def reply_ok(req: int) -> bytes:
+    return REPLY_HEAD.pack(7, REPLY, req, OK)
+
+
+def reply_count(req: int, count: int) -> bytes:
+    return REPLY_COUNT.pack(11, REPLY, req, OK, count)
+
+
+def reply_error(req: int, status: int, message: str) -> bytes:
+    raw = message.encode("utf-8")
+    return REPLY_HEAD.pack(7 + len(raw), REPLY, req, status) + raw
+
+
+def error_frame(code: int, message: str) -> bytes:
+    raw = message.encode("utf-8")
+    return ERROR_HEAD.pack(3 + len(raw), ERROR, code) + raw
+
+
+def ping_frame(ftype: int, nonce: int) -> bytes:
+    return PING_FRAME.pack(9, ftype, nonce)
+
+
+def parse_emit_head(body: bytes) -> tuple[int, int, int, bytes, bytes, int]:
+    """Split an EMIT body without copying the payload.
+
+    Returns ``(req, flags, target_kind, raw_target, raw_event, payload_start)``.
+    Raises ProtocolError(BAD_FRAME) for a body that does not parse.
+    """
+    n = len(body)
+    if n < 8:
+        raise ProtocolError(BAD_FRAME, "EMIT body too short")
+    req, flags, kind, tlen = EMIT_HEAD.unpack_from(body)
+    tend = 7 + tlen
+    if tend >= n:
+        raise ProtocolError(BAD_FRAME, "EMIT: string longer than the body")
+    eend = tend + 1 + body[tend]
+    if eend > n:
+        raise ProtocolError(BAD_FRAME, "EMIT: string longer than the body")
+    if kind > TARGET_BROADCAST:
+        raise ProtocolError(BAD_FRAME, f"EMIT: unknown target_kind {kind}")
+    if kind == TARGET_BROADCAST and tlen:
+        raise ProtocolError(BAD_FRAME, "EMIT: broadcast must have an empty target")
+    return req, flags, kind, body[7:tend], body[tend + 1 : eend], eend
+
+
+def event_prefix(source_kind: int, sender_nick: bytes) -> bytes:
+    """The EVENT bytes between the frame header and the forwarded EMIT tail."""
+    return bytes((EVENT, source_kind, len(sender_nick))) + sender_nick
+
+
+def event_frame(prefix: bytes, tail) -> bytes:
+    """EVENT frame = length + prefix (type byte included) + EMIT tail."""
+    return LENGTH.pack(len(prefix) + len(tail)) + prefix + tail
+
+
+# ------------------------------------------------------------- name rules
+def _bad_char(ch: str) -> bool:
+    o = ord(ch)
+    return o < 0x20 or 0x7F <= o <= 0x9F
+
+
+def check_name(name: str, kind: str = "room") -> str | None:
+    """Return None if ``name`` is a valid room/event/namespace/nick, else why not."""
+    raw_len = len(name.encode("utf-8", "surrogateescape"))
+    if any("\udc80" <= ch <= "\udcff" for ch in name):
+        return f"{kind} name is not valid UTF-8"
+    if kind == "nick":
+        if not 1 <= raw_len <= 32:
+            return "nick must be 1..32 bytes"
+        for ch in name:
+            if _bad_char(ch) or ch.isspace():
+                return "nick must not contain control characters or whitespace"
+        return None
+    if not 1 <= raw_len <= 255:
+        return f"{kind} name must be 1..255 bytes"
+    if kind == "namespace" and not name.startswith("/"):
+        return "namespace must start with '/'"
+    for ch in name:
+        if _bad_char(ch):
+            return f"{kind} name must not contain control characters"
+    return None
+
+
+class NameCache:
+    """raw name bytes -> decoded str, for names that passed their check.
+
+    The hot path sees the same few room and event names millions of times;
+    a dict hit replaces a UTF-8 decode and a per-character scan. Bounded: the
+    cache is emptied when full so a client inventing names cannot grow it.
+    """
+
+    __slots__ = ("kind", "_ok", "limit")
+
+    def __init__(self, kind: str, limit: int = 8192) -> None:
+        self.kind = kind
+        self._ok: dict[bytes, str] = {}
+        self.limit = limit
+
+    def get(self, raw: bytes) -> str | None:
+        """The decoded name, or None if it breaks the rules."""
+        name = self._ok.get(raw)
+        if name is not None:
+            return name
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if check_name(name, self.kind) is not None:
+            return None
+        if len(self._ok) >= self.limit:
+            self._ok.clear()
+        self._ok[raw] = name
+        return name
+
+    def why(self, raw: bytes) -> str:
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"{self.kind} name is not valid UTF-8"
+        return check_name(name, self.kind) or "ok"
