@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from .framing import HEADER, LENGTH, FrameError, encode_frame
+from .framing import LENGTH, FrameError, encode_frame
 
 PROTOCOL_VERSION = 1
 
