@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 
 from . import __version__
@@ -43,6 +44,20 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
     return value
 
 
@@ -81,6 +96,11 @@ OPTIONS = [
     ("hello-timeout", _seconds, 10.0, "seconds a new connection has to complete HELLO"),
     ("name", _name, "muxserver", "server name announced in WELCOME"),
     ("token", str, "", "shared secret every HELLO must carry (empty: no auth)"),
+    ("token-file", str, "", "read the token from this file (first line)"),
+    ("rate-limit", _non_negative, 0.0, "EMITs per second per connection (0: off)"),
+    ("rate-burst", _count, 0, "EMITs a connection may save up (0: same as --rate-limit)"),
+    ("tls-cert", str, "", "PEM certificate chain: serve TLS"),
+    ("tls-key", str, "", "PEM private key for --tls-cert (if not in the same file)"),
     ("log-level", _log_level, "INFO", "debug, info, warning, error"),
 ]
 
@@ -147,8 +167,29 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    token_file = values.pop("token_file")
+    if token_file:
+        if values["token"]:
+            print("muxserver: error: give --token or --token-file, not both", file=sys.stderr)
+            return 2
+        try:
+            with open(token_file, encoding="utf-8") as fh:
+                values["token"] = fh.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"muxserver: cannot read token file {token_file}: {exc}", file=sys.stderr)
+            return 1
+        if not values["token"]:
+            print(f"muxserver: token file {token_file} is empty", file=sys.stderr)
+            return 1
+    if values["tls_key"] and not values["tls_cert"]:
+        print("muxserver: error: --tls-key needs --tls-cert", file=sys.stderr)
+        return 2
     config = Config(**values)
-    server = Server(config)
+    try:
+        server = Server(config)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"muxserver: cannot load TLS certificate/key: {exc}", file=sys.stderr)
+        return 1
     try:
         host, port = server.start()
     except OSError as exc:
@@ -175,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     server.loop.handle_signals((signal.SIGTERM, signal.SIGINT), on_signal)
     shown = f"[{host}]" if ":" in host else host
     print(f"muxserver listening on {shown}:{port}", flush=True)
-    log.info("muxserver %s listening on %s:%d", __version__, shown, port)
+    log.info(
+        "muxserver %s listening on %s:%d%s", __version__, shown, port,
+        " (TLS)" if config.tls_cert else "",
+    )  # fmt: skip
     try:
         server.run()
     finally:

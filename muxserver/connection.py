@@ -23,6 +23,7 @@ side, which is where a fan-out server spends its care:
 from __future__ import annotations
 
 import socket
+import ssl
 from collections import deque
 
 from .framing import LENGTH, FrameDecoder
@@ -38,13 +39,19 @@ CLOSED = 4
 # Buffers handed to one sendmsg call; Linux's IOV_MAX is 1024.
 _IOV_BATCH = 64
 
+# "Try again later" from a plain or a TLS socket. A TLS write can want a read
+# (and the other way round) only around handshakes, which TLS 1.3 and our
+# server never renegotiate, so treating both as "kernel full" is enough.
+WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
 
 class Connection:
     __slots__ = (
         # transport
         "sock", "fd", "id", "peer", "decoder", "state", "interest", "callback",
         "out", "chunks", "woff", "wbytes", "eof", "close_timer",
-        "connected_at", "last_rx", "last_ping", "counted",
+        "connected_at", "last_rx", "last_ping", "counted", "tls", "handshaking",
+        "tokens", "tokens_at",
         # session fields, owned by the hub (see hub.Member) and the server
         "nick", "ns", "rooms", "prefix_room", "prefix_direct", "prefix_bcast",
         # counters for monitoring: plain integers, summed when scraped
@@ -66,6 +73,10 @@ class Connection:
         self.wbytes = 0  # unsent bytes in chunks
         self.eof = False
         self.counted = False  # held against max_connections
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.handshaking = self.tls  # TLS handshake still to finish
+        self.tokens = 0.0  # rate-limit bucket, filled by the server
+        self.tokens_at = now
         self.close_timer = None
         self.connected_at = now
         self.last_rx = now
@@ -119,7 +130,7 @@ class Connection:
         out.clear()
         try:
             sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             sent = 0
         self.bytes_out += sent
         if sent == len(data):
@@ -137,11 +148,15 @@ class Connection:
         """
         chunks = self.chunks
         while chunks:
-            bufs = [memoryview(chunks[0])[self.woff :]]
-            bufs.extend(chunks[i] for i in range(1, min(len(chunks), _IOV_BATCH)))
+            head = memoryview(chunks[0])[self.woff :]
             try:
-                sent = self.sock.sendmsg(bufs)
-            except (BlockingIOError, InterruptedError):
+                if self.tls:  # SSLSocket has no sendmsg
+                    sent = self.sock.send(head)
+                else:
+                    bufs = [head]
+                    bufs.extend(chunks[i] for i in range(1, min(len(chunks), _IOV_BATCH)))
+                    sent = self.sock.sendmsg(bufs)
+            except WOULD_BLOCK:
                 break
             self.bytes_out += sent
             self.wbytes -= sent
@@ -209,4 +224,7 @@ class Connection:
             pass
 
 
-__all__ = ["CLOSED", "CLOSING", "DRAINING", "EVENT_READ", "EVENT_WRITE", "HELLO_WAIT", "OPEN", "Connection"]
+__all__ = [
+    "CLOSED", "CLOSING", "DRAINING", "EVENT_READ", "EVENT_WRITE", "HELLO_WAIT", "OPEN",
+    "WOULD_BLOCK", "Connection",
+]  # fmt: skip

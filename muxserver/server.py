@@ -27,6 +27,7 @@ import functools
 import hmac
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 
 from . import protocol as P
@@ -38,6 +39,7 @@ from .connection import (
     EVENT_WRITE,
     HELLO_WAIT,
     OPEN,
+    WOULD_BLOCK,
     Connection,
 )
 from .framing import LENGTH, FrameError
@@ -65,6 +67,10 @@ class Config:
     hello_timeout: float = 10.0
     name: str = "muxserver"
     token: str = ""
+    rate_limit: float = 0.0  # EMITs per second per connection; 0 = off
+    rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 # What the sweep timer decides for one connection.
@@ -102,6 +108,9 @@ class Server:
         self._rbuf = bytearray(READ_CHUNK)
         self._rview = memoryview(self._rbuf)
         self._token = config.token.encode("utf-8") if config.token else b""
+        self._rate = config.rate_limit
+        self._burst = float(config.rate_burst or max(1.0, config.rate_limit))
+        self._tls = self._tls_context(config) if config.tls_cert else None
         self._rooms = P.NameCache("room")
         self._events = P.NameCache("event")
         self._nicks = P.NameCache("nick")
@@ -128,6 +137,14 @@ class Server:
             "errors": {},
         }
         self.loop.add_before_sleep(self.flush)
+
+    @staticmethod
+    def _tls_context(cfg: Config) -> ssl.SSLContext:
+        """Server-side TLS; raises OSError/SSLError if the files are unusable."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+        return ctx
 
     # =============================================================== start
     def start(self) -> tuple[str, int]:
@@ -198,6 +215,12 @@ class Server:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is not None:
+            # The handshake runs on the loop like any other I/O (see
+            # _handshake); the accept path never blocks on a slow client.
+            sock = self._tls.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
         self._next_id += 1
         conn = Connection(sock, self._next_id, peer, self.config.max_frame, self.loop.now)
         conn.callback = functools.partial(self._on_event, conn)
@@ -217,6 +240,9 @@ class Server:
 
     # ============================================================== events
     def _on_event(self, conn: Connection, mask: int) -> None:
+        if conn.handshaking:
+            self._handshake(conn)
+            return
         if mask & EVENT_WRITE and conn.state != CLOSED:
             try:
                 left = conn.on_writable(self.loop)
@@ -228,10 +254,41 @@ class Server:
         if mask & EVENT_READ and conn.state != CLOSED:
             self._on_readable(conn)
 
+    def _handshake(self, conn: Connection) -> None:
+        """Advance a non-blocking TLS handshake by whatever the socket allows."""
+        if conn.state != HELLO_WAIT:
+            # Refused (LIMIT) or timed out before the handshake finished:
+            # there is no TLS session to send the ERROR through.
+            self._close(conn)
+            return
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            conn.set_interest(self.loop, EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            conn.set_interest(self.loop, EVENT_WRITE)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            # A plain-TCP client, a wrong certificate, a scanner: close this
+            # one quietly and carry on with everyone else.
+            log.info("TLS handshake failed for #%d from %s: %s", conn.id, conn.peer, exc)
+            self._close(conn)
+            return
+        conn.handshaking = False
+        conn.set_interest(self.loop, EVENT_READ)
+        if conn.sock.pending():
+            self.loop.call_later(0, self._read_again, conn)
+
+    def _read_again(self, conn: Connection) -> None:
+        """TLS: bytes already decrypted in the SSL object raise no readiness event."""
+        if conn.state != CLOSED:
+            self._on_readable(conn)
+
     def _on_readable(self, conn: Connection) -> None:
         try:
             n = conn.sock.recv_into(self._rbuf)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return
         except OSError:
             self._lost(conn)
@@ -266,6 +323,8 @@ class Server:
             return
         if error is not None and conn.state in (OPEN, HELLO_WAIT):
             self._fatal(conn, error.code, error.message)
+        elif conn.tls and conn.sock.pending():
+            self.loop.call_later(0, self._read_again, conn)
 
     def _lost(self, conn: Connection) -> None:
         """The peer closed (or reset) its side."""
@@ -299,6 +358,8 @@ class Server:
         except HubError as exc:
             raise P.ProtocolError(exc.status, exc.message) from None
         conn.state = OPEN
+        conn.tokens = self._burst
+        conn.tokens_at = self.loop.now
         self._set_prefixes(conn)
         cfg = self.config
         conn.out.append(
@@ -337,6 +398,9 @@ class Server:
     # ================================================================= EMIT
     def _on_emit(self, conn: Connection, body: bytes) -> None:
         req, flags, kind, rtarget, revent, _ = P.parse_emit_head(body)
+        if self._rate and not self._take_token(conn):
+            self._reply_error(conn, req, P.RATE_LIMITED, f"over {self._rate:g} messages/s")
+            return
         if self._events.get(revent) is None:
             self._reply_error(conn, req, P.INVALID_NAME, self._events.why(revent))
             return
@@ -383,6 +447,19 @@ class Server:
         if req:
             conn.out.append(P.REPLY_COUNT.pack(11, P.REPLY, req, P.OK, count))
             self.pending.add(conn)
+
+    def _take_token(self, conn: Connection) -> bool:
+        """Token bucket: ``rate_limit`` per second, up to ``rate_burst`` saved."""
+        now = self.loop.now
+        tokens = conn.tokens + (now - conn.tokens_at) * self._rate
+        conn.tokens_at = now
+        if tokens > self._burst:
+            tokens = self._burst
+        if tokens < 1.0:
+            conn.tokens = tokens
+            return False
+        conn.tokens = tokens - 1.0
+        return True
 
     # ============================================================ requests
     def _reply_error(self, conn: Connection, req: int, status: int, message: str) -> None:

@@ -90,9 +90,11 @@ def server(server_factory) -> ServerProcess:
 class RawClient:
     """A blocking protocol client for tests; every read has a timeout."""
 
-    def __init__(self, address, timeout: float = 10.0) -> None:
+    def __init__(self, address, timeout: float = 10.0, ssl_context=None) -> None:
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is not None:
+            self.sock = ssl_context.wrap_socket(self.sock, server_hostname=address[0])
         self.decoder = FrameDecoder(16 * 1024 * 1024)
         self.frames: list = []
         self._req = 0
