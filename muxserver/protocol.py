@@ -462,6 +462,35 @@ _ENCODERS = {
 }  # fmt: skip
 
 
+# ------------------------------------------------------- REPLY bodies
+# The body of an OK REPLY depends on the request it answers; the reply frame
+# itself does not say which, so the client calls the one that fits.
+def parse_count(body: bytes) -> int:
+    """EMIT ok: u32 recipients."""
+    r = _Reader(body, "EMIT reply")
+    count = r.u32()
+    r.end()
+    return count
+
+
+def parse_who(body: bytes) -> tuple[int, list[str]]:
+    """WHO ok: (total members, the nicks listed, in join order)."""
+    r = _Reader(body, "WHO reply")
+    total, listed = r.u32(), r.u16()
+    nicks = [r.str8() for _ in range(listed)]
+    r.end()
+    return total, nicks
+
+
+def parse_rooms(body: bytes) -> tuple[int, list[tuple[str, int]]]:
+    """ROOMS ok: (total rooms, [(room, members), ...] listed)."""
+    r = _Reader(body, "ROOMS reply")
+    total, listed = r.u32(), r.u16()
+    rooms = [(r.str8(), r.u32()) for _ in range(listed)]
+    r.end()
+    return total, rooms
+
+
 # ----------------------------------------------------- server fast helpers
 def reply_ok(req: int) -> bytes:
     return REPLY_HEAD.pack(7, REPLY, req, OK)

@@ -82,6 +82,20 @@ def server_factory():
         srv.stop()
 
 
+def restart_on_same_port(server_factory, srv: ServerProcess, *args: str) -> ServerProcess:
+    """Stop ``srv`` and start a new server on its port (for reconnect tests)."""
+    srv.stop()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            # argparse keeps the last --port, so this overrides the "--port 0".
+            return server_factory("--port", str(srv.port), *args)
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def server(server_factory) -> ServerProcess:
     return server_factory()

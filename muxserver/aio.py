@@ -1,0 +1,447 @@
+"""asyncio client for muxserver: the blocking client's API, with ``async`` methods.
+
+asyncio programs (bots, bridges, web backends) should neither block their
+loop on a socket nor wrap the blocking client in threads. Everything that is
+not I/O -- request ids, frames, reply parsing, error classes, the backoff
+policy -- comes from :mod:`muxserver.client`; this module only moves bytes
+with asyncio streams.
+
+One background task per client owns the reading side. It routes each REPLY
+to the future of the request waiting for it, answers server PINGs at once
+(so, unlike the blocking client, heartbeats work while the program is busy
+elsewhere), queues events for ``recv`` / ``async for`` / ``run_forever``,
+and, with ``reconnect=True``, reconnects with backoff and re-joins rooms.
+Requests may be made from many tasks at once: each frame is one
+``writer.write``, so frames never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol as P
+from .client import (
+    CLOSE_LINGER,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    RECV_SIZE,
+    Backoff,
+    ConnectionClosed,
+    Event,
+    Listing,
+    MuxError,
+    NotConnected,
+    Presence,
+    _Call,
+    _Core,
+    _why,
+)
+
+__all__ = ["AsyncClient", "connect"]
+
+_END = object()  # queue sentinel: no more items; raise ``_final``
+
+
+class AsyncClient(_Core):
+    """An asyncio muxserver client. Make one with ``await AsyncClient.connect(...)``."""
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        nick: str | None = None,
+        namespace: str = "/",
+        token: str | None = None,
+        timeout: float = 10.0,
+        *,
+        reconnect: bool = False,
+        backoff: Backoff | None = None,
+    ) -> None:
+        super().__init__(host, port, nick, namespace, token, timeout, reconnect, backoff)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pings: dict[int, asyncio.Future] = {}
+        self._task: asyncio.Task | None = None
+        self._rejoin_task: asyncio.Task | None = None
+        self._final: BaseException | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        nick: str | None = None,
+        namespace: str = "/",
+        token: str | None = None,
+        timeout: float = 10.0,
+        *,
+        reconnect: bool = False,
+        backoff: Backoff | None = None,
+    ) -> AsyncClient:
+        """Connect and complete HELLO/WELCOME; errors as for ``Client.connect``."""
+        client = cls(
+            host, port, nick, namespace, token, timeout, reconnect=reconnect, backoff=backoff
+        )
+        await client._open()
+        client._up = True
+        client._task = asyncio.create_task(client._supervise())
+        return client
+
+    @property
+    def connected(self) -> bool:
+        return self._up
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncClient:
+        return self
+
+    async def __anext__(self) -> Event | Presence:
+        try:
+            return await self.recv()
+        except NotConnected:
+            if self._closed:
+                raise StopAsyncIteration from None
+            raise
+
+    # ---------------------------------------------------------- requests
+    async def join(self, room: str, presence: bool = False) -> None:
+        await self._request(self._join_call(room, presence))
+
+    async def leave(self, room: str) -> None:
+        await self._request(self._leave_call(room))
+
+    async def set_nick(self, nick: str) -> None:
+        await self._request(self._nick_call(nick))
+
+    async def emit(
+        self,
+        event: str,
+        payload: bytes | str = b"",
+        room: str | None = None,
+        *,
+        to: str | None = None,
+        broadcast: bool = False,
+        echo: bool = False,
+        ack: bool = False,
+    ) -> int | None:
+        """As ``Client.emit``: with ``ack`` returns the recipient count."""
+        return await self._request(self._emit_call(event, payload, room, to, broadcast, echo, ack))
+
+    async def who(self, room: str) -> Listing:
+        return await self._request(self._who_call(room))
+
+    async def rooms(self, all: bool = False) -> Listing:
+        return await self._request(self._rooms_call(all))
+
+    async def ping(self) -> float:
+        """Round-trip time to the server, in seconds."""
+        self._ensure()
+        nonce, frame = self._ping_frame()
+        fut = self._pings[nonce] = asyncio.get_running_loop().create_future()
+        start = time.monotonic()
+        await self._send(frame, None)
+        await self._wait(fut, lambda: self._pings.pop(nonce, None), "PONG")
+        return time.monotonic() - start
+
+    async def close(self) -> None:
+        """Say BYE, wait briefly for the server to finish, close. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        task, writer = self._task, self._writer
+        if writer is not None and self._up:
+            try:
+                writer.write(P.encode(P.Bye()))
+                await asyncio.wait_for(writer.drain(), CLOSE_LINGER)
+                # The reader task ends at the server's FIN; waiting for it
+                # means we never close with unread input (which resets).
+                if task is not None:
+                    await asyncio.wait_for(asyncio.shield(task), CLOSE_LINGER)
+            except (OSError, asyncio.TimeoutError):
+                pass
+        for t in (task, self._rejoin_task):
+            if t is not None and not t.done():
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        self._drop(NotConnected("the client is closed"))
+        if self._final is None:
+            self._queue.put_nowait(_END)
+        self._final = NotConnected("the client is closed")  # iteration ends, not raises
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    # --------------------------------------------------------- receiving
+    async def recv(self, timeout: float | None = None) -> Event | Presence | None:
+        """The next Event or Presence; None if ``timeout`` seconds pass first.
+
+        Raises an error that arrived for an EMIT sent without ack, and
+        ConnectionClosed when the connection has ended for good.
+        """
+        item = await self._next(timeout)
+        if isinstance(item, MuxError):
+            raise item
+        return item
+
+    async def poll(self, timeout: float | None = 0.0) -> int:
+        """Dispatch what has arrived to the handlers, waiting up to ``timeout`` for the first."""
+        await asyncio.sleep(0)  # let the reader task queue what is readable
+        count = 0
+        item = await self._next(timeout)
+        while item is not None:
+            count += 1
+            await self._dispatch(item)
+            if self._closed:
+                break
+            item = await self._next(0)
+        return count
+
+    async def run_forever(self) -> None:
+        """Dispatch to the handlers (plain or ``async def``) until :meth:`close`."""
+        while not self._closed:
+            try:
+                item = await self._next(None)
+            except NotConnected:
+                if self._closed:
+                    return
+                raise
+            await self._dispatch(item)
+
+    async def _next(self, timeout: float | None) -> Any:
+        try:
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            if timeout is not None and timeout <= 0:
+                return None
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        if item is _END:
+            self._queue.put_nowait(_END)  # every later call ends too
+            exc = self._final
+            if not isinstance(exc, NotConnected):
+                self._final = NotConnected(f"not connected ({exc}); not reconnecting")
+            raise exc
+        return item
+
+    async def _dispatch(self, item: Event | Presence | MuxError) -> None:
+        for fn in self._handlers_for(item):
+            result = fn(item)
+            if inspect.isawaitable(result):
+                await result
+
+    # ------------------------------------------------------------ guts
+    async def _open(self) -> None:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.timeout
+            )
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"connecting to {self.host}:{self.port} timed out") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._fresh_session()
+        self._reader, self._writer = reader, writer
+        try:
+            writer.write(self._hello_frame())
+            await asyncio.wait_for(self._handshake(), self.timeout)
+        except asyncio.TimeoutError:
+            self._drop(NotConnected("no WELCOME"))
+            raise TimeoutError(f"no WELCOME within {self.timeout:g} s") from None
+        except BaseException as exc:
+            self._drop(exc if isinstance(exc, MuxError) else NotConnected("handshake failed"))
+            raise
+        self._accept_welcome()
+
+    async def _handshake(self) -> None:
+        while self._welcome is None:
+            exc = await self._read_once()
+            if exc is not None:
+                raise exc
+
+    async def _read_once(self) -> MuxError | None:
+        """Read and handle one chunk; returns the error that ended the connection, if any."""
+        try:
+            data = await self._reader.read(RECV_SIZE)
+        except OSError as exc:
+            return ConnectionClosed(None, f"connection lost: {_why(exc)}")
+        if not data:
+            return ConnectionClosed(None, "the server closed the connection")
+        msgs, bad = self._parse(data)
+        try:
+            for msg in msgs:
+                self._incoming(msg)
+        except MuxError as exc:
+            return exc
+        return bad
+
+    async def _supervise(self) -> None:
+        """The reader task: read until the connection ends, then reconnect or finish."""
+        try:
+            while True:
+                exc = None
+                while exc is None:
+                    exc = await self._read_once()
+                was_up = self._up
+                self._drop(exc)
+                if self._closed:
+                    return
+                self._down = exc
+                if was_up:
+                    await self._fire(self._disconnect_handlers, exc)
+                if not await self._reconnect_loop():
+                    self._end(self._down)
+                    return
+                self._rejoin_task = asyncio.create_task(self._rejoin())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must surface in recv, not vanish with the task
+            self._drop(NotConnected("client failed"))
+            self._end(exc)
+
+    async def _reconnect_loop(self) -> bool:
+        while self._can_retry(self._down):
+            delay = self._next_delay()
+            if delay is None:
+                return False
+            await asyncio.sleep(delay)
+            if self._closed:
+                return False
+            try:
+                await self._open()
+                return True
+            except MuxError as exc:
+                self._down = exc
+            except OSError as exc:
+                why = f"reconnect to {self.host}:{self.port} failed: {_why(exc)}"
+                self._down = ConnectionClosed(None, why)
+        return False
+
+    async def _rejoin(self) -> None:
+        """Re-join every room with its presence flag (pipelined), then report the reconnect."""
+        calls = [(room, self._join_call(room, flag)) for room, flag in self._joined.items()]
+        loop = asyncio.get_running_loop()
+        futs = {call.req: loop.create_future() for _, call in calls}
+        self._pending.update(futs)
+        if calls:
+            self._writer.write(b"".join(call.frame for _, call in calls))
+        for room, call in calls:
+            try:
+                reply = await self._wait(futs[call.req], lambda: None, "REPLY")
+            except ConnectionClosed:
+                return  # lost again: the reader task starts over
+            except TimeoutError:
+                self._writer.close()  # a server that does not answer: cut and retry
+                return
+            try:
+                self._finish(call, reply)
+            except MuxError as exc:
+                self._joined.pop(room, None)
+                self._deliver(exc)
+        self._up = True
+        self._attempt = 0
+        await self._fire(self._reconnect_handlers)
+
+    async def _fire(self, handlers: list[Callable], *args: Any) -> None:
+        for fn in list(handlers):
+            try:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # reported like any callback error; keeps us reconnecting
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": f"muxserver.aio: exception in {fn!r}", "exception": exc}
+                )
+
+    def _drop(self, exc: BaseException) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        self._up = False
+        waiting = [*self._pending.values(), *self._pings.values()]
+        self._pending.clear()
+        self._pings.clear()
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(exc)
+        if writer is not None:
+            writer.close()
+
+    def _end(self, exc: BaseException) -> None:
+        if self._final is None:
+            self._final = exc
+            self._queue.put_nowait(_END)
+
+    def _ensure(self) -> None:
+        if self._up and self._writer is not None:
+            return
+        if self._closed:
+            raise NotConnected("the client is closed")
+        if self._final is not None or not self._can_retry(self._down):
+            raise NotConnected(f"not connected ({self._down}); not reconnecting")
+        raise NotConnected(f"not connected ({self._down}); reconnecting")
+
+    async def _request(self, call: _Call) -> Any:
+        self._ensure()
+        fut = None
+        if call.req:
+            fut = self._pending[call.req] = asyncio.get_running_loop().create_future()
+        await self._send(call.frame, call.req)
+        if fut is None:
+            return None
+
+        def abandon() -> None:
+            self._pending.pop(call.req, None)
+            self._abandoned.add(call.req)
+
+        return self._finish(call, await self._wait(fut, abandon, "reply"))
+
+    async def _send(self, frame: bytes, req: int | None) -> None:
+        writer = self._writer
+        writer.write(frame)
+        try:
+            await writer.drain()
+        except OSError as exc:
+            self._pending.pop(req, None)
+            raise ConnectionClosed(None, f"connection lost: {_why(exc)}") from None
+
+    async def _wait(self, fut: asyncio.Future, abandon: Callable[[], Any], what: str) -> Any:
+        try:
+            return await asyncio.wait_for(fut, self.timeout)
+        except asyncio.TimeoutError:
+            abandon()
+            raise TimeoutError(f"no {what} within {self.timeout:g} s") from None
+
+    # I/O hooks for _Core.
+    def _deliver(self, item: Event | Presence | MuxError) -> None:
+        self._queue.put_nowait(item)
+
+    def _on_reply(self, reply: P.Reply) -> None:
+        fut = self._pending.pop(reply.req)
+        if not fut.done():
+            fut.set_result(reply)
+
+    def _on_pong(self, nonce: int) -> None:
+        fut = self._pings.pop(nonce, None)
+        if fut is not None and not fut.done():
+            fut.set_result(nonce)
+
+    def _write(self, frame: bytes) -> None:
+        if self._writer is not None:
+            self._writer.write(frame)
+
+
+connect = AsyncClient.connect

@@ -1,0 +1,334 @@
+"""``muxchat``: a terminal chat on muxserver, the program this project grew from.
+
+A person picks a nickname, joins rooms, talks, whispers, changes nick and
+leaves. Plain lines go to the current room; ``/commands`` do the rest
+(``/help`` lists them).
+
+Like the server it is single-threaded: one selector watches stdin and the
+client's socket. The blocking :class:`muxserver.client.Client` does the
+protocol work; its requests block for one round trip, which on a chat is
+shorter than a keystroke. Incoming lines are printed by client handlers when
+``poll(0)`` dispatches them. Auto-reconnect is on, and the selector is
+re-pointed whenever the client's socket changes.
+
+Output is plain lines (no cursor tricks), so it reads the same in a pipe, a
+log or a pseudo-terminal. Colour is used only when stdout is a terminal and
+neither ``NO_COLOR`` nor ``TERM=dumb`` says otherwise; text from other people
+has control characters replaced, so nobody can send escape sequences to your
+terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import selectors
+import sys
+import time
+import zlib
+from typing import TextIO
+
+from . import __version__
+from .client import (
+    Backoff,
+    Client,
+    ConnectionClosed,
+    Event,
+    MuxError,
+    NotConnected,
+    Presence,
+)
+
+HELP = """\
+commands:
+  TEXT               say TEXT in the current room (start with // to say a line beginning with /)
+  /join ROOM         join ROOM and make it current
+  /leave [ROOM]      leave ROOM (default: the current room)
+  /switch ROOM       make ROOM (already joined) the current room
+  /nick NEW          change your nickname
+  /msg NICK TEXT     whisper TEXT to NICK only
+  /all TEXT          say TEXT to everyone in the namespace
+  /who [ROOM]        who is in ROOM (default: the current room)
+  /rooms [all]       your rooms, or every room in the namespace
+  /help              this list
+  /quit              leave"""
+
+RESET, BOLD, DIM, RED, GREEN, YELLOW, MAGENTA, CYAN = (
+    "\x1b[0m", "\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[35m", "\x1b[36m",
+)  # fmt: skip
+NICK_COLOURS = ("\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[34m", "\x1b[35m", "\x1b[36m")
+EVENT = "msg"  # the event name chat lines travel under
+
+
+def _clean(text: str) -> str:
+    """Control characters (escape sequences included) shown as '?', never sent to the tty."""
+    return "".join("?" if ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F else ch for ch in text)
+
+
+def _room_arg(text: str) -> str:
+    """``#games`` and ``games`` both name room "games", as people type them both."""
+    return text[1:] if text.startswith("#") and len(text) > 1 else text
+
+
+def want_colour(stream: TextIO, mode: str = "auto", environ: dict | None = None) -> bool:
+    environ = os.environ if environ is None else environ
+    if mode != "auto":
+        return mode == "always"
+    if "NO_COLOR" in environ or environ.get("TERM") == "dumb":
+        return False
+    return stream.isatty()
+
+
+class Chat:
+    """One chat session: parses input lines, runs commands, prints what arrives."""
+
+    def __init__(self, client: Client, out: TextIO, colour: bool) -> None:
+        self.client = client
+        self.out = out
+        self.colour = colour
+        self.room: str | None = None
+        self.done = False
+        self._last_rename: tuple[str, str] | None = None
+        client.on("*", self.show_event)
+        client.on_presence(self.show_presence)
+        client.on_error(lambda exc: self.error(exc))
+        client.on_disconnect(self.show_disconnect)
+        client.on_reconnect(self.show_reconnect)
+
+    # --------------------------------------------------------- printing
+    def paint(self, text: str, colour: str) -> str:
+        return f"{colour}{text}{RESET}" if self.colour else text
+
+    def nick(self, nick: str) -> str:
+        colour = NICK_COLOURS[zlib.crc32(nick.encode()) % len(NICK_COLOURS)]
+        return self.paint(f"<{nick}>", colour)
+
+    def line(self, text: str) -> None:
+        stamp = self.paint(time.strftime("%H:%M:%S"), DIM)
+        self.out.write(f"{stamp} {text}\n")
+        self.out.flush()
+
+    def info(self, text: str) -> None:
+        self.line(self.paint(f"* {text}", YELLOW))
+
+    def error(self, exc: BaseException | str) -> None:
+        self.line(self.paint(f"! {_clean(str(exc))}", RED))
+
+    def room_tag(self, room: str) -> str:
+        return self.paint(f"#{room}", CYAN)
+
+    def show_event(self, ev: Event) -> None:
+        if ev.kind == "room":
+            where = self.room_tag(ev.room)
+        elif ev.kind == "direct":
+            where = self.paint("whisper", MAGENTA)
+        else:
+            where = self.paint("all", GREEN)
+        text = _clean(ev.text)
+        if ev.event != EVENT:
+            text = f"[{_clean(ev.event)}] {text}"
+        self.line(f"{where} {self.nick(ev.sender)} {text}")
+
+    def show_presence(self, p: Presence) -> None:
+        if p.kind == "nick":
+            # One PRESENCE per shared room; say it once.
+            if self._last_rename == (p.nick, p.new_nick):
+                return
+            self._last_rename = (p.nick, p.new_nick)
+            self.info(f"{p.nick} is now known as {p.new_nick}")
+            return
+        self._last_rename = None
+        verb = "joined" if p.kind == "join" else "left" if p.kind == "leave" else p.kind
+        self.info(f"{p.nick} {verb} #{p.room}")
+
+    def show_disconnect(self, exc: MuxError) -> None:
+        self.error(f"connection lost ({exc}); reconnecting...")
+
+    def show_reconnect(self) -> None:
+        rooms = " ".join(f"#{r}" for r in self.client.joined) or "no rooms"
+        self.info(f"reconnected as {self.client.nick} ({rooms})")
+        if self.room not in self.client.joined:
+            self.room = next(iter(self.client.joined), None)
+
+    # --------------------------------------------------------- commands
+    def handle(self, raw: str) -> None:
+        """One line typed by the user."""
+        text = raw.rstrip("\r\n")
+        if not text.strip():
+            return
+        try:
+            if text.startswith("/") and not text.startswith("//"):
+                cmd, _, rest = text[1:].partition(" ")
+                self.command(cmd.lower(), rest.strip())
+            else:
+                self.say(text[1:] if text.startswith("//") else text)
+        except NotConnected as exc:
+            self.error(f"{exc.message}; not sent")
+        except ConnectionClosed as exc:
+            self.error(exc)
+        except MuxError as exc:
+            self.error(exc)
+        except (TimeoutError, ValueError) as exc:
+            self.error(exc)
+
+    def say(self, text: str) -> None:
+        if self.room is None:
+            self.error("you are in no room: /join ROOM first")
+            return
+        self.client.emit(EVENT, text, room=self.room, ack=True)
+        self.line(f"{self.room_tag(self.room)} {self.nick(self.client.nick)} {_clean(text)}")
+
+    def command(self, cmd: str, arg: str) -> None:
+        c = self.client
+        if cmd == "join" and arg:
+            room = _room_arg(arg)
+            c.join(room, presence=True)
+            self.room = room
+            self.info(f"you joined #{room} ({self._members(room)})")
+        elif cmd == "leave":
+            room = _room_arg(arg) if arg else self.room
+            if room is None:
+                self.error("you are in no room")
+                return
+            c.leave(room)
+            self.info(f"you left #{room}")
+            if room == self.room:
+                self.room = next(iter(c.joined), None)
+                if self.room:
+                    self.info(f"now talking in #{self.room}")
+        elif cmd == "switch" and arg:
+            room = _room_arg(arg)
+            if room not in c.joined:
+                self.error(f"you are not in #{room}: /join {room} first")
+                return
+            self.room = room
+            self.info(f"now talking in #{room}")
+        elif cmd == "nick" and arg:
+            c.set_nick(arg)
+            self.info(f"you are now known as {c.nick}")
+        elif cmd == "msg" and " " in arg:
+            to, _, text = arg.partition(" ")
+            c.emit(EVENT, text, to=to, ack=True)
+            self.line(f"{self.paint('whisper', MAGENTA)} -> {self.nick(to)} {_clean(text)}")
+        elif cmd == "all" and arg:
+            c.emit(EVENT, arg, broadcast=True, ack=True)
+            self.line(f"{self.paint('all', GREEN)} {self.nick(c.nick)} {_clean(arg)}")
+        elif cmd == "who":
+            room = _room_arg(arg) if arg else self.room
+            if room is None:
+                self.error("which room? /who ROOM")
+                return
+            self.info(f"#{room}: {self._members(room, names=True)}")
+        elif cmd == "rooms":
+            everywhere = arg == "all"
+            rooms = c.rooms(all=everywhere)
+            listed = ", ".join(f"#{r.name} ({r.members})" for r in rooms) or "none"
+            self.info(f"{'rooms in ' + c.namespace if everywhere else 'your rooms'}: {listed}")
+        elif cmd == "help":
+            self.out.write(HELP + "\n")
+            self.out.flush()
+        elif cmd in ("quit", "exit"):
+            self.done = True
+        elif cmd in ("join", "switch", "nick", "msg", "all"):
+            self.error(f"usage: {next(h for h in HELP.splitlines() if f'/{cmd} ' in h).strip()}")
+        else:
+            self.error(f"unknown command /{cmd} (try /help)")
+
+    def _members(self, room: str, names: bool = False) -> str:
+        who = self.client.who(room)
+        count = f"{who.total} {'member' if who.total == 1 else 'members'}"
+        return f"{', '.join(who)} ({count})" if names else count
+
+    # ------------------------------------------------------------- loop
+    def run(self, stdin_fd: int) -> None:
+        """Until /quit or end of input: one selector over stdin and the socket."""
+        sel = selectors.DefaultSelector()
+        sel.register(stdin_fd, selectors.EVENT_READ, "stdin")
+        sock = sock_fd = None
+        pending = b""
+        while not self.done:
+            if self.client.sock is not sock:  # reconnected (or lost): watch the new socket
+                if sock_fd is not None:
+                    sel.unregister(sock_fd)
+                sock = self.client.sock
+                sock_fd = sock.fileno() if sock is not None else None
+                if sock_fd is not None:
+                    sel.register(sock_fd, selectors.EVENT_READ, "sock")
+            # Disconnected: wake up now and then so poll() can reconnect when due.
+            timeout = None if sock is not None else 0.2
+            for key, _ in sel.select(timeout):
+                if key.data != "stdin":
+                    continue
+                data = os.read(stdin_fd, 65536)
+                if not data:
+                    self.done = True
+                    break
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    self.handle(raw.decode("utf-8", "replace"))
+                    if self.done:
+                        break
+            if not self.done:
+                self.client.poll(0)  # also dispatches what arrived during a request
+        sel.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="muxchat", description="Terminal chat on a muxserver. Type /help once connected."
+    )
+    parser.add_argument("--version", action="version", version=f"muxchat {__version__}")
+    parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7878, help="server port (default 7878)")
+    parser.add_argument("--nick", default=None, help="nickname (default: the server picks one)")
+    parser.add_argument("--namespace", default="/", help="namespace (default /)")
+    parser.add_argument("--room", default=None, help="room to join at start")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("MUXCHAT_TOKEN"),
+        help="server token, if it needs one (default: $MUXCHAT_TOKEN)",
+    )
+    parser.add_argument(
+        "--color", choices=("auto", "always", "never"), default="auto",
+        help="colour output (auto: only on a terminal, and not with NO_COLOR set)",
+    )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = sys.stdout
+    try:
+        client = Client.connect(
+            args.host, args.port, nick=args.nick, namespace=args.namespace,
+            token=args.token, reconnect=True, backoff=Backoff(initial=0.5, maximum=30.0),
+        )  # fmt: skip
+    except MuxError as exc:
+        print(f"muxchat: {args.host}:{args.port} refused us: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        print(f"muxchat: cannot connect to {args.host}:{args.port}: {why}", file=sys.stderr)
+        return 1
+    chat = Chat(client, out, want_colour(out, args.color))
+    chat.info(f"connected to {args.host}:{args.port} as {client.nick} (/help for commands)")
+    status = 0
+    try:
+        if args.room:
+            chat.handle(f"/join {args.room}")
+        chat.run(sys.stdin.fileno())
+    except KeyboardInterrupt:
+        status = 130
+    except MuxError as exc:  # the connection ended for good (e.g. reconnect refused)
+        chat.error(exc)
+        status = 1
+    finally:
+        client.close()
+    if status == 0:
+        chat.info("bye")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

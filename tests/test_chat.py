@@ -1,0 +1,210 @@
+"""``muxchat`` as a person uses it: real processes on pseudo-terminals (pexpect).
+
+Two chats against a real server: join, talk, whisper, nick change, presence
+lines, quit. Also: errors are one readable line (never a traceback), colour
+only on a terminal, reconnects are shown, and start-up failures exit 1.
+Patterns never match the terminal's echo of what was typed: they include the
+``<nick>`` or ``* `` that only muxchat prints.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def muxchat_argv() -> list[str]:
+    """The installed ``muxchat`` script next to this Python, else ``python -m``."""
+    script = Path(sys.executable).with_name("muxchat")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "muxserver.chat"]
+
+
+def chat_env(colour: bool = False) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    if colour:
+        env["TERM"] = "xterm"
+    else:
+        env.update(NO_COLOR="1", TERM="dumb")
+    return env
+
+
+class Chat:
+    """A muxchat on a pty (colourless unless ``colour``); ``log`` keeps all it printed."""
+
+    def __init__(self, server, *args: str, colour: bool = False) -> None:
+        argv = muxchat_argv()
+        self.child = pexpect.spawn(
+            argv[0], [*argv[1:], "--port", str(server.port), *args],
+            env=chat_env(colour), encoding="utf-8", timeout=15, dimensions=(50, 250),
+        )  # fmt: skip
+        self.log = io.StringIO()
+        self.child.logfile_read = self.log
+
+    def expect(self, pattern: str) -> None:
+        self.child.expect(pattern)
+
+    def say(self, line: str) -> None:
+        self.child.sendline(line)
+
+    def finish(self) -> int:
+        self.child.expect(pexpect.EOF)
+        self.child.close()
+        assert "Traceback" not in self.log.getvalue(), self.log.getvalue()
+        return self.child.exitstatus
+
+    def close(self) -> None:
+        if self.child.isalive():
+            self.child.terminate(force=True)
+
+
+@pytest.fixture
+def chats():
+    started: list[Chat] = []
+
+    def start(server, *args: str, colour: bool = False) -> Chat:
+        chat = Chat(server, *args, colour=colour)
+        started.append(chat)
+        return chat
+
+    yield start
+    for chat in started:
+        chat.close()
+
+
+def test_two_people(server, chats):
+    alice = chats(server, "--nick", "alice", "--room", "games")
+    alice.expect(r"\* connected to 127\.0\.0\.1:\d+ as alice")
+    alice.expect(r"\* you joined #games \(1 member\)")
+    bob = chats(server, "--nick", "bob", "--room", "games")
+    bob.expect(r"\* you joined #games \(2 members\)")
+    alice.expect(r"\d\d:\d\d:\d\d \* bob joined #games")
+
+    alice.say("hi bob, welcome")
+    bob.expect(r"\d\d:\d\d:\d\d #games <alice> hi bob, welcome")
+    bob.say("/msg alice psst: cake in the kitchen")
+    bob.expect(r"whisper -> <alice> psst: cake in the kitchen")
+    alice.expect(r"\d\d:\d\d:\d\d whisper <bob> psst: cake in the kitchen")
+
+    alice.say("/nick alicia")
+    alice.expect(r"\* you are now known as alicia")
+    bob.expect(r"\* alice is now known as alicia")
+    bob.say("/who")
+    bob.expect(r"\* #games: alicia, bob \(2 members\)")
+
+    bob.say("/join lobby")
+    bob.expect(r"\* you joined #lobby")
+    bob.say("/rooms")
+    bob.expect(r"\* your rooms: #games \(2\), #lobby \(1\)")
+    bob.say("/switch games")
+    bob.expect(r"\* now talking in #games")
+    bob.say("//slash is not a command")
+    alice.expect(r"#games <bob> /slash is not a command")
+    alice.say("/all good night, everyone")
+    bob.expect(r"all <alicia> good night, everyone")
+
+    bob.say("/quit")
+    bob.expect(r"\* bye")
+    assert bob.finish() == 0
+    alice.expect(r"\* bob left #games")
+    alice.say("/leave")
+    alice.expect(r"\* you left #games")
+    alice.child.sendeof()  # end of input quits too
+    assert alice.finish() == 0
+
+
+def test_errors_are_one_line(server, chats):
+    chat = chats(server, "--nick", "carol")
+    chat.expect(r"\* connected")
+    chat.say("talking to nobody")
+    chat.expect(r"! you are in no room: /join ROOM first")
+    chat.say("/msg nobody hello")
+    chat.expect(r"! NO_SUCH_TARGET: no one is called 'nobody' here")
+    chat.say("/switch nowhere")
+    chat.expect(r"! you are not in #nowhere")
+    chat.say("/frobnicate")
+    chat.expect(r"! unknown command /frobnicate \(try /help\)")
+    chat.say("/join " + "x" * 300)
+    chat.expect(r"! INVALID_NAME: ")
+    chat.say("/nick")
+    chat.expect(r"! usage: /nick NEW")
+    chat.say("/help")
+    chat.expect(r"/msg NICK TEXT")
+    chat.say("/quit")
+    assert chat.finish() == 0
+
+
+def test_colour_only_on_a_terminal(server, chats):
+    tty = chats(server, "--nick", "painted", "--room", "r", colour=True)
+    tty.expect(r"you joined")
+    tty.say("/quit")
+    tty.finish()
+    painted = tty.log.getvalue()
+    assert "\x1b[" in painted
+    assert "* you joined #r (1 member)" in ANSI.sub("", painted)
+
+    out = subprocess.run(
+        [*muxchat_argv(), "--port", str(server.port), "--nick", "plain", "--room", "r"],
+        input="hello from a pipe\n/who\n/quit\n", capture_output=True, text=True,
+        env=chat_env(colour=True), timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout
+    assert re.search(r"\d\d:\d\d:\d\d #r <plain> hello from a pipe\n", out.stdout)
+    assert "* #r: plain (1 member)" in out.stdout
+
+
+def test_reconnect_is_shown(server_factory, chats):
+    srv = server_factory("--drain-timeout", "1")
+    alice = chats(srv, "--nick", "alice", "--room", "games")
+    alice.expect(r"you joined #games")
+    srv.signal(signal.SIGTERM)
+    alice.expect(r"! connection lost \(SHUTTING_DOWN: server is shutting down\); reconnecting")
+    srv.wait(15)
+    alice.say("anyone?")
+    alice.expect(r"! not connected .*; not sent")
+    srv2 = None
+    for _ in range(50):
+        try:
+            srv2 = server_factory("--port", str(srv.port))
+            break
+        except RuntimeError:
+            time.sleep(0.1)
+    alice.expect(r"\* reconnected as alice \(#games\)")
+    bob = chats(srv2, "--nick", "bob", "--room", "games")
+    bob.expect(r"you joined #games \(2 members\)")
+    bob.say("you are back")
+    alice.expect(r"#games <bob> you are back")
+    alice.say("/quit")
+    assert alice.finish() == 0
+
+
+def test_startup_failures_exit_1(server):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(
+        [*muxchat_argv(), "--port", str(port)],
+        capture_output=True, text=True, env=chat_env(), timeout=30, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr == f"muxchat: cannot connect to 127.0.0.1:{port}: Connection refused\n"
+
+    bad = subprocess.run(
+        [*muxchat_argv(), "--port", str(server.port), "--nick", "two words"],
+        capture_output=True, text=True, env=chat_env(), timeout=30, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert bad.returncode == 1
+    assert bad.stderr.count("\n") == 1 and "INVALID_NAME" in bad.stderr

@@ -1,0 +1,652 @@
+"""The blocking client (muxserver.client) against real server processes.
+
+Every request, every error it can raise, heartbeats, handlers, and
+auto-reconnect after a server restart and after a cut connection. A few cases
+the real server cannot produce (a server that never answers, a frame type
+nobody defined) use a tiny scripted server on a thread.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from muxserver import protocol as P
+from muxserver.client import (
+    AuthFailed,
+    Backoff,
+    Client,
+    ConnectionClosed,
+    Event,
+    IdleTimeout,
+    InvalidName,
+    Limit,
+    MuxError,
+    NickTaken,
+    NoSuchTarget,
+    NotConnected,
+    NotMember,
+    Presence,
+    RoomInfo,
+    ShuttingDown,
+    SlowConsumer,
+    TooLarge,
+    UnknownType,
+    error_for,
+)
+from muxserver.framing import FrameDecoder, encode_frame
+
+FAST = Backoff(initial=0.05, maximum=0.2)
+
+
+@pytest.fixture
+def connect(server):
+    """connect(nick, srv=None, **kw) -> a Client, closed after the test."""
+    clients: list[Client] = []
+
+    def make(nick: str | None = None, srv=None, **kw) -> Client:
+        srv = srv or server
+        client = Client.connect(srv.host, srv.port, nick=nick, **kw)
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+def recv_type(client: Client, cls, timeout: float = 10.0):
+    item = client.recv(timeout)
+    assert isinstance(item, cls), f"expected {cls.__name__}, got {item!r}"
+    return item
+
+
+def poll_until(client: Client, cond, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        client.poll(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def restart(server_factory, srv, *args: str):
+    """A new server on the same port as ``srv`` (after ``srv`` has exited)."""
+    srv.wait(15)
+    for _ in range(50):
+        try:
+            return server_factory("--port", str(srv.port), *args)
+        except RuntimeError:  # port not free yet
+            time.sleep(0.1)
+    raise RuntimeError("could not restart the server on the same port")
+
+
+# ================================================================ connect
+def test_connect_exposes_welcome(server, connect):
+    c = connect("alice")
+    assert c.nick == "alice"
+    assert c.conn_id >= 1
+    assert c.max_frame == 1048576
+    assert c.server_name == "muxserver"
+    assert c.ping_interval == 25.0
+    assert c.connected
+    assert "alice" in repr(c)
+
+
+def test_connect_without_nick_gets_guest(connect):
+    c = connect()
+    assert c.nick == f"guest-{c.conn_id}"
+
+
+def test_connect_nick_taken_is_nicktaken_and_connectionclosed(connect):
+    connect("alice")
+    with pytest.raises(NickTaken) as info:
+        connect("alice")
+    assert isinstance(info.value, ConnectionClosed)
+    assert info.value.code == P.NICK_TAKEN
+    assert "alice" in info.value.message
+    assert str(info.value).startswith("NICK_TAKEN: ")
+
+
+@pytest.mark.parametrize(
+    "kw", [{"nick": "two words"}, {"nick": "x" * 33}, {"namespace": "no-slash"}]
+)
+def test_connect_invalid_names(connect, kw):
+    with pytest.raises(InvalidName) as info:
+        connect(**kw)
+    assert isinstance(info.value, ConnectionClosed)
+
+
+def test_connect_auth(server_factory):
+    srv = server_factory("--token", "s3cret")
+    for token in (None, "wrong"):
+        with pytest.raises(AuthFailed):
+            Client.connect(srv.host, srv.port, nick="a", token=token)
+    with Client.connect(srv.host, srv.port, nick="a", token="s3cret") as c:
+        assert c.nick == "a"
+
+
+def test_connect_refused_is_oserror():
+    with pytest.raises(ConnectionRefusedError):
+        Client.connect("127.0.0.1", free_port(), timeout=2)
+
+
+# ================================================================== rooms
+def test_join_leave_who_rooms(connect):
+    a, b = connect("alice"), connect("bob")
+    assert a.join("games") is None
+    b.join("games")
+    b.join("lobby")
+    a.join("games")  # idempotent
+    who = a.who("games")
+    assert who == ["alice", "bob"] and who.total == 2
+    assert a.who("empty") == [] and a.who("empty").total == 0
+    assert b.rooms() == [RoomInfo("games", 2), RoomInfo("lobby", 1)]
+    assert a.rooms() == [("games", 2)]
+    assert sorted(a.rooms(all=True)) == [("games", 2), ("lobby", 1)]
+    assert a.rooms(all=True).total == 2
+    assert b.joined == {"games": False, "lobby": False}
+    b.leave("games")
+    assert a.who("games") == ["alice"]
+    assert b.joined == {"lobby": False}
+    assert b.leave("never-joined") is None  # idempotent
+
+
+def test_join_errors(server_factory):
+    srv = server_factory("--max-rooms", "2")
+    with Client.connect(srv.host, srv.port, nick="a") as c:
+        with pytest.raises(InvalidName) as info:
+            c.join("bad\x01room")
+        assert info.value.code == P.INVALID_NAME and info.value.req > 0
+        assert not isinstance(info.value, ConnectionClosed)
+        with pytest.raises(InvalidName):
+            c.join("x" * 256)  # does not fit a str8: refused before sending
+        c.join("one")
+        c.join("two")
+        with pytest.raises(Limit):
+            c.join("three")
+        assert c.joined == {"one": False, "two": False}
+        c.ping()  # the connection is fine after per-request errors
+
+
+def test_leave_and_who_invalid_name(connect):
+    c = connect("a")
+    with pytest.raises(InvalidName):
+        c.leave("bad\x7froom")
+    with pytest.raises(InvalidName):
+        c.who("")
+
+
+def test_presence(connect):
+    a, b = connect("alice"), connect("bob")
+    a.join("games", presence=True)
+    b.join("games")
+    assert recv_type(a, Presence) == Presence("join", "games", "bob")
+    b.set_nick("robert")
+    assert recv_type(a, Presence) == Presence("nick", "games", "bob", "robert")
+    b.leave("games")
+    assert recv_type(a, Presence) == Presence("leave", "games", "robert")
+    assert a.recv(0.2) is None  # nothing about alice herself, nothing else
+
+
+# =================================================================== nick
+def test_set_nick(connect):
+    a, b = connect("alice"), connect("bob")
+    a.set_nick("alicia")
+    assert a.nick == "alicia"
+    assert b.who("nobody-room") == []
+    with pytest.raises(NickTaken):
+        b.set_nick("alicia")
+    assert b.nick == "bob"
+    with pytest.raises(InvalidName):
+        b.set_nick("has space")
+    b.set_nick("alice")  # freed by the rename
+    assert b.nick == "alice"
+
+
+# =================================================================== emit
+def test_emit_room(connect):
+    a, b = connect("alice"), connect("bob")
+    a.join("games")
+    b.join("games")
+    assert a.emit("chat", "hi bob", room="games", ack=True) == 1
+    ev = recv_type(b, Event)
+    assert ev == Event("chat", b"hi bob", "alice", "room", "games")
+    assert ev.text == "hi bob"
+    assert a.emit("bin", b"\x00\xff" * 10, room="games") is None
+    assert recv_type(b, Event).payload == b"\x00\xff" * 10
+    a.emit("empty", room="games", ack=True)
+    assert recv_type(b, Event).payload == b""
+    assert a.recv(0.1) is None  # no echo by default
+
+
+def test_emit_echo(connect):
+    a = connect("alice")
+    a.join("solo")
+    assert a.emit("chat", "me too", room="solo", echo=True, ack=True) == 1
+    assert recv_type(a, Event).sender == "alice"
+
+
+def test_emit_direct_and_broadcast(connect):
+    a, b, c = connect("alice"), connect("bob"), connect("carol")
+    assert a.emit("psst", "just you", to="bob", ack=True) == 1
+    ev = recv_type(b, Event)
+    assert (ev.kind, ev.room, ev.sender, ev.text) == ("direct", None, "alice", "just you")
+    assert a.emit("hey", "everyone", broadcast=True, ack=True) == 2
+    for client in (b, c):
+        ev = recv_type(client, Event)
+        assert (ev.kind, ev.room, ev.event) == ("broadcast", None, "hey")
+    assert c.recv(0.1) is None
+
+
+def test_emit_errors_with_ack(connect):
+    a = connect("alice")
+    with pytest.raises(NotMember) as info:
+        a.emit("chat", "x", room="games", ack=True)
+    assert "games" in info.value.message
+    with pytest.raises(NoSuchTarget):
+        a.emit("chat", "x", to="nobody", ack=True)
+    with pytest.raises(InvalidName):
+        a.emit("", "x", broadcast=True, ack=True)
+    with pytest.raises(InvalidName):
+        a.emit("chat", "x", to="two words", ack=True)
+
+
+def test_emit_error_without_ack_raised_by_recv(connect):
+    a, b = connect("alice"), connect("bob")
+    a.join("games")
+    b.join("games")
+    a.emit("chat", "lost?", room="nowhere")  # returns at once...
+    a.emit("chat", "fine", room="games")
+    with pytest.raises(NotMember) as info:  # ...and the error is not lost
+        a.recv(10)
+    assert info.value.req == 0
+    assert recv_type(b, Event).text == "fine"
+
+
+def test_emit_error_without_ack_goes_to_on_error(connect):
+    a = connect("alice")
+    errors = []
+    a.on_error(errors.append)
+    a.emit("chat", "x", to="nobody")
+    poll_until(a, lambda: errors)
+    assert isinstance(errors[0], NoSuchTarget)
+
+
+def test_emit_argument_errors(server_factory):
+    srv = server_factory("--max-frame", "1024")
+    with Client.connect(srv.host, srv.port, nick="a") as c:
+        c.join("r")
+        with pytest.raises(ValueError):
+            c.emit("chat", "no target")
+        with pytest.raises(ValueError):
+            c.emit("chat", "two targets", room="r", to="b")
+        with pytest.raises(TypeError):
+            c.emit("chat", 42, room="r")
+        with pytest.raises(TooLarge):  # refused before sending: no fatal TOO_LARGE
+            c.emit("chat", b"x" * 2000, room="r")
+        assert c.max_frame == 1024
+        assert c.emit("chat", b"x" * 900, room="r", ack=True) == 0
+
+
+def test_large_event_near_max_frame(server_factory):
+    srv = server_factory("--max-frame", "4096")
+    with (
+        Client.connect(srv.host, srv.port, nick="a" * 32) as a,
+        Client.connect(srv.host, srv.port, nick="b") as b,
+    ):
+        a.join("r")
+        b.join("r")
+        payload = b"y" * (4096 - 20)  # EVENT adds the 32-byte nick: over max_frame
+        a.emit("e", payload, room="r", ack=True)
+        assert recv_type(b, Event).payload == payload
+
+
+# =========================================================== ping, close
+def test_ping(connect):
+    rtt = connect("a").ping()
+    assert isinstance(rtt, float) and 0 <= rtt < 10
+
+
+def test_close_sends_bye(connect):
+    a, b = connect("alice"), connect("bob")
+    a.join("games", presence=True)
+    b.join("games")
+    recv_type(a, Presence)
+    b.close()
+    assert recv_type(a, Presence) == Presence("leave", "games", "bob")
+    assert not b.connected
+    b.close()  # idempotent
+    with pytest.raises(NotConnected):
+        b.join("games")
+    with pytest.raises(NotConnected):
+        b.emit("chat", "x", room="games")
+    with pytest.raises(NotConnected):
+        b.recv(0.1)
+
+
+def test_context_manager(server):
+    with Client.connect(server.host, server.port, nick="ctx") as c:
+        c.join("r")
+    assert not c.connected
+    with Client.connect(server.host, server.port, nick="ctx") as c2:  # nick is free again
+        assert c2.nick == "ctx"
+
+
+# =============================================================== handlers
+def test_handlers_poll_and_run_forever(connect):
+    a, b = connect("alice"), connect("bob")
+    a.join("games", presence=True)
+    got, every, presence = [], [], []
+
+    @a.on("chat")
+    def on_chat(ev):
+        got.append(ev.text)
+        if ev.text == "stop":
+            a.close()
+
+    a.on("*", every.append)
+    a.on_presence(presence.append)
+    b.join("games")
+    b.emit("chat", "one", room="games")
+    b.emit("other", "two", room="games", ack=True)
+    poll_until(a, lambda: len(every) == 2)
+    assert got == ["one"] and [e.event for e in every] == ["chat", "other"]
+    assert presence == [Presence("join", "games", "bob")]
+    assert a.poll(0.1) == 0
+    b.emit("chat", "stop", room="games", ack=True)
+    a.run_forever()  # returns once the handler closes the client
+    assert got == ["one", "stop"] and not a.connected
+
+
+# ============================================== heartbeats and ERROR frames
+def test_heartbeat_answered_and_idle_timeout(server_factory):
+    srv = server_factory("--ping-interval", "0.3", "--ping-timeout", "1")
+    with (
+        Client.connect(srv.host, srv.port, nick="awake") as awake,
+        Client.connect(srv.host, srv.port, nick="asleep") as asleep,
+    ):
+        # awake reads for 2.5 s: the server PINGs it every 0.3 s and it PONGs.
+        assert awake.recv(2.5) is None
+        assert awake.ping() >= 0
+        # asleep read nothing meanwhile: the server cut it after 1.3 s.
+        with pytest.raises(IdleTimeout) as info:
+            asleep.recv(10)
+        assert isinstance(info.value, ConnectionClosed) and info.value.code == P.IDLE_TIMEOUT
+        with pytest.raises(NotConnected):
+            asleep.recv(0.1)
+
+
+def test_server_shutdown_raises_connection_closed(server, connect):
+    c = connect("a")
+    server.signal(signal.SIGTERM)
+    with pytest.raises(ShuttingDown) as info:
+        c.recv(10)
+    assert isinstance(info.value, ConnectionClosed) and info.value.code == P.SHUTTING_DOWN
+    with pytest.raises(NotConnected):
+        c.join("r")
+    assert server.wait(15) == 0
+
+
+def test_server_full_is_limit(server_factory):
+    srv = server_factory("--max-connections", "1")
+    with Client.connect(srv.host, srv.port, nick="first"):
+        with pytest.raises(Limit) as info:
+            Client.connect(srv.host, srv.port, nick="second")
+        assert isinstance(info.value, ConnectionClosed)
+
+
+def test_slow_consumer_gets_events_then_error(server_factory):
+    srv = server_factory("--max-output", "65536")
+    with (
+        Client.connect(srv.host, srv.port, nick="slow") as slow,
+        Client.connect(srv.host, srv.port, nick="fast") as fast,
+    ):
+        slow.join("r")
+        fast.join("r")
+        blob = b"x" * 60000
+        for _ in range(600):  # 36 MB: more than the kernel buffers hold
+            fast.emit("e", blob, room="r")
+        fast.ping()  # the server has handled every EMIT
+        received = 0
+        with pytest.raises(SlowConsumer) as info:
+            while True:
+                assert slow.recv(10).payload == blob  # whole events, then the error
+                received += 1
+        assert isinstance(info.value, ConnectionClosed) and received < 600
+
+
+def test_error_for():
+    exc = error_for(P.NOT_MEMBER, "no")
+    assert type(exc) is NotMember and exc.code == P.NOT_MEMBER and str(exc) == "NOT_MEMBER: no"
+    fatal = error_for(P.SLOW_CONSUMER, "too slow", fatal=True)
+    assert isinstance(fatal, ConnectionClosed) and fatal.name == "SLOW_CONSUMER"
+    odd = error_for(999, "new code")
+    assert type(odd) is MuxError and odd.code == 999
+
+
+# ====================================================== scripted servers
+class ScriptedServer:
+    """Accepts one client, answers HELLO with WELCOME, then runs ``script(conn)``."""
+
+    def __init__(self, script) -> None:
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(script,), daemon=True)
+        self.thread.start()
+
+    def _run(self, script) -> None:
+        conn, _ = self.lsock.accept()
+        with conn:
+            decoder, frames = FrameDecoder(), []
+            while not frames:
+                frames = decoder.feed(conn.recv(4096))
+            assert frames[0][0] == P.HELLO
+            conn.sendall(P.encode(P.Welcome(1, 1, "alice", 1 << 20, 25000, "scripted")))
+            script(conn)
+            self.done.wait(10)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(10)
+        self.lsock.close()
+
+
+def test_request_without_reply_times_out():
+    srv = ScriptedServer(lambda conn: None)
+    try:
+        c = Client.connect("127.0.0.1", srv.port, nick="alice", timeout=0.5)
+        assert c.server_name == "scripted"
+        with pytest.raises(TimeoutError):
+            c.join("r")
+        with pytest.raises(TimeoutError):
+            c.ping()
+    finally:
+        srv.close()
+
+
+def test_undecodable_server_frame_closes():
+    def script(conn):
+        conn.recv(4096)  # the client's PING
+        conn.sendall(encode_frame(0x99, b""))
+
+    srv = ScriptedServer(script)
+    try:
+        c = Client.connect("127.0.0.1", srv.port, nick="alice")
+        with pytest.raises(UnknownType) as info:
+            c.ping()
+        assert isinstance(info.value, ConnectionClosed)
+    finally:
+        srv.close()
+
+
+def test_server_eof_without_error():
+    srv = ScriptedServer(lambda conn: conn.shutdown(socket.SHUT_WR))
+    try:
+        c = Client.connect("127.0.0.1", srv.port, nick="alice")
+        with pytest.raises(ConnectionClosed) as info:
+            c.recv(10)
+        assert info.value.code is None and "closed" in info.value.message
+    finally:
+        srv.close()
+
+
+# ============================================================== reconnect
+def test_backoff_delays():
+    b = Backoff()
+    assert [b.delay(n, rng=lambda: 0.5) for n in range(8)] == [
+        0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0,
+    ]  # fmt: skip
+    assert b.delay(1, rng=lambda: 0.0) == pytest.approx(0.8)
+    assert b.delay(1, rng=lambda: 1.0) == pytest.approx(1.2)
+    assert b.delay(10_000, rng=lambda: 1.0) == 30.0
+    assert Backoff(initial=0.05, maximum=0.2, jitter=0).delay(3) == 0.2
+
+
+def test_reconnect_after_server_restart(server_factory):
+    srv = server_factory("--drain-timeout", "1")
+    events: list = []
+    alice = Client.connect(srv.host, srv.port, nick="alice", reconnect=True, backoff=FAST)
+    alice.on_disconnect(lambda exc: events.append(exc))
+    alice.on_reconnect(lambda: events.append("reconnected"))
+    alice.join("games", presence=True)
+    alice.join("lobby")
+    srv.signal(signal.SIGTERM)
+    poll_until(alice, lambda: events)
+    assert isinstance(events[0], ShuttingDown)
+    srv2 = restart(server_factory, srv)
+    poll_until(alice, lambda: "reconnected" in events)
+    assert alice.connected and alice.nick == "alice"
+    assert sorted(alice.rooms()) == [("games", 1), ("lobby", 1)]
+    with Client.connect(srv2.host, srv2.port, nick="bob") as bob:
+        bob.join("games")
+        # The presence flag came back with the room...
+        assert recv_type(alice, Presence) == Presence("join", "games", "bob")
+        # ...and the next message arrives.
+        bob.emit("chat", "welcome back", room="games", ack=True)
+        assert recv_type(alice, Event).text == "welcome back"
+    alice.close()
+
+
+def test_reconnect_after_cut_connection(server, connect):
+    alice = connect("alice", reconnect=True, backoff=FAST)
+    bob = connect("bob")
+    reconnects = []
+    alice.on_reconnect(lambda: reconnects.append(alice.conn_id))
+    alice.join("games")
+    bob.join("games")
+    alice.set_nick("alicia")
+    old_id = alice.conn_id
+    alice.sock.shutdown(socket.SHUT_RDWR)  # the network cuts us off
+    poll_until(alice, lambda: reconnects)
+    assert alice.conn_id != old_id and alice.nick == "alicia"  # the latest nick
+    bob.emit("chat", "still there?", room="games", ack=True)
+    assert recv_type(alice, Event).text == "still there?"
+
+
+def test_request_while_disconnected_raises_not_connected(server, connect):
+    alice = connect("alice", reconnect=True, backoff=Backoff(initial=60))
+    lost = []
+    alice.on_disconnect(lost.append)
+    alice.join("games")
+    alice.sock.shutdown(socket.SHUT_RDWR)
+    poll_until(alice, lambda: lost)
+    assert not alice.connected
+    with pytest.raises(NotConnected) as info:
+        alice.emit("chat", "hello?", room="games")
+    assert "next attempt" in str(info.value)
+    assert alice.poll(0) == 0  # waiting out the backoff, not failing
+
+
+def test_reconnect_gives_up_after_max_attempts(server_factory):
+    srv = server_factory("--drain-timeout", "1")
+    c = Client.connect(
+        srv.host, srv.port, nick="a", reconnect=True,
+        backoff=Backoff(initial=0.05, maximum=0.1, max_attempts=2),
+    )  # fmt: skip
+    srv.signal(signal.SIGTERM)
+    with pytest.raises(ConnectionClosed) as info:
+        c.run_forever()
+    assert "refused" in str(info.value)
+
+
+def test_reconnect_stops_on_permanent_refusal(server_factory):
+    srv = server_factory("--drain-timeout", "1")
+    c = Client.connect(srv.host, srv.port, nick="a", reconnect=True, backoff=FAST)
+    srv.signal(signal.SIGTERM)
+    with pytest.raises(ShuttingDown):
+        c.join("r")  # a request that meets the end of the connection raises
+    restart(server_factory, srv, "--token", "now-required")
+    with pytest.raises(AuthFailed):
+        c.run_forever()
+    with pytest.raises(NotConnected):
+        c.poll(0)
+
+
+# ================================================================= gevent
+GEVENT_SCRIPT = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent
+from muxserver.client import Client
+port = int(sys.argv[1])
+clients = [Client.connect("127.0.0.1", port, nick=f"user{n}") for n in range(5)]
+for c in clients:
+    c.join("room")
+def talk(c):
+    # Each greenlet blocks in recv(); gevent switches to the others meanwhile.
+    c.emit("hi", f"from {c.nick}", room="room", echo=True, ack=True)
+    texts = set()
+    while len(texts) < 5:
+        texts.add(c.recv(10).text)
+    c.close()
+    return texts
+jobs = [gevent.spawn(talk, c) for c in clients]
+gevent.joinall(jobs, timeout=20, raise_error=True)
+assert all(len(j.value) == 5 for j in jobs), [j.value for j in jobs]
+print("ok")
+"""
+
+
+def test_works_under_gevent(server):
+    pytest.importorskip("gevent")
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(GEVENT_SCRIPT), str(server.port)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+# =================================================================== docs
+def test_docs_echo_bot(server, connect):
+    """The 10-line echo bot of docs/client.md, run as written (bar the port)."""
+    doc = (Path(__file__).parents[1] / "docs" / "client.md").read_text()
+    code = re.search(r"<!-- echo-bot.*?-->\n```python\n(.*?)```", doc, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 10
+    bot = subprocess.Popen([sys.executable, "-c", code.replace("7878", str(server.port))])
+    try:
+        ann = connect("ann")
+        ann.join("lobby")
+        deadline = time.monotonic() + 15
+        while "echo-bot" not in ann.who("lobby"):
+            assert time.monotonic() < deadline and bot.poll() is None, "the bot did not join"
+            time.sleep(0.05)
+        ann.emit("msg", "hello bot", room="lobby")
+        ev = recv_type(ann, Event)
+        assert (ev.sender, ev.text) == ("echo-bot", "ann said: hello bot")
+    finally:
+        bot.terminate()
+        bot.wait(10)
