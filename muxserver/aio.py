@@ -3,8 +3,9 @@
 asyncio programs (bots, bridges, web backends) should neither block their
 loop on a socket nor wrap the blocking client in threads. Everything that is
 not I/O -- request ids, frames, reply parsing, error classes, the backoff
-policy -- comes from :mod:`muxserver.client`; this module only moves bytes
-with asyncio streams.
+policy, the TLS context -- comes from :mod:`muxserver.clientcore` (the
+public names are imported from :mod:`muxserver.client`, as for the blocking
+client); this module only moves bytes with asyncio streams.
 
 One background task per client owns the reading side. It routes each REPLY
 to the future of the request waiting for it, answers server PINGs at once
@@ -20,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
 from . import protocol as P
-from .client import (
+from .clientcore import (
     CLOSE_LINGER,
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -62,8 +65,10 @@ class AsyncClient(_Core):
         *,
         reconnect: bool = False,
         backoff: Backoff | None = None,
+        tls: bool | ssl.SSLContext = False,
+        ca: str | os.PathLike | None = None,
     ) -> None:
-        super().__init__(host, port, nick, namespace, token, timeout, reconnect, backoff)
+        super().__init__(host, port, nick, namespace, token, timeout, reconnect, backoff, tls, ca)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -84,11 +89,14 @@ class AsyncClient(_Core):
         *,
         reconnect: bool = False,
         backoff: Backoff | None = None,
+        tls: bool | ssl.SSLContext = False,
+        ca: str | os.PathLike | None = None,
     ) -> AsyncClient:
-        """Connect and complete HELLO/WELCOME; errors as for ``Client.connect``."""
+        """Connect and complete HELLO/WELCOME; arguments and errors as for ``Client.connect``."""
         client = cls(
-            host, port, nick, namespace, token, timeout, reconnect=reconnect, backoff=backoff
-        )
+            host, port, nick, namespace, token, timeout,
+            reconnect=reconnect, backoff=backoff, tls=tls, ca=ca,
+        )  # fmt: skip
         await client._open()
         client._up = True
         client._task = asyncio.create_task(client._supervise())
@@ -247,8 +255,9 @@ class AsyncClient(_Core):
     # ------------------------------------------------------------ guts
     async def _open(self) -> None:
         try:
+            tls = {} if self._tls is None else {"ssl": self._tls, "server_hostname": self.host}
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.timeout
+                asyncio.open_connection(self.host, self.port, **tls), self.timeout
             )
         except asyncio.TimeoutError:
             raise TimeoutError(f"connecting to {self.host}:{self.port} timed out") from None

@@ -11,6 +11,10 @@ shorter than a keystroke. Incoming lines are printed by client handlers when
 ``poll(0)`` dispatches them. Auto-reconnect is on, and the selector is
 re-pointed whenever the client's socket changes.
 
+With ``--tls`` (or ``--ca PATH``, a CA to trust) the connection is TLS, on
+reconnects too; the selector watches the TLS socket's descriptor, which is
+safe because every client read drains what the SSL object has decrypted.
+
 Output is plain lines (no cursor tricks), so it reads the same in a pipe, a
 log or a pseudo-terminal. Colour is used only when stdout is a terminal and
 neither ``NO_COLOR`` nor ``TERM=dumb`` says otherwise; text from other people
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import selectors
+import ssl
 import sys
 import time
 import zlib
@@ -290,29 +295,59 @@ def build_parser() -> argparse.ArgumentParser:
         help="server token, if it needs one (default: $MUXCHAT_TOKEN)",
     )
     parser.add_argument(
+        "--tls", action="store_true",
+        help="connect with TLS, checking the server's certificate (default: plain TCP)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ca", default=None, metavar="PATH",
+        help="PEM file of the CA(s) to trust for --tls instead of the system's (implies --tls)",
+    )  # fmt: skip
+    parser.add_argument(
         "--color", choices=("auto", "always", "never"), default="auto",
         help="colour output (auto: only on a terminal, and not with NO_COLOR set)",
     )  # fmt: skip
     return parser
 
 
+# OpenSSL verify codes that mean "I do not trust who signed this".
+_UNTRUSTED = {18, 19, 20, 21}  # self-signed, self-signed in chain, unknown issuer (x2)
+
+
+def _tls_why(exc: ssl.SSLError) -> str:
+    """One line on a failed TLS handshake, with the likely fix."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        hint = " (trust its CA with --ca PATH)" if exc.verify_code in _UNTRUSTED else ""
+        return f"certificate verify failed: {exc.verify_message}{hint}"
+    if exc.reason == "WRONG_VERSION_NUMBER":
+        return "the server did not answer in TLS (is it serving TLS on this port?)"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ca is not None and not os.path.isfile(args.ca):
+        parser.error(f"--ca {args.ca}: no such file")
     out = sys.stdout
     try:
         client = Client.connect(
             args.host, args.port, nick=args.nick, namespace=args.namespace,
             token=args.token, reconnect=True, backoff=Backoff(initial=0.5, maximum=30.0),
+            tls=args.tls, ca=args.ca,
         )  # fmt: skip
     except MuxError as exc:
         print(f"muxchat: {args.host}:{args.port} refused us: {exc}", file=sys.stderr)
+        return 1
+    except ssl.SSLError as exc:
+        print(f"muxchat: TLS with {args.host}:{args.port} failed: {_tls_why(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
         why = exc.strerror or str(exc)
         print(f"muxchat: cannot connect to {args.host}:{args.port}: {why}", file=sys.stderr)
         return 1
     chat = Chat(client, out, want_colour(out, args.color))
-    chat.info(f"connected to {args.host}:{args.port} as {client.nick} (/help for commands)")
+    over = " over TLS" if client.tls else ""
+    chat.info(f"connected to {args.host}:{args.port}{over} as {client.nick} (/help for commands)")
     status = 0
     try:
         if args.room:

@@ -21,7 +21,10 @@ import ssl
 import sys
 
 from . import __version__
+from .logs import setup_logging
+from .monitor import Monitor
 from .server import Config, Server
+from .stats import StatsReporter
 
 ENV_PREFIX = "MUXSERVER_"
 
@@ -81,6 +84,20 @@ def _name(text: str) -> str:
     return text
 
 
+def _metrics_port(text: str):
+    """A port number, or "off" (the default: no monitoring port)."""
+    if text.strip().lower() == "off":
+        return "off"
+    return _port(text)
+
+
+def _log_format(text: str) -> str:
+    fmt = text.lower()
+    if fmt not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return fmt
+
+
 # (option, type, default, help). The table is the single source of truth for
 # the parser, the environment variables and the README's options table.
 OPTIONS = [
@@ -102,6 +119,10 @@ OPTIONS = [
     ("tls-cert", str, "", "PEM certificate chain: serve TLS"),
     ("tls-key", str, "", "PEM private key for --tls-cert (if not in the same file)"),
     ("log-level", _log_level, "INFO", "debug, info, warning, error"),
+    ("log-format", _log_format, "text", "text, or json: one JSON object per line"),
+    ("stats-interval", _non_negative, 60.0, "seconds between summary log lines (0: off)"),
+    ("metrics-port", _metrics_port, "off", "HTTP port for /metrics /healthz /connz /roomz; 0 picks a free one"),
+    ("metrics-host", str, "127.0.0.1", "address of the monitoring port"),
 ]
 
 
@@ -118,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="muxserver",
         description="Real-time messaging server: rooms, namespaces, events, presence.",
-        epilog="Every option can also be set as MUXSERVER_<OPTION>, e.g. MUXSERVER_PORT=9000.",
+        epilog="Every option can also be set as MUXSERVER_<OPTION>, e.g. MUXSERVER_PORT=9000. "
+        "`muxserver check-config [OPTIONS]` prints the effective configuration and "
+        "where each value came from.",
     )
     parser.add_argument("--version", action="version", version=f"muxserver {__version__}")
     for option, conv, default, help_text in OPTIONS:
@@ -141,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(argv: list[str] | None = None, environ=None) -> dict:
-    """Parse the command line over the environment over the defaults."""
+def resolve(argv: list[str] | None = None, environ=None, sources: dict | None = None) -> dict:
+    """Parse the command line over the environment over the defaults.
+
+    ``sources``, if given, is filled with where each value came from.
+    """
     environ = os.environ if environ is None else environ
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -150,7 +176,11 @@ def resolve(argv: list[str] | None = None, environ=None) -> dict:
     for option, conv, default, _ in OPTIONS:
         key = option.replace("-", "_")
         value = getattr(args, key)
+        if sources is not None:
+            sources[key] = "command line" if value is not None else "default"
         if value is None and env_name(option) in environ:
+            if sources is not None:
+                sources[key] = f"env {env_name(option)}"
             raw = environ[env_name(option)]
             try:
                 value = conv(raw)
@@ -160,13 +190,32 @@ def resolve(argv: list[str] | None = None, environ=None) -> dict:
     return values
 
 
+def check_config(argv: list[str]) -> int:
+    """``muxserver check-config [OPTIONS]``: each effective value and its source."""
+    sources: dict = {}
+    values = resolve(argv, sources=sources)
+    print(f"# muxserver {__version__}: effective configuration (option, value, source)")
+    for option, _, _, _ in OPTIONS:
+        key = option.replace("-", "_")
+        value = values[key]
+        if key == "token" and value:
+            shown = "(set, hidden)"
+        elif value == "":
+            shown = '""'
+        else:
+            shown = str(value)
+        print(f"{option:<16} {shown:<24} {sources[key]}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    values = resolve(argv)
-    logging.basicConfig(
-        level=values.pop("log_level"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["check-config"]:
+        return check_config(args[1:])
+    values = resolve(args)
+    setup_logging(values.pop("log_level"), values.pop("log_format"))
+    stats_interval = values.pop("stats_interval")
+    metrics_host, metrics_port = values.pop("metrics_host"), values.pop("metrics_port")
     token_file = values.pop("token_file")
     if token_file:
         if values["token"]:
@@ -203,6 +252,28 @@ def main(argv: list[str] | None = None) -> int:
             reason = f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
         print(f"muxserver: {reason}", file=sys.stderr)
         return 1
+    monitor = None
+    if metrics_port != "off":
+        monitor = Monitor(server, metrics_host, metrics_port)
+        try:
+            mhost, mport = monitor.start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                reason = f"metrics port {metrics_port} is already in use"
+            elif isinstance(exc, socket.gaierror):
+                reason = f"cannot resolve metrics host {metrics_host!r}"
+            else:
+                reason = f"cannot listen on metrics {metrics_host}:{metrics_port}: {exc.strerror or exc}"
+            print(f"muxserver: {reason}", file=sys.stderr)
+            server.close()
+            server.loop.close()
+            return 1
+        # Logged before the ready line, so whoever saw that line can find
+        # the port here (tests start with --metrics-port 0).
+        mshown = f"[{mhost}]" if ":" in mhost else mhost
+        log.info("metrics on http://%s:%d/metrics", mshown, mport)
+    if stats_interval:
+        StatsReporter(server, stats_interval).start()
 
     interrupted = []
 
@@ -223,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run()
     finally:
+        if monitor is not None:
+            monitor.close()
         server.close()
         server.loop.close()
     if interrupted:

@@ -132,10 +132,19 @@ class Server:
         self.stats = {
             "accepted": 0,
             "refused_limit": 0,
+            "refused_tls_handshake": 0,  # stats.py exports every refused_<reason>
             "deliveries": 0,
             "slow_consumers": 0,
             "errors": {},
+            "reply_errors": {},  # REPLY status -> count
         }
+        # Frames by type byte: received (counted in the dispatch loop) and
+        # queued (where non-hot frames are built; EVENTs are the deliveries,
+        # ERRORs the errors above). Closed connections' counters are kept
+        # here (frames in, frames out, bytes in, bytes out) so totals never go down.
+        self.frames_in_by_type = [0] * 256
+        self.frames_out_by_type = [0] * 256
+        self.closed_totals = [0, 0, 0, 0]
         self.loop.add_before_sleep(self.flush)
 
     @staticmethod
@@ -235,7 +244,7 @@ class Server:
         # holds a file descriptor.
         conn.counted = True
         self._live += 1
-        log.debug("connect #%d from %s", conn.id, peer)
+        log.debug("connect #%d from %s", conn.id, peer, extra={"conn": conn.id, "peer": peer})
         return conn
 
     # ============================================================== events
@@ -272,7 +281,11 @@ class Server:
         except (ssl.SSLError, OSError) as exc:
             # A plain-TCP client, a wrong certificate, a scanner: close this
             # one quietly and carry on with everyone else.
-            log.info("TLS handshake failed for #%d from %s: %s", conn.id, conn.peer, exc)
+            self.stats["refused_tls_handshake"] += 1
+            log.info(
+                "TLS handshake failed for #%d from %s: %s", conn.id, conn.peer, exc,
+                extra={"conn": conn.id, "peer": conn.peer, "reason": "TLS_HANDSHAKE"},
+            )  # fmt: skip
             self._close(conn)
             return
         conn.handshaking = False
@@ -307,8 +320,10 @@ class Server:
             frames, error = exc.frames, exc
         conn.frames_in += len(frames)
         handlers = self.handlers
+        by_type = self.frames_in_by_type
         try:
             for ftype, body in frames:
+                by_type[ftype] += 1
                 if conn.state == OPEN:
                     handler = handlers.get(ftype)
                     if handler is None:
@@ -329,7 +344,10 @@ class Server:
     def _lost(self, conn: Connection) -> None:
         """The peer closed (or reset) its side."""
         if conn.state in (OPEN, HELLO_WAIT):
-            log.debug("disconnect #%d %s", conn.id, conn.nick)
+            log.debug(
+                "disconnect #%d %s from %s", conn.id, conn.nick, conn.peer,
+                extra={"conn": conn.id, "peer": conn.peer, "nick": conn.nick, "reason": "peer closed"},
+            )  # fmt: skip
             self._leave_everything(conn)
         if conn.state == CLOSING and (conn.out or conn.chunks):
             # Peer half-closed but may still read: finish sending, then close.
@@ -374,6 +392,7 @@ class Server:
                 )
             )
         )
+        self.frames_out_by_type[P.WELCOME] += 1
         self.pending.add(conn)
 
     def _guest_nick(self, ns_name: str, conn_id: int) -> str:
@@ -446,6 +465,7 @@ class Server:
         self.stats["deliveries"] += count
         if req:
             conn.out.append(P.REPLY_COUNT.pack(11, P.REPLY, req, P.OK, count))
+            self.frames_out_by_type[P.REPLY] += 1
             self.pending.add(conn)
 
     def _take_token(self, conn: Connection) -> bool:
@@ -465,10 +485,14 @@ class Server:
     def _reply_error(self, conn: Connection, req: int, status: int, message: str) -> None:
         conn.out.append(P.reply_error(req, status, message))
         self.pending.add(conn)
+        self.frames_out_by_type[P.REPLY] += 1
+        errors = self.stats["reply_errors"]
+        errors[status] = errors.get(status, 0) + 1
 
     def _reply(self, conn: Connection, frame: bytes) -> None:
         conn.out.append(frame)
         self.pending.add(conn)
+        self.frames_out_by_type[frame[4]] += 1  # REPLY, PONG or PING
 
     def _send_changes(self, changes) -> None:
         for recipients, presence in changes:
@@ -476,6 +500,7 @@ class Server:
             for member in recipients:
                 member.out.append(frame)
             self.pending.update(recipients)
+            self.frames_out_by_type[P.PRESENCE] += len(recipients)
 
     def _on_join(self, conn: Connection, body: bytes) -> None:
         msg = P.decode(P.JOIN, body)
@@ -550,7 +575,10 @@ class Server:
     def _on_bye(self, conn: Connection, body: bytes) -> None:
         if body:
             raise P.ProtocolError(P.BAD_FRAME, "BYE: body must be empty")
-        log.debug("bye #%d %s", conn.id, conn.nick)
+        log.debug(
+            "bye #%d %s from %s", conn.id, conn.nick, conn.peer,
+            extra={"conn": conn.id, "peer": conn.peer, "nick": conn.nick, "reason": "BYE"},
+        )  # fmt: skip
         self._leave_everything(conn)
         self._begin_close(conn)
 
@@ -581,9 +609,14 @@ class Server:
     def _slow_consumer(self, conn: Connection) -> None:
         dropped = conn.discard_unsent()
         self.stats["slow_consumers"] += 1
+        # The one info line for this disconnect (_fatal does not log it again).
         log.info(
             "slow consumer #%d %s from %s: %d unsent bytes dropped, disconnecting",
             conn.id, conn.nick, conn.peer, dropped,
+            extra={
+                "conn": conn.id, "peer": conn.peer, "nick": conn.nick,
+                "reason": "SLOW_CONSUMER", "dropped_bytes": dropped,
+            },
         )  # fmt: skip
         self._fatal(
             conn,
@@ -597,10 +630,15 @@ class Server:
             return
         errors = self.stats["errors"]
         errors[code] = errors.get(code, 0) + 1
-        if code not in (P.SHUTTING_DOWN, P.LIMIT):
+        if code not in (P.SHUTTING_DOWN, P.LIMIT, P.SLOW_CONSUMER):
+            reason = P.STATUS_NAMES.get(code, code)
             log.info(
                 "closing #%d %s from %s: %s (%s)",
-                conn.id, conn.nick or "-", conn.peer, P.STATUS_NAMES.get(code, code), message,
+                conn.id, conn.nick or "-", conn.peer, reason, message,
+                extra={
+                    "conn": conn.id, "peer": conn.peer, "nick": conn.nick,
+                    "reason": reason, "detail": message,
+                },
             )  # fmt: skip
         self._leave_everything(conn)
         conn.out.append(P.error_frame(code, message))
@@ -635,6 +673,11 @@ class Server:
             self._leave_everything(conn)
         conn.close(self.loop)
         self.conns.pop(conn.id, None)
+        closed = self.closed_totals
+        closed[0] += conn.frames_in
+        closed[1] += conn.frames_out
+        closed[2] += conn.bytes_in
+        closed[3] += conn.bytes_out
         if conn.counted:
             self._live -= 1
         if self.shutting_down and not self.conns:

@@ -1,9 +1,10 @@
 """The asyncio client (muxserver.aio) against real server processes.
 
-The core cases of test_client.py: every request and its errors, events and
-presence through ``recv``/``async for``/handlers, heartbeats answered by the
-reader task, ERROR frames, and reconnect after a server restart. Each test
-runs its own event loop under a hard timeout (no pytest-asyncio needed).
+The core cases of test_client.py: every request and its errors (RATE_LIMITED
+included), events and presence through ``recv``/``async for``/handlers,
+heartbeats answered by the reader task, ERROR frames, TLS, and reconnect after
+a server restart. Each test runs its own event loop under a hard timeout (no
+pytest-asyncio needed).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import asyncio
 import concurrent.futures
 import signal
 import socket
+import ssl
 import time
 
 import pytest
+from conftest import restart_on_same_port
+from tlsutil import make_tls_files
 
 from muxserver import protocol as P
 from muxserver.aio import AsyncClient
@@ -29,6 +33,7 @@ from muxserver.client import (
     NotConnected,
     NotMember,
     Presence,
+    RateLimited,
     RoomInfo,
     ShuttingDown,
     TooLarge,
@@ -37,15 +42,14 @@ from muxserver.client import (
 FAST = Backoff(initial=0.05, maximum=0.2)
 
 
-def restart(server_factory, srv, *args: str):
-    """A new server on the same port as ``srv`` (after ``srv`` has exited)."""
-    srv.wait(15)
-    for _ in range(50):
-        try:
-            return server_factory("--port", str(srv.port), *args)
-        except RuntimeError:  # port not free yet
-            time.sleep(0.1)
-    raise RuntimeError("could not restart the server on the same port")
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_server(server_factory, tls):
+    return server_factory(*tls.server_args)
 
 
 def run(coro, timeout: float = 30.0):
@@ -245,7 +249,7 @@ def test_reconnect_after_server_restart(server_factory):
         assert isinstance(reasons[0], ShuttingDown)
         with pytest.raises(NotConnected):
             await alice.emit("chat", "x", room="games")
-        srv2 = await asyncio.to_thread(restart, server_factory, srv)
+        srv2 = await asyncio.to_thread(restart_on_same_port, server_factory, srv)
         await asyncio.wait_for(back.wait(), 15)
         assert alice.connected and alice.nick == "alice"
         bob = await connect(srv2, "bob")
@@ -275,6 +279,91 @@ def test_reconnect_after_cut_connection(server):
         await bob.emit("chat", "still there?", room="games", ack=True)
         assert (await recv_type(alice, Event)).text == "still there?"
         await bob.close()
+        await alice.close()
+
+    run(main())
+
+
+# ============================================================= rate limit
+RATE = ("--rate-limit", "0.01", "--rate-burst", "3")  # 3 EMITs, then one per 100 s
+
+
+def test_rate_limited(server_factory):
+    srv = server_factory(*RATE)
+
+    async def main():
+        async with await connect(srv, "chatty") as a, await connect(srv, "b") as b:
+            await a.join("r")
+            await b.join("r")
+            for n in range(3):
+                assert await a.emit("chat", str(n), room="r", ack=True) == 1
+            with pytest.raises(RateLimited) as info:  # with ack: raised by emit
+                await a.emit("chat", "one too many", room="r", ack=True)
+            assert info.value.req > 0 and not isinstance(info.value, ConnectionClosed)
+            await a.emit("chat", "no ack", room="r")  # returns at once...
+            with pytest.raises(RateLimited) as info:  # ...and recv raises the refusal
+                await a.recv(10)
+            assert info.value.req == 0 and a.connected
+            errors = []
+            a.on_error(errors.append)
+            await a.emit("chat", "again", room="r")
+            assert await a.poll(10) == 1  # or on_error gets it
+            assert isinstance(errors[0], RateLimited) and errors[0].req == 0
+            # None of the refused ones reached b: its echoed marker comes next.
+            await b.emit("chat", "marker", room="r", echo=True, ack=True)
+            texts = [(await recv_type(b, Event)).text for _ in range(4)]
+            assert texts == ["0", "1", "2", "marker"]
+
+    run(main())
+
+
+# ==================================================================== TLS
+def test_tls(tls_server, tls):
+    srv = tls_server
+
+    async def main():
+        a = await connect(srv, "a", ca=tls.ca)  # ca= implies TLS
+        b = await connect(srv, "b", tls=ssl.create_default_context(cafile=tls.ca))
+        assert a.tls and a._writer.get_extra_info("ssl_object") is not None
+        await a.join("r", presence=True)
+        await b.join("r")
+        assert await recv_type(a, Presence) == Presence("join", "r", "b")
+        big = b"z" * 300_000  # many TLS records
+        assert await b.emit("big", big, room="r", ack=True) == 1
+        assert (await recv_type(a, Event)).payload == big
+        assert await a.who("r") == ["a", "b"] and await a.ping() >= 0
+        await b.close()  # BYE over TLS
+        assert await recv_type(a, Presence) == Presence("leave", "r", "b")
+        await a.close()
+
+    run(main())
+
+
+def test_tls_failures_are_quick_and_clear(server, tls_server, tls):
+    async def main():
+        # timeout=5: a hang would fail as TimeoutError, not pass.
+        with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
+            await connect(tls_server, tls=True, timeout=5)  # the system store lacks our CA
+        with pytest.raises(ssl.SSLError):
+            await connect(server, ca=tls.ca, timeout=5)  # a plain server
+        async with await connect(tls_server, "fine", ca=tls.ca, timeout=5) as c:
+            assert await c.ping() >= 0
+
+    run(main())
+
+
+def test_tls_reconnect_wraps_the_new_connection(tls_server, tls):
+    async def main():
+        back = asyncio.Event()
+        alice = await connect(tls_server, "alice", ca=tls.ca, reconnect=True, backoff=FAST)
+        alice.on_reconnect(back.set)
+        await alice.join("games")
+        old_id = alice.conn_id
+        alice._writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)  # the network cuts us
+        await asyncio.wait_for(back.wait(), 15)
+        assert alice.conn_id != old_id
+        assert alice._writer.get_extra_info("ssl_object") is not None
+        assert await alice.who("games") == ["alice"]
         await alice.close()
 
     run(main())

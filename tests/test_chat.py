@@ -2,7 +2,8 @@
 
 Two chats against a real server: join, talk, whisper, nick change, presence
 lines, quit. Also: errors are one readable line (never a traceback), colour
-only on a terminal, reconnects are shown, and start-up failures exit 1.
+only on a terminal, reconnects are shown, TLS (``--ca``), and start-up
+failures exit 1 with one line.
 Patterns never match the terminal's echo of what was typed: they include the
 ``<nick>`` or ``* `` that only muxchat prints.
 """
@@ -16,12 +17,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import pexpect  # in the test extra: missing fails, never skips
 import pytest
+from conftest import restart_on_same_port
+from tlsutil import make_tls_files
 
-pexpect = pytest.importorskip("pexpect")
+from muxserver.client import Client
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -172,16 +175,9 @@ def test_reconnect_is_shown(server_factory, chats):
     alice.expect(r"you joined #games")
     srv.signal(signal.SIGTERM)
     alice.expect(r"! connection lost \(SHUTTING_DOWN: server is shutting down\); reconnecting")
-    srv.wait(15)
     alice.say("anyone?")
     alice.expect(r"! not connected .*; not sent")
-    srv2 = None
-    for _ in range(50):
-        try:
-            srv2 = server_factory("--port", str(srv.port))
-            break
-        except RuntimeError:
-            time.sleep(0.1)
+    srv2 = restart_on_same_port(server_factory, srv)
     alice.expect(r"\* reconnected as alice \(#games\)")
     bob = chats(srv2, "--nick", "bob", "--room", "games")
     bob.expect(r"you joined #games \(2 members\)")
@@ -208,3 +204,30 @@ def test_startup_failures_exit_1(server):
     )  # fmt: skip
     assert bad.returncode == 1
     assert bad.stderr.count("\n") == 1 and "INVALID_NAME" in bad.stderr
+
+
+def test_tls(server_factory, tmp_path, chats):
+    tls = make_tls_files(tmp_path)
+    srv = server_factory(*tls.server_args)
+    chat = chats(srv, "--ca", tls.ca, "--nick", "sec", "--room", "r")
+    chat.expect(r"\* connected to 127\.0\.0\.1:\d+ over TLS as sec")
+    chat.expect(r"\* you joined #r")
+    with Client.connect(srv.host, srv.port, nick="lib", ca=tls.ca) as lib:
+        lib.join("r")
+        chat.expect(r"\* lib joined #r")  # woken by TLS bytes on the socket it selects on
+        lib.emit("msg", "hello over tls", room="r")
+        chat.expect(r"#r <lib> hello over tls")
+        chat.say("hi lib")
+        assert lib.recv(10).text == "hi lib"
+    chat.say("/quit")
+    assert chat.finish() == 0
+
+    untrusted = subprocess.run(
+        [*muxchat_argv(), "--port", str(srv.port), "--tls"],
+        capture_output=True, text=True, env=chat_env(), timeout=30, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert untrusted.returncode == 1
+    assert untrusted.stderr == (
+        f"muxchat: TLS with 127.0.0.1:{srv.port} failed: certificate verify failed: "
+        "unable to get local issuer certificate (trust its CA with --ca PATH)\n"
+    )

@@ -1,9 +1,9 @@
 """The blocking client (muxserver.client) against real server processes.
 
-Every request, every error it can raise, heartbeats, handlers, and
-auto-reconnect after a server restart and after a cut connection. A few cases
-the real server cannot produce (a server that never answers, a frame type
-nobody defined) use a tiny scripted server on a thread.
+Every request, every error it can raise (RATE_LIMITED included), heartbeats,
+handlers, TLS, and auto-reconnect after a server restart and after a cut
+connection. A few cases the real server cannot produce (a server that never
+answers, a frame type nobody defined) use a tiny scripted server on a thread.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import restart_on_same_port
+from tlsutil import make_tls_files
 
 from muxserver import protocol as P
 from muxserver.client import (
@@ -36,6 +39,7 @@ from muxserver.client import (
     NotConnected,
     NotMember,
     Presence,
+    RateLimited,
     RoomInfo,
     ShuttingDown,
     SlowConsumer,
@@ -83,15 +87,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def restart(server_factory, srv, *args: str):
-    """A new server on the same port as ``srv`` (after ``srv`` has exited)."""
-    srv.wait(15)
-    for _ in range(50):
-        try:
-            return server_factory("--port", str(srv.port), *args)
-        except RuntimeError:  # port not free yet
-            time.sleep(0.1)
-    raise RuntimeError("could not restart the server on the same port")
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_server(server_factory, tls):
+    return server_factory(*tls.server_args)
 
 
 # ================================================================ connect
@@ -315,6 +318,52 @@ def test_large_event_near_max_frame(server_factory):
         assert recv_type(b, Event).payload == payload
 
 
+# ============================================================= rate limit
+RATE = ("--rate-limit", "0.01", "--rate-burst", "3")  # 3 EMITs, then one per 100 s
+
+
+def test_rate_limited_emit_with_ack_raises(server_factory):
+    srv = server_factory(*RATE)
+    with (
+        Client.connect(srv.host, srv.port, nick="chatty") as a,
+        Client.connect(srv.host, srv.port, nick="b") as b,
+    ):
+        a.join("r")
+        b.join("r")
+        for n in range(3):
+            assert a.emit("chat", str(n), room="r", ack=True) == 1
+        with pytest.raises(RateLimited) as info:
+            a.emit("chat", "one too many", room="r", ack=True)
+        assert info.value.code == P.RATE_LIMITED and info.value.req > 0
+        assert not isinstance(info.value, ConnectionClosed) and a.connected
+        assert a.who("r") == ["chatty", "b"]  # other requests are not limited
+        # b's own bucket is full; its echo comes after anything a got delivered.
+        b.emit("chat", "marker", room="r", echo=True, ack=True)
+        assert [recv_type(b, Event).text for _ in range(4)] == ["0", "1", "2", "marker"]
+
+
+def test_rate_limited_emit_without_ack_surfaces_later(server_factory):
+    srv = server_factory(*RATE)
+    with (
+        Client.connect(srv.host, srv.port, nick="chatty") as a,
+        Client.connect(srv.host, srv.port, nick="b") as b,
+    ):
+        a.join("r")
+        b.join("r")
+        for n in range(4):
+            assert a.emit("chat", str(n), room="r") is None  # all four return at once
+        with pytest.raises(RateLimited) as info:  # the fourth's refusal, through recv
+            a.recv(10)
+        assert info.value.req == 0 and a.connected
+        errors = []
+        a.on_error(errors.append)
+        a.emit("chat", "again", room="r")
+        poll_until(a, lambda: errors)  # ...or through on_error
+        assert isinstance(errors[0], RateLimited) and errors[0].req == 0
+        b.emit("chat", "marker", room="r", echo=True, ack=True)
+        assert [recv_type(b, Event).text for _ in range(4)] == ["0", "1", "2", "marker"]
+
+
 # =========================================================== ping, close
 def test_ping(connect):
     rtt = connect("a").ping()
@@ -528,7 +577,7 @@ def test_reconnect_after_server_restart(server_factory):
     srv.signal(signal.SIGTERM)
     poll_until(alice, lambda: events)
     assert isinstance(events[0], ShuttingDown)
-    srv2 = restart(server_factory, srv)
+    srv2 = restart_on_same_port(server_factory, srv)
     poll_until(alice, lambda: "reconnected" in events)
     assert alice.connected and alice.nick == "alice"
     assert sorted(alice.rooms()) == [("games", 1), ("lobby", 1)]
@@ -590,11 +639,72 @@ def test_reconnect_stops_on_permanent_refusal(server_factory):
     srv.signal(signal.SIGTERM)
     with pytest.raises(ShuttingDown):
         c.join("r")  # a request that meets the end of the connection raises
-    restart(server_factory, srv, "--token", "now-required")
+    restart_on_same_port(server_factory, srv, "--token", "now-required")
     with pytest.raises(AuthFailed):
         c.run_forever()
     with pytest.raises(NotConnected):
         c.poll(0)
+
+
+# ==================================================================== TLS
+def test_tls_end_to_end(tls_server, tls):
+    srv = tls_server
+    a = Client.connect(srv.host, srv.port, nick="a", ca=tls.ca)  # ca= implies TLS
+    b = Client.connect(srv.host, srv.port, nick="b", tls=ssl.create_default_context(cafile=tls.ca))
+    assert a.tls and b.tls and isinstance(a.sock, ssl.SSLSocket) and " tls " in repr(a)
+    a.join("r", presence=True)
+    # A zero-timeout read of an SSLSocket raises SSLWantReadError: "nothing yet".
+    assert a.recv(0) is None and a.poll(0) == 0 and a.connected
+    b.join("r")
+    assert recv_type(a, Presence) == Presence("join", "r", "b")
+    for n in range(200):
+        b.emit("e", b"%d" % n, room="r")
+    big = b"z" * 300_000  # many TLS records, more than one socket buffer
+    assert b.emit("big", big, room="r", ack=True) == 1
+    assert [recv_type(a, Event).payload for _ in range(200)] == [b"%d" % n for n in range(200)]
+    # Nothing decrypted is left inside the SSL object, where a selector on
+    # a.sock could not see it.
+    assert a.sock.pending() == 0
+    assert recv_type(a, Event).payload == big
+    assert a.who("r") == ["a", "b"] and a.ping() >= 0
+    b.close()  # BYE over TLS
+    assert recv_type(a, Presence) == Presence("leave", "r", "b")
+    a.close()
+
+
+def test_tls_failures_are_quick_and_clear(server, tls_server, tls):
+    # timeout=5 everywhere: a hang would fail as TimeoutError, not pass.
+    addr = (tls_server.host, tls_server.port)
+    with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
+        Client.connect(*addr, tls=True, timeout=5)  # the system store does not know our CA
+    with pytest.raises(ssl.SSLError):
+        Client.connect(server.host, server.port, ca=tls.ca, timeout=5)  # a plain server
+    with pytest.raises(ConnectionClosed):
+        Client.connect(*addr, timeout=5)  # plain TCP to a TLS server: closed on us
+    with pytest.raises(FileNotFoundError, match="no-such-ca.pem"):
+        Client.connect(*addr, ca="no-such-ca.pem")
+    with pytest.raises(ValueError):
+        Client.connect(*addr, tls=ssl.create_default_context(), ca=tls.ca)
+    with Client.connect(*addr, nick="still-fine", ca=tls.ca, timeout=5) as c:
+        assert c.ping() >= 0
+
+
+def test_tls_reconnect_wraps_the_new_socket(server_factory, tls):
+    srv = server_factory(*tls.server_args, "--drain-timeout", "1")
+    alice = Client.connect(
+        srv.host, srv.port, nick="alice", ca=tls.ca, reconnect=True, backoff=FAST
+    )
+    lost, back = [], []
+    alice.on_disconnect(lost.append)
+    alice.on_reconnect(lambda: back.append(alice.sock))
+    alice.join("games")
+    srv.signal(signal.SIGTERM)
+    poll_until(alice, lambda: lost)
+    restart_on_same_port(server_factory, srv, *tls.server_args)
+    poll_until(alice, lambda: back)
+    assert isinstance(back[0], ssl.SSLSocket)
+    assert alice.who("games") == ["alice"]
+    alice.close()
 
 
 # ================================================================= gevent
@@ -602,8 +712,11 @@ GEVENT_SCRIPT = """
 from gevent import monkey; monkey.patch_all()
 import sys, gevent
 from muxserver.client import Client
-port = int(sys.argv[1])
-clients = [Client.connect("127.0.0.1", port, nick=f"user{n}") for n in range(5)]
+port, ca = int(sys.argv[1]), sys.argv[2] or None
+clients = [Client.connect("127.0.0.1", port, nick=f"user{n}", ca=ca) for n in range(5)]
+# gevent's cooperative socket / SSLSocket, not the blocking ones.
+assert all(type(c.sock).__module__.startswith("gevent") for c in clients), type(clients[0].sock)
+assert all(c.tls == (ca is not None) for c in clients)
 for c in clients:
     c.join("room")
 def talk(c):
@@ -621,10 +734,15 @@ print("ok")
 """
 
 
-def test_works_under_gevent(server):
-    pytest.importorskip("gevent")
+@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
+def test_works_under_gevent(server_factory, tls, use_tls):
+    # In the test extra: if gevent is missing this fails, it never skips.
+    import gevent  # noqa: F401
+
+    srv = server_factory(*(tls.server_args if use_tls else ()))
+    ca = tls.ca if use_tls else ""
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(GEVENT_SCRIPT), str(server.port)],
+        [sys.executable, "-c", textwrap.dedent(GEVENT_SCRIPT), str(srv.port), ca],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.stdout.strip() == "ok", out.stderr

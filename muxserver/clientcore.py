@@ -1,0 +1,594 @@
+"""What the blocking and asyncio clients share: everything but the I/O.
+
+:mod:`muxserver.client` (blocking sockets) and :mod:`muxserver.aio` (asyncio
+streams) differ only in how they move bytes and wait. The rest lives here,
+once: the exception classes and :func:`error_for`, the Event/Presence/RoomInfo/
+Listing types handed to programs, the reconnect :class:`Backoff`, the TLS
+context, and :class:`_Core`, which builds every request frame, routes each
+server frame and turns REPLY bodies into results (with
+:func:`muxserver.protocol.parse_who` and friends, so there is still one codec).
+
+Programs import these names from :mod:`muxserver.client`, which re-exports
+them; this module is an implementation detail of the two clients.
+
+Decisions worth knowing:
+
+* An ERROR frame raises a class that is both :class:`ConnectionClosed` and
+  the subclass for its code (:func:`error_for` builds and caches those), so
+  ``except NickTaken`` works for a refused HELLO and a refused NICK alike.
+* REPLY bodies are read by a function chosen when the request is built
+  (:class:`_Call`), since a REPLY does not say which request it answers.
+* The public classes carry ``__module__ = "muxserver.client"``, the module
+  programs import them from, so tracebacks, reprs and pickles name that one.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import random
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from . import protocol as P
+from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7878
+RECV_SIZE = 256 * 1024
+CLOSE_LINGER = 2.0  # seconds close() waits for the server's FIN after BYE
+# Programs know the public classes below as muxserver.client.X (that module
+# re-exports them): tracebacks and reprs say so, and pickle finds them there.
+PUBLIC_MODULE = "muxserver.client"
+
+
+# ================================================================ errors
+class MuxError(Exception):
+    """Base of every protocol error this library raises.
+
+    ``code`` is the protocol status code (None when there is none, e.g. a
+    connection that ended without an ERROR frame), ``message`` the server's
+    text. ``req`` is set on errors that answer a request: the request id, or 0
+    for an EMIT sent without ``ack`` (those errors arrive later, through
+    ``recv``/``poll`` or the ``on_error`` handlers).
+    """
+
+    code: int | None = None
+
+    def __init__(self, message: str = "", code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.req: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The status name, e.g. ``"NICK_TAKEN"`` (empty when there is no code)."""
+        return "" if self.code is None else P.STATUS_NAMES.get(self.code, str(self.code))
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.message}" if self.code is not None else self.message
+
+
+class ConnectionClosed(MuxError):
+    """The connection ended: by an ERROR frame (``code`` says why) or EOF/socket error (None).
+
+    An ERROR frame raises a class that is *also* the subclass for its code, so
+    ``except NickTaken`` catches a nick collision at HELLO as well as a
+    refused NICK request, and ``except ConnectionClosed`` catches both ends.
+    """
+
+    def __init__(self, code: int | None = None, message: str = "connection closed") -> None:
+        super().__init__(message, code)
+
+
+class NotConnected(ConnectionClosed):
+    """A request made while there is no connection (closed, or between reconnects); not sent."""
+
+    def __init__(self, message: str = "not connected") -> None:
+        super().__init__(None, message)
+
+
+class BadFrame(MuxError):
+    code = P.BAD_FRAME
+
+
+class UnknownType(MuxError):
+    code = P.UNKNOWN_TYPE
+
+
+class NotHello(MuxError):
+    code = P.NOT_HELLO
+
+
+class AuthFailed(MuxError):
+    code = P.AUTH_FAILED
+
+
+class UnsupportedVersion(MuxError):
+    code = P.UNSUPPORTED_VERSION
+
+
+class TooLarge(MuxError):
+    code = P.TOO_LARGE
+
+
+class NickTaken(MuxError):
+    code = P.NICK_TAKEN
+
+
+class InvalidName(MuxError):
+    code = P.INVALID_NAME
+
+
+class NotMember(MuxError):
+    code = P.NOT_MEMBER
+
+
+class NoSuchTarget(MuxError):
+    code = P.NO_SUCH_TARGET
+
+
+class Limit(MuxError):
+    code = P.LIMIT
+
+
+class RateLimited(MuxError):
+    code = P.RATE_LIMITED
+
+
+class SlowConsumer(MuxError):
+    code = P.SLOW_CONSUMER
+
+
+class IdleTimeout(MuxError):
+    code = P.IDLE_TIMEOUT
+
+
+class ShuttingDown(MuxError):
+    code = P.SHUTTING_DOWN
+
+
+ERRORS: dict[int, type[MuxError]] = {
+    cls.code: cls
+    for cls in (
+        BadFrame, UnknownType, NotHello, AuthFailed, UnsupportedVersion, TooLarge, NickTaken,
+        InvalidName, NotMember, NoSuchTarget, Limit, RateLimited, SlowConsumer, IdleTimeout,
+        ShuttingDown,
+    )
+}  # fmt: skip
+
+# Refusals that a fresh HELLO would only get again: reconnecting stops.
+# NICK_TAKEN is not here: after a cut the server may still hold our old nick
+# for a moment.
+PERMANENT = frozenset({P.AUTH_FAILED, P.UNSUPPORTED_VERSION, P.INVALID_NAME})
+
+
+@functools.cache
+def _closed_class(cls: type[MuxError]) -> type[ConnectionClosed]:
+    if cls is MuxError:
+        return ConnectionClosed
+    doc = f"ERROR {P.STATUS_NAMES[cls.code]}: both {cls.__name__} and ConnectionClosed."
+    return type(
+        cls.__name__, (ConnectionClosed, cls), {"__module__": PUBLIC_MODULE, "__doc__": doc}
+    )
+
+
+def error_for(code: int, message: str, fatal: bool = False) -> MuxError:
+    """The exception for status ``code``; ``fatal`` (an ERROR frame) adds ConnectionClosed."""
+    cls = ERRORS.get(code, MuxError)
+    if fatal:
+        return _closed_class(cls)(code, message)
+    return cls(message, code)
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+# ========================================================= what you receive
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An EVENT: ``kind`` is "room" (``room`` set), "direct" or "broadcast"."""
+
+    event: str
+    payload: bytes
+    sender: str
+    kind: str
+    room: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The payload as UTF-8 text (undecodable bytes replaced)."""
+        return self.payload.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """A PRESENCE: ``kind`` is "join", "leave" or "nick" (then ``new_nick`` is set)."""
+
+    kind: str
+    room: str
+    nick: str
+    new_nick: str | None = None
+
+
+class RoomInfo(NamedTuple):
+    name: str
+    members: int
+
+
+class Listing(list):
+    """A WHO or ROOMS answer: what the server listed, plus ``total``.
+
+    The server may list fewer entries than ``total`` to keep the REPLY under
+    ``max_frame``.
+    """
+
+    def __init__(self, items: list | tuple = (), total: int | None = None) -> None:
+        super().__init__(items)
+        self.total = len(self) if total is None else total
+
+
+_SOURCE_KINDS = {P.TARGET_ROOM: "room", P.TARGET_DIRECT: "direct", P.TARGET_BROADCAST: "broadcast"}
+_PRESENCE_KINDS = {P.PRESENCE_JOIN: "join", P.PRESENCE_LEAVE: "leave", P.PRESENCE_NICK: "nick"}
+
+
+# ================================================================ backoff
+@dataclass
+class Backoff:
+    """Reconnect delays: ``initial`` doubling (``factor``) up to ``maximum``, with jitter.
+
+    ``jitter`` spreads each delay by up to that fraction either way, so
+    clients cut at the same moment do not all come back in the same
+    millisecond. ``max_attempts`` (None: forever) bounds consecutive failed
+    attempts before the client gives up.
+    """
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.2
+    max_attempts: int | None = None
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before attempt number ``attempt`` (0-based)."""
+        base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
+        return max(0.0, min(self.maximum, base * (1 + self.jitter * (2 * rng() - 1))))
+
+
+for _cls in (
+    MuxError, ConnectionClosed, NotConnected, *ERRORS.values(),
+    Event, Presence, RoomInfo, Listing, Backoff,
+):  # fmt: skip
+    _cls.__module__ = PUBLIC_MODULE
+
+
+# ======================================================= shared, no I/O
+class _Call(NamedTuple):
+    """One request: its id (0: no REPLY expected), its frame, and how to read an OK body."""
+
+    req: int
+    frame: bytes
+    finish: Callable[[bytes], Any]
+
+
+def _read_who(body: bytes) -> Listing:
+    total, nicks = P.parse_who(body)
+    return Listing(nicks, total)
+
+
+def _read_rooms(body: bytes) -> Listing:
+    total, rooms = P.parse_rooms(body)
+    return Listing([RoomInfo(name, members) for name, members in rooms], total)
+
+
+def tls_context(
+    tls: bool | ssl.SSLContext = False, ca: str | os.PathLike | None = None
+) -> ssl.SSLContext | None:
+    """The SSLContext for a client's ``tls``/``ca`` arguments; None for plain TCP.
+
+    ``ca`` (a PEM file of trusted CA certificates) implies TLS: a caller who
+    names a CA never means to talk in the clear. Without it the system's
+    trust store is used. An SSLContext passed as ``tls`` is used as it is
+    (client certificates, pinned ciphers, ...).
+    """
+    if isinstance(tls, ssl.SSLContext):
+        if ca is not None:
+            raise ValueError("pass ca= or an SSLContext as tls=, not both")
+        return tls
+    if not tls and ca is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except FileNotFoundError:  # OpenSSL's error does not say which file
+        raise FileNotFoundError(errno.ENOENT, "CA file not found", os.fspath(ca)) from None
+
+
+class _Core:
+    """Session state and protocol logic shared by the blocking and asyncio clients.
+
+    Subclasses provide the I/O hooks ``_deliver`` (an Event, Presence or
+    MuxError for the receiving side), ``_on_reply``, ``_on_pong`` and
+    ``_write`` (send a frame now, best effort), and keep ``_pending`` keyed by
+    the request ids they wait for.
+    """
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        nick: str | None = None,
+        namespace: str = "/",
+        token: str | None = None,
+        timeout: float = 10.0,
+        reconnect: bool = False,
+        backoff: Backoff | None = None,
+        tls: bool | ssl.SSLContext = False,
+        ca: str | os.PathLike | None = None,
+    ) -> None:
+        self.host, self.port, self.namespace = host, port, namespace
+        # Built once: a bad ``ca`` path fails here, and reconnects reuse it.
+        self._tls = tls_context(tls, ca)
+        self.timeout = timeout
+        self.reconnect = reconnect
+        self.backoff = backoff or Backoff()
+        self._token = token or ""
+        # The nick to ask for in HELLO; None lets the server pick a guest nick,
+        # on reconnects too (reclaiming "guest-7" could collide on a new server).
+        self._wanted_nick = nick
+        self.nick: str = ""
+        self.conn_id = 0
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.server_name = ""
+        self.ping_interval = 0.0
+        self._welcome: P.Welcome | None = None
+        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME + P.SERVER_FRAME_SLACK)
+        self._joined: dict[str, bool] = {}  # room -> presence flag, for re-joining
+        self._pending: dict[int, Any] = {}
+        self._abandoned: set[int] = set()  # requests that timed out; late errors are dropped
+        self._req = 0
+        self._nonce = 0
+        self._attempt = 0
+        self._up = False
+        self._closed = False
+        self._down: MuxError | None = None  # why we are not connected
+        self._handlers: dict[str, list[Callable]] = {}
+        self._presence_handlers: list[Callable] = []
+        self._error_handlers: list[Callable] = []
+        self._disconnect_handlers: list[Callable] = []
+        self._reconnect_handlers: list[Callable] = []
+
+    # ---------------------------------------------------------- handlers
+    def on(self, event: str, fn: Callable | None = None) -> Callable:
+        """Call ``fn(event)`` for each Event named ``event`` ("*": every event).
+
+        Usable as a decorator: ``@client.on("chat")``.
+        """
+        if fn is None:
+            return lambda f: self.on(event, f)
+        self._handlers.setdefault(event, []).append(fn)
+        return fn
+
+    def on_presence(self, fn: Callable) -> Callable:
+        """Call ``fn(presence)`` for each Presence."""
+        self._presence_handlers.append(fn)
+        return fn
+
+    def on_error(self, fn: Callable) -> Callable:
+        """Call ``fn(exc)`` for errors that answer no waiting call (an EMIT without ack).
+
+        Without an error handler such errors are raised by the dispatching call.
+        """
+        self._error_handlers.append(fn)
+        return fn
+
+    def on_disconnect(self, fn: Callable) -> Callable:
+        """Call ``fn(exc)`` when an established connection is lost."""
+        self._disconnect_handlers.append(fn)
+        return fn
+
+    def on_reconnect(self, fn: Callable) -> Callable:
+        """Call ``fn()`` after a reconnect, once every room has been re-joined."""
+        self._reconnect_handlers.append(fn)
+        return fn
+
+    def _handlers_for(self, item: Event | Presence | MuxError) -> list[Callable]:
+        if isinstance(item, Event):
+            return [*self._handlers.get(item.event, ()), *self._handlers.get("*", ())]
+        if isinstance(item, Presence):
+            return list(self._presence_handlers)
+        if not self._error_handlers:
+            raise item
+        return list(self._error_handlers)
+
+    @property
+    def tls(self) -> bool:
+        """True when the connection is TLS (re-established with TLS on every reconnect)."""
+        return self._tls is not None
+
+    @property
+    def joined(self) -> dict[str, bool]:
+        """Rooms this client is in (room -> presence flag), as re-joined after a reconnect."""
+        return dict(self._joined)
+
+    # ---------------------------------------------------------- session
+    def _hello_frame(self) -> bytes:
+        nick = self._wanted_nick or ""
+        return self._encode(P.Hello(P.PROTOCOL_VERSION, self.namespace, nick, self._token))
+
+    def _fresh_session(self) -> None:
+        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME + P.SERVER_FRAME_SLACK)
+        self._welcome = None
+        self._pending.clear()
+        self._abandoned.clear()
+
+    def _accept_welcome(self) -> None:
+        w = self._welcome
+        self.nick, self.conn_id, self.max_frame = w.nick, w.conn_id, w.max_frame
+        self.server_name, self.ping_interval = w.server_name, w.ping_interval_ms / 1000
+        self._decoder.max_frame = w.max_frame + P.SERVER_FRAME_SLACK
+
+    def _can_retry(self, exc: BaseException | None) -> bool:
+        return self.reconnect and not self._closed and getattr(exc, "code", None) not in PERMANENT
+
+    def _next_delay(self) -> float | None:
+        """Delay before the next reconnect attempt, or None when attempts are used up."""
+        limit = self.backoff.max_attempts
+        if limit is not None and self._attempt >= limit:
+            return None
+        delay = self.backoff.delay(self._attempt)
+        self._attempt += 1
+        return delay
+
+    # ---------------------------------------------------------- requests
+    def _next_req(self) -> int:
+        self._req = self._req % 0xFFFFFFFF + 1  # never 0: that means "no REPLY wanted"
+        return self._req
+
+    def _encode(self, msg: Any) -> bytes:
+        try:
+            frame = P.encode(msg)
+        except ValueError as exc:  # a str8 field over 255 bytes
+            raise InvalidName(f"{exc} (names are at most 255 bytes)") from None
+        if len(frame) - 4 > self.max_frame:
+            raise TooLarge(f"frame of {len(frame) - 4} bytes exceeds max_frame {self.max_frame}")
+        return frame
+
+    def _join_call(self, room: str, presence: bool) -> _Call:
+        def done(_body: bytes) -> None:
+            self._joined[room] = presence
+
+        req = self._next_req()
+        flags = P.JOIN_PRESENCE if presence else 0
+        return _Call(req, self._encode(P.Join(req, room, flags)), done)
+
+    def _leave_call(self, room: str) -> _Call:
+        def done(_body: bytes) -> None:
+            self._joined.pop(room, None)
+
+        req = self._next_req()
+        return _Call(req, self._encode(P.Leave(req, room)), done)
+
+    def _nick_call(self, nick: str) -> _Call:
+        def done(_body: bytes) -> None:
+            self.nick = self._wanted_nick = nick
+
+        req = self._next_req()
+        return _Call(req, self._encode(P.Nick(req, nick)), done)
+
+    def _emit_call(
+        self, event: str, payload: Any, room: str | None, to: str | None,
+        broadcast: bool, echo: bool, ack: bool,
+    ) -> _Call:  # fmt: skip
+        if (room is not None) + (to is not None) + bool(broadcast) != 1:
+            raise ValueError("emit() needs exactly one target: room=, to= or broadcast=True")
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        elif not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes or str, not {type(payload).__name__}")
+        if room is not None:
+            kind, target = P.TARGET_ROOM, room
+        elif to is not None:
+            kind, target = P.TARGET_DIRECT, to
+        else:
+            kind, target = P.TARGET_BROADCAST, ""
+        req = self._next_req() if ack else 0
+        flags = P.EMIT_ECHO if echo else 0
+        return _Call(
+            req, self._encode(P.Emit(req, kind, target, event, payload, flags)), P.parse_count
+        )
+
+    def _who_call(self, room: str) -> _Call:
+        req = self._next_req()
+        return _Call(req, self._encode(P.Who(req, room)), _read_who)
+
+    def _rooms_call(self, all_rooms: bool) -> _Call:
+        req = self._next_req()
+        return _Call(req, self._encode(P.Rooms(req, 1 if all_rooms else 0)), _read_rooms)
+
+    def _ping_frame(self) -> tuple[int, bytes]:
+        self._nonce = (self._nonce + 1) & 0xFFFFFFFFFFFFFFFF
+        return self._nonce, P.encode(P.Ping(self._nonce))
+
+    @staticmethod
+    def _finish(call: _Call, reply: P.Reply) -> Any:
+        """The result of a request from its REPLY, or the exception its status names."""
+        if reply.status != P.OK:
+            exc = error_for(reply.status, reply.message)
+            exc.req = reply.req
+            raise exc
+        try:
+            return call.finish(reply.body)
+        except P.ProtocolError as exc:
+            # The stream is still in step (framing is fine), so this is not fatal.
+            raise BadFrame(f"malformed REPLY from the server: {exc.message}") from None
+
+    # ---------------------------------------------------------- incoming
+    def _parse(self, data: bytes) -> tuple[list, MuxError | None]:
+        """Decode received bytes: the messages, and the error that ends the stream if any."""
+        try:
+            raw, bad = self._decoder.feed(data), None
+        except FrameError as exc:
+            raw, bad = exc.frames, error_for(exc.code, f"server sent {exc.message}", fatal=True)
+        msgs = []
+        for ftype, body in raw:
+            try:
+                msgs.append(P.decode(ftype, body))
+            except P.ProtocolError as exc:
+                why = f"server sent a bad frame: {exc.message}"
+                return msgs, error_for(exc.code, why, fatal=True)
+        return msgs, bad
+
+    def _incoming(self, msg: Any) -> None:
+        """Act on one server message; raises the error for an ERROR frame."""
+        kind = type(msg)
+        if kind is P.Event:
+            room = msg.source if msg.source_kind == P.TARGET_ROOM else None
+            source = _SOURCE_KINDS.get(msg.source_kind, str(msg.source_kind))
+            self._deliver(Event(msg.event, msg.payload, msg.sender, source, room))
+        elif kind is P.Reply:
+            if msg.req and msg.req in self._pending:
+                self._on_reply(msg)
+            elif msg.status and msg.req not in self._abandoned:
+                exc = error_for(msg.status, msg.message)
+                exc.req = msg.req
+                self._deliver(exc)
+            self._abandoned.discard(msg.req)
+        elif kind is P.Presence:
+            pkind = _PRESENCE_KINDS.get(msg.kind, str(msg.kind))
+            self._deliver(Presence(pkind, msg.room, msg.nick, msg.new_nick or None))
+        elif kind is P.ServerPing:
+            self._write(P.encode(P.Pong(msg.nonce)))
+        elif kind is P.ServerPong:
+            self._on_pong(msg.nonce)
+        elif kind is P.Error:
+            raise error_for(msg.code, msg.message, fatal=True)
+        elif kind is P.Welcome and self._welcome is None:
+            self._welcome = msg
+        else:
+            raise ConnectionClosed(
+                P.BAD_FRAME, f"unexpected {kind.__name__.upper()} frame from the server"
+            )
+
+    # I/O hooks, provided by the subclasses.
+    def _deliver(self, item: Event | Presence | MuxError) -> None:
+        raise NotImplementedError
+
+    def _on_reply(self, reply: P.Reply) -> None:
+        raise NotImplementedError
+
+    def _on_pong(self, nonce: int) -> None:
+        raise NotImplementedError
+
+    def _write(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        state = "connected" if self._up else "closed" if self._closed else "disconnected"
+        tls = " tls" if self._tls is not None else ""
+        return f"<{type(self).__name__} {self.nick or '-'} {self.host}:{self.port}{tls} {state}>"
