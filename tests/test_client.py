@@ -638,7 +638,10 @@ def test_reconnect_stops_on_permanent_refusal(server_factory):
     c = Client.connect(srv.host, srv.port, nick="a", reconnect=True, backoff=FAST)
     srv.signal(signal.SIGTERM)
     with pytest.raises(ShuttingDown):
-        c.join("r")  # a request that meets the end of the connection raises
+        # The signal may reach the server after our first JOIN: keep asking
+        # until a request meets the end of the connection, which must raise.
+        for _ in range(10_000):
+            c.join("r")
     restart_on_same_port(server_factory, srv, "--token", "now-required")
     with pytest.raises(AuthFailed):
         c.run_forever()
