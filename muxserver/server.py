@@ -502,36 +502,34 @@ class Server:
             self.pending.update(recipients)
             self.frames_out_by_type[P.PRESENCE] += len(recipients)
 
-    def _on_join(self, conn: Connection, body: bytes) -> None:
-        msg = P.decode(P.JOIN, body)
+    def _membership(self, conn: Connection, req: int, change) -> None:
+        """JOIN, LEAVE, NICK: run the hub change, tell the watchers, answer."""
         try:
-            changes = self.hub.join(conn, msg.room, bool(msg.flags & P.JOIN_PRESENCE))
+            changes = change()
         except HubError as exc:
-            self._reply_error(conn, msg.req, exc.status, exc.message)
+            self._reply_error(conn, req, exc.status, exc.message)
             return
         self._send_changes(changes)
-        self._reply(conn, P.reply_ok(msg.req))
+        self._reply(conn, P.reply_ok(req))
+
+    def _on_join(self, conn: Connection, body: bytes) -> None:
+        msg = P.decode(P.JOIN, body)
+        presence = bool(msg.flags & P.JOIN_PRESENCE)
+        self._membership(conn, msg.req, lambda: self.hub.join(conn, msg.room, presence))
 
     def _on_leave(self, conn: Connection, body: bytes) -> None:
         msg = P.decode(P.LEAVE, body)
-        try:
-            changes = self.hub.leave(conn, msg.room)
-        except HubError as exc:
-            self._reply_error(conn, msg.req, exc.status, exc.message)
-            return
-        self._send_changes(changes)
-        self._reply(conn, P.reply_ok(msg.req))
+        self._membership(conn, msg.req, lambda: self.hub.leave(conn, msg.room))
 
     def _on_nick(self, conn: Connection, body: bytes) -> None:
         msg = P.decode(P.NICK, body)
-        try:
+
+        def rename():
             changes = self.hub.rename(conn, msg.nick)
-        except HubError as exc:
-            self._reply_error(conn, msg.req, exc.status, exc.message)
-            return
-        self._set_prefixes(conn)
-        self._send_changes(changes)
-        self._reply(conn, P.reply_ok(msg.req))
+            self._set_prefixes(conn)  # EVENTs carry the new nick from now on
+            return changes
+
+        self._membership(conn, msg.req, rename)
 
     def _on_who(self, conn: Connection, body: bytes) -> None:
         msg = P.decode(P.WHO, body)
