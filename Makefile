@@ -21,16 +21,94 @@ run: $(STAMP)
 	$(VENV)/bin/muxserver $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check muxserver tests
+	$(VENV)/bin/ruff check muxserver tests loadtests
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check muxserver tests
+	$(VENV)/bin/ruff check muxserver tests loadtests
 	$(VENV)/bin/ruff format --check muxserver tests
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format muxserver tests
 	$(VENV)/bin/ruff check --fix muxserver tests
+
+# ---- benchmarks (docs/benchmarks.md) ------------------------------------
+# The bench extra on top of the test one, plus redis-server and nats-server
+# from apt when we are root and they are missing (a peer that is still
+# missing is reported as "not installed", never left out silently).
+# BENCH_ARGS go to bench.run (e.g. --systems muxserver,redis --workloads 1-1),
+# MICRO_ARGS to pytest (e.g. --benchmark-compare).
+BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+MICRO := $(PY) -m pytest tests/benchmarks -o python_files='bench_*.py' -q \
+	--benchmark-columns=mean,median,ops,rounds --benchmark-sort=name
+
+.PHONY: bench bench-quick bench-deps
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install --quiet -e '.[test,bench]'
+	rm -f $(VENV)/.bench-*
+	touch $@
+
+bench-deps: $(BENCH_STAMP)
+	@for pkg in redis-server nats-server; do \
+	  if command -v $$pkg >/dev/null || test -x /usr/sbin/$$pkg; then continue; fi; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "bench: apt-get install $$pkg"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg; } \
+	      >/dev/null 2>&1 || echo "bench: could not install $$pkg: it will be reported as not installed"; \
+	  else echo "bench: $$pkg is missing (not root or no apt-get): it will be reported as not installed"; fi; \
+	done
+
+bench: bench-deps
+	mkdir -p reports
+	$(MICRO) --benchmark-autosave --benchmark-json=reports/micro.json $(MICRO_ARGS)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-quick: bench-deps
+	mkdir -p reports
+	$(MICRO) --benchmark-max-time=0.05 --benchmark-min-rounds=3 \
+	  --benchmark-json=reports/micro-quick.json $(MICRO_ARGS)
+	$(PY) -m bench.run --quick $(BENCH_ARGS)
+
+# ---- load test (docs/loadtesting.md) -------------------------------------
+# A muxserver on a free loopback port, Locust headless against it for
+# DURATION, reports in reports/loadtest-<scenario>*; exits non-zero on any
+# failure or loss. e.g.
+#   make loadtest USERS=2000 RATE=5 DURATION=60s SCENARIO=broadcast PROCESSES=2
+# LOADTEST_ARGS go to loadtests/run.py (e.g. --rooms 10 --size 512 -- --loglevel DEBUG).
+USERS ?= 200
+DURATION ?= 30s
+SCENARIO ?= chat
+RATE ?= 1
+PROCESSES ?= 1
+LOADTEST_STAMP := $(VENV)/.loadtest-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: loadtest
+
+$(LOADTEST_STAMP): $(STAMP)
+	$(PIP) install --quiet -e '.[test,loadtest]'
+	rm -f $(VENV)/.loadtest-*
+	touch $@
+
+loadtest: $(LOADTEST_STAMP)
+	$(PY) loadtests/run.py --scenario $(SCENARIO) --users $(USERS) --duration $(DURATION) \
+	  --rate $(RATE) --processes $(PROCESSES) $(LOADTEST_ARGS)
+
+# ---- hardening harnesses (docs/security.md) --------------------------------
+# Each starts its own server on a free loopback port, is bounded in time,
+# prints a summary and exits non-zero when an invariant breaks. e.g.
+#   make conns CLIENTS=19000    make fuzz SECONDS=600 SEED=42    make soak MINUTES=10
+# Short versions of conns and fuzz run inside `make test` (tests/test_hardening.py).
+.PHONY: conns fuzz soak
+
+conns: $(STAMP)
+	$(PY) -m tools.conns --clients $(or $(CLIENTS),19000)
+
+fuzz: $(STAMP)
+	$(PY) -m tools.fuzz --seconds $(or $(SECONDS),600) $(if $(SEED),--seed $(SEED))
+
+soak: $(STAMP)
+	$(PY) -m tools.soak --minutes $(or $(MINUTES),10)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis reports

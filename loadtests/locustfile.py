@@ -1,0 +1,718 @@
+"""Locust users for muxserver: deliveries per second, fan-out latency and loss.
+
+``make loadtest`` runs this through loadtests/run.py (a server on a free
+port, Locust headless, reports/). By hand, against a running server::
+
+    locust -f loadtests/locustfile.py --host 127.0.0.1:7878 --scenario chat
+
+docs/loadtesting.md describes the scenarios, the rows and the summary.
+
+Locust has no client for a custom TCP protocol, so a user fires
+``environment.events.request`` itself (the documented pattern). A user
+connects and joins with muxserver.client (rows ``connect``, ``join``), then
+one connection is driven by two greenlets: Locust's task loop writes EMITs at
+``--rate`` and a receive greenlet reads everything the server sends, so
+sending never waits on receiving.
+
+Decisions worth knowing:
+
+* EMITs are pipelined: each carries a request id, the sender does not wait
+  for its REPLY, and the receive greenlet matches the REPLY (row ``emit`` =
+  ack round trip) and adds its recipient count to the deliveries expected.
+  Client.emit(ack=True) would read the socket from the sending greenlet,
+  which a second reader forbids; loadtests/loadclient.py says how
+  :class:`LoadClient` extends Client instead.
+* Deliveries never wait in the client's inbox: ``_deliver`` hands each EVENT
+  straight to the user, which counts it, checks its sequence number and
+  times it (loadtests/tally.py). Only every ``--deliver-sample``-th delivery
+  becomes a Locust event; see tally.py for why.
+* A run ends with a drain: senders stop, then Locust waits until every EMIT
+  is acked and every delivery the server promised has arrived (see
+  DrainWatch) before users disconnect, so "expected == received" is exact.
+  In distributed mode the master runs the drain over all workers with
+  custom messages and merges their tallies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gevent
+from locust import User, events, task
+from locust.runners import MasterRunner, WorkerRunner
+
+# The repository root, so ``loadtests.tally`` imports however Locust loads this file.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from loadtests.loadclient import LoadClient  # noqa: E402
+from loadtests.tally import (  # noqa: E402
+    PAYLOAD_HEAD,
+    SequenceTracker,
+    Tally,
+    bucket,
+    format_summary,
+    padding,
+    summary_dict,
+)
+from muxserver import protocol as P  # noqa: E402
+from muxserver.client import Client, Event, MuxError  # noqa: E402
+
+log = logging.getLogger("muxload")
+
+SCENARIOS = ("chat", "broadcast", "direct", "churn")
+DEFAULT_ADDRESS = ("127.0.0.1", 7878)
+ROOM_SIZE = 20  # chat: users per room when --rooms is 0, so load grows linearly with users
+TARGET_SAMPLED_PER_S = 10_000  # auto --deliver-sample keeps Locust events under this
+QUIET_S = 1.0  # drain without acks: this long without a delivery means done
+DRAIN_CAP_S = 120.0  # a drain never takes longer, however much is still arriving
+LAG_TICK_S = 0.05  # loop-lag probe period
+_U32 = P.U32
+_unpack_head = PAYLOAD_HEAD.unpack_from
+_pack_head = PAYLOAD_HEAD.pack
+
+
+# ================================================================ options
+@events.init_command_line_parser.add_listener
+def _add_options(parser) -> None:
+    parser.add_argument(
+        "--scenario", choices=SCENARIOS, default="chat",
+        help="chat: rooms of users who all talk; broadcast: one hot room, few publishers; "
+        "direct: pairs whispering; churn: connect/join/leave/bye in a loop",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rooms", type=int, default=0,
+        help=f"chat/churn: number of rooms (0: one per {ROOM_SIZE} users)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rate", type=float, default=1.0,
+        help="messages/s per sending user (churn: cycles/s per user); 0: no pause",
+    )  # fmt: skip
+    parser.add_argument("--size", type=int, default=64, help="payload bytes (at least 20)")
+    parser.add_argument("--publishers", type=int, default=10, help="broadcast: sending users")
+    parser.add_argument(
+        "--deliver-sample", type=int, default=0,
+        help="fire a Locust 'deliver' event for every Nth delivery (0: pick N so that "
+        f"about {TARGET_SAMPLED_PER_S:,}/s are fired at most); every delivery is counted",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-ack", action="store_true", default=False,
+        help="EMIT without a request id: no 'emit' round trip, no expected count",
+    )  # fmt: skip
+    parser.add_argument("--namespace", default="/loadtest", help="namespace the users live in")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=10.0,
+        help="at stop, give up waiting for outstanding acks and deliveries after this many "
+        f"seconds without a new one (a drain takes {DRAIN_CAP_S:g} s at most)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--summary-file", default="", include_in_web_ui=False,
+        help="also write the summary as JSON to this file",
+    )  # fmt: skip
+
+
+@dataclass
+class Config:
+    scenario: str = "chat"
+    rooms: int = 1
+    rate: float = 1.0
+    size: int = 64
+    publishers: int = 10
+    sample: int = 1
+    acks: bool = True
+    namespace: str = "/loadtest"
+    drain_timeout: float = 10.0
+    summary_file: str = ""
+    host: str = DEFAULT_ADDRESS[0]
+    port: int = DEFAULT_ADDRESS[1]
+    node: int = 0  # this worker's index (0 when not distributed)
+    nodes: int = 1  # worker processes
+
+
+def parse_host(host: str | None) -> tuple[str, int]:
+    """``127.0.0.1:7878``, ``mux://host:port``, ``[::1]:7878`` or empty (the default)."""
+    if not host:
+        return DEFAULT_ADDRESS
+    host = host.split("://", 1)[-1].rstrip("/")
+    name, sep, port = host.rpartition(":")
+    if not sep or not port.isdigit():
+        return host.strip("[]"), DEFAULT_ADDRESS[1]
+    return name.strip("[]"), int(port)
+
+
+def estimate_deliveries(opts, users: int) -> float:
+    """Deliveries/s the options ask for, to pick the sample rate before the run."""
+    rate, users = max(opts.rate, 0.0) or 100.0, max(users, 1)
+    if opts.scenario == "chat":
+        per_room = users / max(opts.rooms or math.ceil(users / ROOM_SIZE), 1)
+        return users * rate * max(per_room - 1, 0)
+    if opts.scenario == "broadcast":
+        return min(opts.publishers, users) * rate * (users - 1)
+    if opts.scenario == "direct":
+        return users * rate
+    return 0.0
+
+
+def offered_rate(cfg: Config, users: int) -> float | None:
+    """Messages/s (churn: cycles/s) the options ask of ``users`` users; None: unpaced."""
+    if cfg.rate <= 0:
+        return None
+    senders = {
+        "broadcast": min(cfg.publishers, users),
+        "direct": users - users % 2,  # the odd one out has no partner
+    }.get(cfg.scenario, users)
+    return senders * cfg.rate
+
+
+def auto_sample(estimate: float) -> int:
+    """1, 2, 5, 10, 20, 50... : the smallest keeping sampled events under the target."""
+    need = estimate / TARGET_SAMPLED_PER_S
+    for exp in range(10):
+        for step in (1, 2, 5):
+            if step * 10**exp >= need:
+                return step * 10**exp
+    return 10**10
+
+
+# ============================================================= node state
+@dataclass
+class Node:
+    """What this Locust process shares between its users, reset at every test start."""
+
+    cfg: Config = field(default_factory=Config)
+    tally: Tally = field(default_factory=Tally)
+    sending: bool = False
+    drained: bool = False
+    token: str = ""  # makes this process's nicks unique
+    counter: itertools.count = field(default_factory=itertools.count)
+    online: set[int] = field(default_factory=set)  # direct: local indexes connected
+    worker_tallies: dict[str, Tally] = field(default_factory=dict)  # master only
+    stop_reporting: bool = False  # worker: the master has what it needs
+    finished: bool = False
+    # Set once at init, kept across test starts:
+    fire: object = None  # environment.events.request.fire
+    runner: object = None
+
+
+NODE = Node()
+
+
+class Failure(Exception):
+    """A failure whose Locust message is just its status name (one failures row per code)."""
+
+    def __repr__(self) -> str:
+        return str(self.args[0])
+
+
+def _fire(name: str, ms: float, length: int = 0, error: str | None = None) -> None:
+    NODE.fire(
+        request_type="mux",
+        name=name,
+        response_time=ms,
+        response_length=length,
+        exception=Failure(error) if error else None,
+        context={},
+    )
+
+
+def _fire_failures(name: str, error: str, count: int = 1) -> None:
+    # Capped: the exact count is in the tally; a flood of events would only slow the run.
+    for _ in range(min(count, 1000)):
+        _fire(name, 0, 0, error)
+
+
+def _fail(name: str, error: str) -> None:
+    """A protocol error or refused request: a failure row and an error in the summary."""
+    NODE.tally.error(error)
+    _fire(name, 0, 0, error)
+
+
+def _error_name(exc: BaseException) -> str:
+    if isinstance(exc, MuxError):
+        return exc.name or "CLOSED"  # no code: the connection ended without an ERROR
+    return type(exc).__name__  # e.g. ConnectionRefusedError, TimeoutError
+
+
+# ================================================================== user
+class MuxUser(User):
+    """One muxserver connection; what it does depends on ``--scenario``."""
+
+    def wait_time(self) -> float:
+        # Constant pacing from a per-user schedule, like constant_throughput,
+        # but never bursting to catch up after a stall of more than a second.
+        if self.interval <= 0:
+            return 0.0
+        now = time.monotonic()
+        self.next_at += self.interval
+        if self.next_at < now - 1.0:
+            self.next_at = now
+        return max(0.0, self.next_at - now)
+
+    def __init__(self, environment) -> None:
+        super().__init__(environment)
+        self.client: Client | None = None
+        self.reader: gevent.Greenlet | None = None
+        self.dead = False
+        self.stopping = False
+        self.interval = 1.0
+        self.next_at = time.monotonic()
+        self.sends = False
+        self.seqs = SequenceTracker()
+        self.seq = 0
+        self.sender_id = int.from_bytes(os.urandom(8), "big") >> 1
+        self.idx = -1
+
+    # ------------------------------------------------------------ set-up
+    def on_start(self) -> None:
+        cfg = NODE.cfg
+        self.idx = next(NODE.counter)
+        # Unique across workers when users are spread evenly, which Locust does.
+        gidx = self.idx * cfg.nodes + cfg.node
+        NODE.tally.users += 1
+        self.interval = 1.0 / cfg.rate if cfg.rate > 0 else 0.0
+        self.next_at = time.monotonic() + random.random() * self.interval  # spread senders
+        self.pad = padding(cfg.size)
+        if cfg.scenario == "churn":
+            self.room = f"churn-{gidx % cfg.rooms}"
+            return
+        nick = None
+        self.kind, self.target, self.room = P.TARGET_ROOM, "", None
+        if cfg.scenario == "chat":
+            self.room = self.target = f"chat-{gidx % cfg.rooms}"
+            self.sends = True
+        elif cfg.scenario == "broadcast":
+            self.room = self.target = "hot"
+            self.sends = gidx < cfg.publishers
+        else:  # direct: local pairs, so a sender can see whether its partner is online
+            nick = f"{NODE.token}-{self.idx}"
+            self.partner = self.idx ^ 1
+            self.kind, self.target = P.TARGET_DIRECT, f"{NODE.token}-{self.partner}"
+            self.sends = True
+        if not self.sends:
+            self.interval = 1.0  # listeners: the task loop only idles
+        client = self._connect(LoadClient, nick)
+        if client is None:
+            self.dead = True
+            return
+        self.client = client
+        if self.room is not None and not self._join(client, self.room):
+            self.dead = True
+            return
+        client.attach(self)
+        self.reader = gevent.spawn(self._read)
+        if cfg.scenario == "direct":
+            NODE.online.add(self.idx)
+
+    def _connect(self, cls: type[Client], nick: str | None = None) -> Client | None:
+        cfg = NODE.cfg
+        t0 = time.perf_counter()
+        try:
+            client = cls.connect(cfg.host, cfg.port, nick=nick, namespace=cfg.namespace)
+        except (OSError, MuxError) as exc:
+            _fail("connect", _error_name(exc))
+            return None
+        _fire("connect", (time.perf_counter() - t0) * 1000)
+        return client
+
+    def _join(self, client: Client, room: str) -> bool:
+        t0 = time.perf_counter()
+        try:
+            client.join(room)
+        except (OSError, MuxError) as exc:
+            _fail("join", _error_name(exc))
+            return False
+        _fire("join", (time.perf_counter() - t0) * 1000)
+        return True
+
+    def on_stop(self) -> None:
+        self.stopping = True
+        NODE.online.discard(self.idx)
+        client, self.client = self.client, None
+        if client is None:
+            return
+        if isinstance(client, LoadClient) and client.sent_at and self.reader is not None:
+            # Stopped mid-run (a ramp-down): let the reader collect our acks first.
+            deadline = time.monotonic() + 2.0
+            while client.sent_at and not self.reader.dead and time.monotonic() < deadline:
+                gevent.sleep(0.05)
+        if self.reader is not None:
+            self.reader.kill(block=True)
+        client.close()
+
+    # ------------------------------------------------------------ sending
+    @task
+    def step(self) -> None:
+        if not NODE.sending or self.dead:
+            return
+        if NODE.cfg.scenario == "churn":
+            self._churn_cycle()
+        elif self.sends:
+            self._send()
+
+    def _send(self) -> None:
+        client = self.client
+        if NODE.cfg.scenario == "direct" and self.partner not in NODE.online:
+            return  # partner not connected yet (or gone): a whisper would be refused
+        tally, acks = NODE.tally, NODE.cfg.acks
+        payload = _pack_head(self.sender_id, self.seq, time.time()) + self.pad
+        self.seq += 1
+        if acks:
+            tally.unacked += 1
+        t0 = time.perf_counter()
+        try:
+            client.emit_nowait(self.kind, self.target, payload, acks)
+        except (OSError, MuxError) as exc:
+            if acks:
+                tally.unacked -= 1
+            self._died(exc)
+            return
+        tally.sent += 1
+        if not acks:  # no round trip to time: the row shows how long the write took
+            _fire("emit", (time.perf_counter() - t0) * 1000, len(payload))
+
+    def _churn_cycle(self) -> None:
+        """connect (HELLO -> WELCOME), JOIN, LEAVE, BYE: one connection per cycle."""
+        client = self._connect(Client)
+        if client is None:  # counted; the next cycle tries again
+            return
+        self.client = client
+        try:
+            if not self._join(client, self.room):
+                return
+            t0 = time.perf_counter()
+            try:
+                client.leave(self.room)
+            except (OSError, MuxError) as exc:
+                _fail("leave", _error_name(exc))
+                return
+            _fire("leave", (time.perf_counter() - t0) * 1000)
+        finally:
+            self.client = None
+            t0 = time.perf_counter()
+            client.close()  # BYE, then wait for the server's FIN
+            _fire("bye", (time.perf_counter() - t0) * 1000)
+        NODE.tally.cycles += 1
+
+    def _died(self, exc: BaseException) -> None:
+        if self.dead or self.stopping:
+            return
+        self.dead = True
+        _fail("deliver", _error_name(exc))
+        client = self.client
+        if isinstance(client, LoadClient) and client.sent_at:
+            NODE.tally.unacked -= len(client.sent_at)  # their REPLYs will never come
+            client.sent_at.clear()
+
+    # ------------------------------------------------------------ receiving
+    def _read(self) -> None:
+        """The receive greenlet: Client reads and parses, our hooks get every frame."""
+        try:
+            self.client.run_forever()
+        except gevent.GreenletExit:
+            raise
+        except (OSError, MuxError) as exc:
+            self._died(exc)
+        except Exception as exc:  # a bug here must fail the run, not vanish with a greenlet
+            log.exception("receive greenlet failed")
+            self._died(exc)
+
+    def on_event(self, ev: Event) -> None:
+        """Every delivered EVENT, in the receive greenlet: the hot path."""
+        tally = NODE.tally
+        payload = ev.payload
+        try:
+            sender, seq, sent = _unpack_head(payload)
+        except Exception:  # shorter than our header: not ours
+            tally.foreign += 1
+            return
+        us = int((time.time() - sent) * 1e6)
+        hist = tally.latency
+        key = us if 0 <= us < 1000 else bucket(us)
+        hist[key] = hist.get(key, 0) + 1
+        tally.delivered += 1
+        expected = self.seqs.expected
+        if expected.get(sender, seq) == seq:
+            expected[sender] = seq + 1
+        else:
+            self._anomaly(sender, seq)
+        if tally.delivered % NODE.cfg.sample == 0:
+            _fire("deliver", us / 1000, len(payload))
+
+    def _anomaly(self, sender: int, seq: int) -> None:
+        what, count = self.seqs.check(sender, seq)
+        tally = NODE.tally
+        if what == "gap":
+            tally.gaps += count
+        elif what == "reordered":
+            tally.gaps -= 1  # not lost after all, but late
+            tally.reordered += 1
+        elif what == "duplicate":
+            tally.duplicates += 1
+        if what != "ok":
+            _fire_failures("deliver", what.upper(), count)
+
+    def on_ack(self, reply: P.Reply, sent: float) -> None:
+        tally = NODE.tally
+        tally.unacked -= 1
+        ms = (time.perf_counter() - sent) * 1000
+        if reply.status == P.OK:
+            tally.acked += 1
+            tally.expected += _U32.unpack_from(reply.body)[0]
+            _fire("emit", ms, 0)
+        else:
+            _fail("emit", P.STATUS_NAMES.get(reply.status, str(reply.status)))
+
+    def on_other(self, item) -> None:
+        if isinstance(item, MuxError):  # a refused EMIT sent without ack
+            _fail("emit", _error_name(item))
+        # Presence: never asked for, nothing to count.
+
+
+# ============================================================ test phases
+def _resolve(environment) -> Config:
+    """This process's Config from the (master's) options; fills in auto values."""
+    opts = environment.parsed_options
+    runner = environment.runner
+    if not isinstance(runner, WorkerRunner):
+        # Auto values go into an extra option, which a master ships to its workers
+        # with the rest (the user's own options stay as given, for the next run).
+        users = getattr(runner, "target_user_count", 0) or opts.num_users or 1
+        rooms = opts.rooms if opts.rooms > 0 else math.ceil(users / ROOM_SIZE)
+        sample = opts.deliver_sample
+        if sample <= 0:
+            sample = auto_sample(estimate_deliveries(opts, users))
+        opts.mux_resolved = {"rooms": rooms, "sample": sample}
+    resolved = getattr(opts, "mux_resolved", None) or {"rooms": 1, "sample": 1}
+    host, port = parse_host(environment.host)
+    nodes = 1
+    if isinstance(runner, WorkerRunner):
+        nodes = max(int(getattr(opts, "expect_workers", 1) or 1), runner.worker_index + 1)
+    return Config(
+        scenario=opts.scenario,
+        rooms=max(resolved["rooms"], 1),
+        rate=opts.rate,
+        size=max(opts.size, PAYLOAD_HEAD.size),
+        publishers=opts.publishers,
+        sample=max(resolved["sample"], 1),
+        acks=not opts.no_ack,
+        namespace=opts.namespace,
+        drain_timeout=opts.drain_timeout,
+        summary_file=opts.summary_file,
+        host=host,
+        port=port,
+        node=max(getattr(runner, "worker_index", 0), 0),
+        nodes=nodes,
+    )
+
+
+@events.init.add_listener
+def _on_init(environment, **_kw) -> None:
+    NODE.fire = environment.events.request.fire
+    NODE.runner = runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        runner.register_message("mux_tally", _on_worker_tally)
+    elif isinstance(runner, WorkerRunner):
+        runner.register_message("mux_drain", _on_drain_request, concurrent=True)
+        runner.register_message("mux_drained", _on_drained)
+        runner.register_message("mux_ramped", lambda environment, msg, **kw: _mark_ramped())
+
+
+@events.test_start.add_listener
+def _on_test_start(environment, **_kw) -> None:
+    fire, runner = NODE.fire, NODE.runner
+    NODE.__init__()
+    NODE.fire, NODE.runner = fire, runner
+    NODE.cfg = _resolve(environment)
+    NODE.token = f"lt{os.getpid() % 10000}{random.randrange(36**4):04x}"
+    NODE.tally.t_start = time.time()
+    NODE.sending = True
+    if not isinstance(environment.runner, MasterRunner):
+        gevent.spawn(_probe_loop_lag, NODE.tally)
+    if not isinstance(environment.runner, (MasterRunner, WorkerRunner)):
+        cfg = NODE.cfg
+        log.info(
+            "muxload: scenario %s against %s:%d, 1 in %d deliveries sampled",
+            cfg.scenario, cfg.host, cfg.port, cfg.sample,
+        )  # fmt: skip
+
+
+def _probe_loop_lag(tally: Tally) -> None:
+    """Sample how late this process's event loop wakes a timer, until the test stops.
+
+    A busy gevent hub runs every ready greenlet before it looks at timers, so
+    the lag is the time a delivery can sit, read but not yet timed, behind
+    others: when it approaches the fan-out latency, Locust is the bottleneck.
+    """
+    hist = tally.loop_lag
+    while NODE.tally is tally and not NODE.drained:
+        t0 = time.perf_counter()
+        gevent.sleep(LAG_TICK_S)
+        key = bucket(int((time.perf_counter() - t0 - LAG_TICK_S) * 1e6))
+        hist[key] = hist.get(key, 0) + 1
+
+
+def _mark_ramped() -> None:
+    if NODE.sending:
+        NODE.tally.mark_ramped(time.time())
+
+
+@events.spawning_complete.add_listener
+def _on_spawning_complete(user_count: int, **_kw) -> None:
+    runner = NODE.runner
+    if isinstance(runner, MasterRunner):
+        # Workers do not get this event; tell them, so each can time its steady state.
+        runner.send_message("mux_ramped", None)
+    _mark_ramped()
+
+
+def _stop_sending() -> None:
+    if NODE.sending:
+        NODE.sending = False
+        NODE.tally.mark_stopped(time.time())
+
+
+class DrainWatch:
+    """When a drain is over: nothing owed, or no progress for a while, or its hard cap.
+
+    With acks the owed deliveries are known exactly, and the drain waits for
+    them as long as they keep coming (an overloaded generator may be many
+    seconds behind: late is not lost). Without acks, or once a connection has
+    died (its deliveries will never come), a quiet second ends it.
+    """
+
+    def __init__(self, acks: bool, stall_s: float) -> None:
+        self.acks, self.stall_s = acks, stall_s
+        self.start = self.changed = time.monotonic()
+        self.seen: tuple = ()
+
+    def done(self, tally: Tally) -> bool:
+        if self.acks and tally.unacked <= 0 and tally.delivered >= tally.expected:
+            return True
+        now = time.monotonic()
+        progress = (tally.delivered, tally.acked, tally.unacked)
+        if progress != self.seen:
+            self.seen, self.changed = progress, now
+        quiet = now - self.changed
+        if quiet >= QUIET_S and (not self.acks or tally.errors):
+            return True
+        return quiet >= self.stall_s or now - self.start >= DRAIN_CAP_S
+
+
+def _drain_local() -> None:
+    _stop_sending()
+    watch = DrainWatch(NODE.cfg.acks, NODE.cfg.drain_timeout)
+    while not watch.done(NODE.tally):
+        gevent.sleep(0.05)
+    NODE.drained = True
+
+
+@events.test_stopping.add_listener
+def _on_test_stopping(environment, **_kw) -> None:
+    runner = environment.runner
+    if NODE.drained or NODE.finished:
+        return
+    if isinstance(runner, MasterRunner):
+        _drain_workers(runner)
+    elif isinstance(runner, WorkerRunner):
+        _stop_sending()  # the master did not drain us (it lost track of us): stop anyway
+    else:
+        _drain_local()
+
+
+# ---- distributed: the master drains all workers, then merges their tallies
+def _drain_workers(runner: MasterRunner) -> None:
+    workers = {c.id for c in runner.clients.all}
+    NODE.worker_tallies.clear()
+    runner.send_message("mux_drain", None)
+    watch = DrainWatch(NODE.cfg.acks, NODE.cfg.drain_timeout)
+    deadline = time.monotonic() + DRAIN_CAP_S + NODE.cfg.drain_timeout  # workers that never answer
+    while time.monotonic() < deadline:
+        gevent.sleep(0.1)
+        if workers <= set(NODE.worker_tallies) and watch.done(_merged()):
+            break
+    runner.send_message("mux_drained", None)
+    NODE.drained = True
+    missing = workers - set(NODE.worker_tallies)
+    if missing:
+        log.error("muxload: %d worker(s) sent no counters: %s", len(missing), sorted(missing))
+        NODE.tally.error("NO_WORKER_REPORT", len(missing))
+
+
+def _merged() -> Tally:
+    total = Tally(nodes=0)
+    for tally in NODE.worker_tallies.values():
+        total.merge(tally)
+    return total
+
+
+def _on_worker_tally(environment, msg, **_kw) -> None:
+    NODE.worker_tallies[msg.node_id] = Tally.from_dict(msg.data)
+
+
+def _on_drain_request(environment, msg, **_kw) -> None:
+    """Worker: stop sending, then report counters until the master has seen enough."""
+    _stop_sending()
+    runner = environment.runner
+    deadline = time.monotonic() + DRAIN_CAP_S + NODE.cfg.drain_timeout + 10.0
+    NODE.stop_reporting = False
+    while not NODE.stop_reporting and time.monotonic() < deadline:
+        runner.send_message("mux_tally", NODE.tally.to_dict())
+        gevent.sleep(0.2)
+    NODE.drained = True
+
+
+def _on_drained(environment, msg, **_kw) -> None:
+    NODE.stop_reporting = True
+
+
+# ---------------------------------------------------------------- summary
+@events.test_stop.add_listener
+def _on_test_stop(environment, **_kw) -> None:
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner) or NODE.finished:
+        return
+    NODE.finished = True
+    cfg = NODE.cfg
+    if isinstance(runner, MasterRunner):
+        tally = _merged()
+        tally.errors.update(NODE.tally.errors)  # e.g. NO_WORKER_REPORT
+        tally.t_start = tally.t_start or NODE.tally.t_start
+    else:
+        _stop_sending()
+        tally = NODE.tally
+    if cfg.acks and tally.expected > tally.delivered:
+        # Promised by the server, never received: loss the sequence check cannot see
+        # (nothing came after it).
+        count = tally.expected - tally.delivered
+        _fire_failures("deliver", "MISSING", count)
+    summary = summary_dict(
+        tally, cfg.scenario, cfg.acks and cfg.scenario != "churn", cfg.sample,
+        offered_rate(cfg, tally.users),
+    )  # fmt: skip
+    print("\n" + format_summary(summary) + "\n", flush=True)
+    if cfg.summary_file:
+        path = Path(cfg.summary_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+    if not summary["passed"]:
+        environment.process_exit_code = 1
+
+
+@events.quitting.add_listener
+def _on_quitting(environment, **_kw) -> None:
+    # Locust rewrites its CSV files once a second and not again at exit, so the
+    # last second (the drain, the final worker reports) could be missing from
+    # them: give its writer one more turn, so that the CSV and the summary agree.
+    opts = environment.parsed_options
+    if getattr(opts, "csv_prefix", None) and not isinstance(environment.runner, WorkerRunner):
+        gevent.sleep(1.2)

@@ -1,0 +1,167 @@
+"""Smoke test of the Locust load test (loadtests/): can its counts be trusted?
+
+Importing Locust monkey-patches the importing process with gevent, so nothing
+here imports the locustfile: each scenario runs as ``loadtests/run.py`` (the
+script behind ``make loadtest``) in a subprocess, which starts its own real
+server, runs Locust headless for a few seconds with a few dozen users, and
+leaves CSV files and a JSON summary. All runs start at once, so the whole
+module costs about one run's wall time.
+
+The assertions are about correctness, never speed (the machine is shared):
+zero failures, zero loss, and a non-zero count in the CSV. The pure counting
+code (loadtests/tally.py) is tested directly at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from loadtests.tally import (  # noqa: E402
+    MIN_PAYLOAD,
+    PAYLOAD_HEAD,
+    SequenceTracker,
+    Tally,
+    bucket,
+    format_summary,
+    make_payload,
+    percentile,
+    summary_dict,
+)
+
+USERS = 24
+COMMON = ["--users", str(USERS), "--spawn-rate", "100", "--duration", "4s", "--rate", "5"]
+RUNS = {
+    "chat": ["--scenario", "chat"],
+    "broadcast": ["--scenario", "broadcast", "--publishers", "4"],
+    "direct": ["--scenario", "direct"],
+    "churn": ["--scenario", "churn"],
+    # Workers report their counters to the master: the summary must still add up.
+    "chat-distributed": ["--scenario", "chat", "--processes", "2"],
+}
+TIMEOUT = 180  # far beyond a healthy run (~10 s); only a hang gets here
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("loadtest")
+    procs = {}
+    for name, args in RUNS.items():
+        out = base / name
+        cmd = [sys.executable, str(ROOT / "loadtests" / "run.py"), *COMMON, *args]
+        cmd += ["--reports", str(out)]
+        procs[name] = (
+            subprocess.Popen(
+                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            ),
+            out,
+            args[1],
+        )
+    results = {}
+    for name, (proc, out, scenario) in procs.items():
+        try:
+            output, _ = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+            output += f"\n[killed after {TIMEOUT} s]"
+        results[name] = (proc.returncode, output, out, scenario)
+    return results
+
+
+def read_stats(out: Path, scenario: str) -> dict[str, dict]:
+    with open(out / f"loadtest-{scenario}_stats.csv", newline="") as f:
+        return {row["Name"]: row for row in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_scenario_runs_without_failures_or_loss(runs, name):
+    rc, output, out, scenario = runs[name]
+    assert rc == 0, f"loadtests/run.py failed:\n{output[-6000:]}"
+    summary = json.loads((out / f"loadtest-{scenario}-summary.json").read_text())
+    assert summary["passed"], summary["problems"]
+    assert summary["errors"] == {}
+    assert summary["gaps"] == summary["duplicates"] == summary["reordered"] == 0
+    assert summary["users"] == USERS
+    assert (out / f"loadtest-{scenario}.html").stat().st_size > 0
+
+    stats = read_stats(out, scenario)
+    assert all(row["Failure Count"] == "0" for row in stats.values()), stats
+    if scenario == "churn":
+        assert int(stats["connect"]["Request Count"]) > 0
+        assert summary["cycles"] > 0
+    else:
+        assert int(stats["deliver"]["Request Count"]) > 0
+        assert int(stats["emit"]["Request Count"]) > 0
+        # Acked EMITs: the server's recipient counts are the deliveries expected,
+        # and every one of them arrived.
+        assert summary["delivered"] == summary["expected"] > 0
+        assert summary["missing"] == 0 and summary["unacked"] == 0
+        # Sample of 1 (small runs): Locust's row counts every delivery.
+        assert summary["deliver_sample"] == 1
+        assert int(stats["deliver"]["Request Count"]) == summary["delivered"]
+    if name.endswith("distributed"):
+        assert summary["processes"] == 2
+
+
+# ------------------------------------------------------- the counting, directly
+def test_payload_carries_sender_sequence_and_time():
+    payload = make_payload(7, 42, 1234.5, 64)
+    assert len(payload) == 64
+    assert PAYLOAD_HEAD.unpack_from(payload) == (7, 42, 1234.5)
+    assert len(make_payload(7, 42, 1.0, 0)) == MIN_PAYLOAD
+    assert len(make_payload(7, 42, 1.0, 200_000)) == 200_000
+
+
+def test_sequence_tracker_tells_gaps_reordering_and_duplicates():
+    seqs = SequenceTracker()
+    assert seqs.check(1, 10) == ("ok", 0)  # first sight: joined late, no loss
+    assert seqs.check(1, 11) == ("ok", 0)
+    assert seqs.check(2, 0) == ("ok", 0)  # senders are independent
+    assert seqs.check(1, 14) == ("gap", 2)  # 12 and 13 missing
+    assert seqs.check(1, 12) == ("reordered", 1)  # late, not lost
+    assert seqs.check(1, 12) == ("duplicate", 1)
+    assert seqs.check(1, 11) == ("duplicate", 1)
+    assert seqs.check(1, 15) == ("ok", 0)
+
+
+def test_histogram_buckets_and_percentiles():
+    assert [bucket(u) for u in (-5, 0, 999, 1234, 56_789, 123_456, 9_876_543)] == [
+        0, 0, 999, 1230, 56_700, 123_000, 9_870_000,
+    ]  # fmt: skip
+    hist = {100: 50, 200: 45, 5000: 5}
+    assert percentile(hist, 0.5) == 100
+    assert percentile(hist, 0.95) == 200
+    assert percentile(hist, 0.99) == 5000
+    assert percentile({}, 0.5) is None
+
+
+def test_tallies_merge_across_processes_through_plain_data():
+    a, b = Tally(t_start=10.0), Tally(t_start=9.0)
+    a.sent, a.expected, a.delivered, a.latency = 3, 6, 6, {100: 6}
+    b.sent, b.expected, b.delivered, b.latency = 2, 4, 4, {100: 1, 300: 3}
+    b.error("SLOW_CONSUMER")
+    b.mark_ramped(9.5)
+    b.delivered += 4
+    b.mark_stopped(11.5)
+    merged = Tally(nodes=0)
+    for t in (a, b):
+        merged.merge(Tally.from_dict(t.to_dict()))  # what a worker ships to the master
+    assert (merged.sent, merged.expected, merged.delivered) == (5, 10, 14)
+    assert merged.latency == {100: 7, 300: 3}
+    assert merged.errors == {"SLOW_CONSUMER": 1}
+    assert merged.nodes == 2 and merged.t_start == 9.0
+    assert merged.steady["delivered"] == pytest.approx(2.0)  # 4 deliveries in 2 s
+
+    summary = summary_dict(merged, "chat", acks=True, sample=1, offered=5.0)
+    assert not summary["passed"]  # an error, and 14 received against 10 expected
+    assert "SLOW_CONSUMER" in format_summary(summary)
