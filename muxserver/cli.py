@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = []
 
     def on_signal(signum: int) -> None:
+        if signum not in (signal.SIGTERM, signal.SIGINT):
+            return  # another handler's signal also reaches the wake-up fd
         if server.shutting_down and signum == signal.SIGINT:
             interrupted.append(signum)  # second Ctrl-C: leave now
             server.loop.stop()

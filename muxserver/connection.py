@@ -218,6 +218,7 @@ class Connection:
         self.out.clear()
         self.chunks = None
         self.wbytes = 0
+        self.callback = None  # it refers back to us: let refcounting free us now
         try:
             self.sock.close()
         except OSError:

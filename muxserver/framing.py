@@ -86,8 +86,13 @@ class FrameDecoder:
         """Decode ``data`` (bytes-like) together with anything buffered."""
         if self._buf is not None:
             self._buf += data
-            data = self._buf
+            data = bytes(self._buf)
             self._buf = None
+        elif type(data) is not bytes:
+            # One copy of the whole read (a memoryview of the caller's reused
+            # buffer, say) makes every body below a plain bytes slice: one
+            # allocation each, and nothing points into the caller's buffer.
+            data = bytes(data)
         frames: list[tuple[int, bytes]] = []
         end = len(data)
         pos = 0
@@ -106,7 +111,7 @@ class FrameDecoder:
             stop = pos + 4 + length
             if stop > end:
                 break
-            frames.append((data[pos + 4], bytes(data[pos + 5 : stop])))
+            frames.append((data[pos + 4], data[pos + 5 : stop]))
             pos = stop
         if pos < end:
             self._buf = bytearray(data[pos:])

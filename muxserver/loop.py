@@ -58,7 +58,11 @@ class Timer:
         self.cancelled = False
 
     def cancel(self) -> None:
+        # The heap keeps the Timer until its time comes; drop what it points
+        # at now, or a closed connection lives on for its whole drain timeout.
         self.cancelled = True
+        self.callback = _noop_callback
+        self.args = ()
 
 
 class FakeClock:
@@ -215,4 +219,8 @@ class EventLoop:
 
 
 def _noop_signal(signum, frame) -> None:
+    pass
+
+
+def _noop_callback(*args) -> None:
     pass

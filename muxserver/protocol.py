@@ -583,16 +583,18 @@ class NameCache:
     cache is emptied when full so a client inventing names cannot grow it.
     """
 
-    __slots__ = ("kind", "_ok", "limit")
+    __slots__ = ("kind", "known", "limit")
 
     def __init__(self, kind: str, limit: int = 8192) -> None:
         self.kind = kind
-        self._ok: dict[bytes, str] = {}
+        # Public so the server's hot path can do a plain dict lookup; on a
+        # miss it calls get(), which checks and remembers the name.
+        self.known: dict[bytes, str] = {}
         self.limit = limit
 
     def get(self, raw: bytes) -> str | None:
         """The decoded name, or None if it breaks the rules."""
-        name = self._ok.get(raw)
+        name = self.known.get(raw)
         if name is not None:
             return name
         try:
@@ -601,9 +603,9 @@ class NameCache:
             return None
         if check_name(name, self.kind) is not None:
             return None
-        if len(self._ok) >= self.limit:
-            self._ok.clear()
-        self._ok[raw] = name
+        if len(self.known) >= self.limit:
+            self.known.clear()
+        self.known[raw] = name
         return name
 
     def why(self, raw: bytes) -> str:
