@@ -1,0 +1,333 @@
+"""Soak: minutes of mixed load on one server, watching its memory and descriptors.
+
+``python -m tools.soak --minutes 10`` runs, at once and for the whole time:
+
+* chat: chatters in two rooms, numbered messages checked for loss and order
+  (tools.load);
+* bulk: three chatters trading 4-12 KB messages in room ``bulk`` (about
+  1 MB/s), the traffic that a slow consumer falls behind on;
+* a slow consumer in ``bulk`` that reads 4 KB every half second, so the
+  server must cut it with ERROR SLOW_CONSUMER (see SlowConsumer), then
+  reconnects and does it again;
+* churn: clients that connect, HELLO, JOIN, EMIT, WHO and leave by BYE, by
+  closing, or by a reset, over and over;
+* a few fuzzing clients (tools.fuzz cases at a slow pace).
+
+Every ``--interval`` seconds (30 by default) it prints the server's RSS and
+open fds. Invariants: after the warm-up (the first ``--warmup`` seconds) RSS
+stays within +-10 % of its first post-warm-up sample; when every client has
+left, the fd count comes back to what it was before the first one came; and
+the usual end checks (tools.harness.finish) hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import socket
+import struct
+import sys
+import threading
+import time
+
+from muxserver import protocol as P
+
+from . import harness
+from .fuzz import FuzzWorker, server_args, world_for
+from .fuzzgen import Generator
+from .harness import Failures, RawClient, Server, Tally
+from .load import CHAT, ChatGroup, Unexpected, drain_to_eof, request
+
+MAX_OUTPUT = 1024 * 1024  # small, so the slow consumer is cut in seconds, not minutes
+# Longer than the default 5 s on purpose. After a cut the server closes once
+# the ERROR is sent or drain_timeout passes, and the ERROR waits behind the
+# kernel send buffer (up to 4 MiB here): a consumer that reads slower than
+# that buffer / drain_timeout sees end of stream without the ERROR (protocol
+# section 7 allows it; docs/security.md). Ours only catches up at the end of
+# each slow spell, up to SLOW_SPELL seconds after the cut.
+DRAIN_TIMEOUT = 20.0
+RSS_BAND = 0.10
+SLOW_SPELL = 12.0  # seconds the slow consumer reads 4 KB / 0.5 s before catching up
+FAST_SPELL = 20.0  # ... and then reads at full speed
+# Bulk bytes produced during a slow spell past which a cut is certain: the
+# server's send buffer (4 MiB at most here) + our receive buffer (it barely
+# grows while we read slowly) + max-output, with room to spare.
+MUST_CUT = 10 * 1024 * 1024
+
+
+class SlowConsumer(threading.Thread):
+    """Falls behind in ``bulk`` on purpose; the server must cut it (protocol section 7).
+
+    One cycle: join, read 4 KB every half second for ``SLOW_SPELL`` seconds
+    (far behind the bulk traffic), then read as fast as possible. The
+    server's ERROR SLOW_CONSUMER waits behind whatever its socket buffers
+    held when it gave up, so only the fast read finds it. What came before
+    it must be in order per sender with no gap (the dropped tail is at the
+    end), and nothing may follow it but end of stream.
+
+    If the bulk chatters produced more than ``MUST_CUT`` bytes during the
+    slow spell and the fast read finds no ERROR, the bound was not enforced:
+    that fails the run. With less traffic (a starved harness) the cycle just
+    counts as "not behind enough".
+    """
+
+    def __init__(self, address, bulk: ChatGroup, stop, tally: Tally, failures: Failures) -> None:
+        super().__init__(name="slow-consumer", daemon=True)
+        self.address, self.bulk, self.stop = address, bulk, stop
+        self.tally, self.failures = tally, failures
+
+    def produced(self) -> int:
+        return sum(c.bytes_sent for c in self.bulk.chatters)
+
+    def run(self) -> None:
+        cycle = 0
+        while not self.stop.is_set():
+            try:
+                self.one(cycle)
+            except Exception as exc:  # any escape is a failed run, not a silently dead thread
+                self.failures.add(f"slow consumer: {type(exc).__name__}: {exc}")
+            cycle += 1
+            self.stop.wait(1.0)
+
+    def one(self, cycle: int) -> None:
+        c = RawClient(self.address)
+        try:
+            c.hello(f"slow-{cycle}")
+            if request(c, P.Join(1, "bulk", 0)).status != P.OK:
+                raise Unexpected("JOIN bulk refused")
+            self.expected: dict[int, int] = {}
+            # Frames that came in the same read as the JOIN's REPLY.
+            leftovers = list(c.frames)
+            c.frames.clear()
+            if self.check(c, leftovers):
+                return
+            start = self.produced()
+            spell_end = time.monotonic() + SLOW_SPELL
+            while time.monotonic() < spell_end:
+                if self.stop.wait(0.5):
+                    return
+                c.sock.settimeout(30)
+                if self.take(c, c.sock.recv(4096)):
+                    return
+            behind = self.produced() - start
+            fast_end = time.monotonic() + FAST_SPELL
+            c.sock.settimeout(5)
+            while time.monotonic() < fast_end and not self.stop.is_set():
+                try:
+                    data = c.sock.recv(262144)
+                except TimeoutError:
+                    continue
+                if self.take(c, data):
+                    return
+            if behind > MUST_CUT and not self.stop.is_set():
+                raise Unexpected(
+                    f"not cut after falling {harness.mib(behind)} behind (max-output "
+                    f"{harness.mib(MAX_OUTPUT)})"
+                )
+            self.tally.add("slow consumer cycles not behind enough")
+        finally:
+            c.close()
+
+    def take(self, c: RawClient, data: bytes) -> bool:
+        """Check what arrived; True once the ERROR and end of stream were seen."""
+        if not data:
+            raise Unexpected("closed without ERROR SLOW_CONSUMER")
+        return self.check(c, [P.decode(t, b) for t, b in c.decoder.feed(data)])
+
+    def check(self, c: RawClient, frames: list) -> bool:
+        for i, frame in enumerate(frames):
+            if isinstance(frame, P.Error):
+                if frame.code != P.SLOW_CONSUMER:
+                    raise Unexpected(f"expected SLOW_CONSUMER, got {frame!r}")
+                if frames[i + 1 :]:
+                    raise Unexpected(f"frames after the ERROR: {frames[i + 1]!r}")
+                self.tally.add("slow consumers cut")
+                c.expect_closed(30)
+                return True
+            if (
+                isinstance(frame, P.Event)
+                and frame.source_kind == P.TARGET_ROOM
+                and frame.source == "bulk"
+                and frame.sender.startswith("bulk-")
+            ):
+                _, sender, seq = CHAT.unpack_from(frame.payload)
+                # Joined mid-stream: each sender's first number is the start.
+                want = self.expected.get(sender, seq)
+                if seq != want:
+                    raise Unexpected(f"bulk-{sender}: got #{seq}, expected #{want} (a gap)")
+                self.expected[sender] = seq + 1
+                self.tally.add("slow consumer deliveries")
+        return False
+
+
+class Churner(threading.Thread):
+    def __init__(self, address, n: int, stop, tally, failures, seed) -> None:
+        super().__init__(name=f"churn-{n}", daemon=True)
+        self.address, self.n, self.stop = address, n, stop
+        self.tally, self.failures = tally, failures
+        self.rng = random.Random(f"{seed}:churn:{n}")
+
+    def run(self) -> None:
+        k = 0
+        while not self.stop.is_set():
+            try:
+                self.one(k)
+            except Exception as exc:  # any escape is a failed run, not a silently dead thread
+                self.failures.add(f"churn client {self.n}/{k}: {type(exc).__name__}: {exc}")
+            k += 1
+            self.stop.wait(0.02)
+
+    def one(self, k: int) -> None:
+        rng = self.rng
+        c = RawClient(self.address)
+        try:
+            c.hello(f"churn{self.n}-{k}" if rng.random() < 0.7 else "")
+            room = rng.choice(("lobby", "r2", f"churn-{self.n}"))
+            if request(c, P.Join(1, room, rng.randint(0, 1))).status != P.OK:
+                raise Unexpected(f"JOIN {room} refused")
+            reply = request(c, P.Emit(2, P.TARGET_ROOM, room, "churn", rng.randbytes(64)))
+            if reply.status != P.OK:
+                raise Unexpected(f"EMIT answered {reply!r}")
+            if request(c, P.Who(3, room)).status != P.OK:
+                raise Unexpected("WHO refused")
+            how = rng.choice(("bye", "close", "reset"))
+            if how == "bye":
+                c.send(P.Bye())
+                drain_to_eof(c, 15)
+            elif how == "reset":
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.tally.add(f"churn: left by {how}")
+        finally:
+            c.close()
+
+
+def run(minutes: float, interval: float, warmup: float | None, seed: str) -> int:
+    harness.raise_nofile()
+    failures, tally = Failures(), Tally()
+    server = Server(*server_args(DRAIN_TIMEOUT), "--max-output", str(MAX_OUTPUT))
+    fd_base, rss_base = server.fds(), server.rss()
+    seconds = minutes * 60
+    if warmup is None:
+        # Closed connections stay referenced until their drain timer is due
+        # (a cancelled timer keeps its place in the heap), so RSS climbs for
+        # about one drain_timeout before it can level off.
+        warmup = max(interval, 0.2 * seconds, 2 * DRAIN_TIMEOUT)
+    print(
+        f"soak: {minutes:g} min, seed {seed}, samples every {interval:g} s, warm-up {warmup:g} s; "
+        f"server pid {server.pid}: {harness.mib(rss_base)} RSS, {fd_base} fds before any client",
+        flush=True,
+    )
+    stop = threading.Event()
+    chat = ChatGroup(
+        server.address, [["lobby", "r2"], ["lobby"], ["lobby", "r2"], ["lobby"], ["r2"], ["lobby"]],
+        failures, tally, rate=20, seed=seed, prefix="wb",
+    )  # fmt: skip
+    bulk = ChatGroup(
+        server.address, [["bulk"]] * 3, failures, tally,
+        rate=40, payload=(4000, 12000), seed=seed, prefix="bulk", presence=False,
+    )  # fmt: skip
+    chat.start()
+    bulk.start()
+    world = world_for(chat)._replace(taken=chat.nicks | bulk.nicks)
+    deadline = time.monotonic() + seconds
+    threads = [
+        SlowConsumer(server.address, bulk, stop, tally, failures),
+        *(Churner(server.address, n, stop, tally, failures, seed) for n in range(2)),
+    ]
+    fuzzers = [
+        FuzzWorker(server.address, Generator(seed, w, world), deadline, tally, failures, seed, 0.1)
+        for w in range(2)
+    ]
+    for t in threads + fuzzers:
+        t.start()
+    started = time.monotonic()
+    samples: list[tuple[float, int, int]] = []
+    next_sample = started + interval
+    while time.monotonic() < deadline and server.alive():
+        time.sleep(min(1.0, max(0.0, next_sample - time.monotonic())))
+        if time.monotonic() >= next_sample:
+            next_sample += interval
+            elapsed = time.monotonic() - started
+            rss, fds = server.rss(), server.fds()
+            samples.append((elapsed, rss, fds))
+            t = tally.counts
+            print(
+                f"[{elapsed:6.0f} s] RSS {harness.mib(rss)}  fds {fds}  | chat checked "
+                f"{chat.received + bulk.received}, slow consumers cut {t['slow consumers cut']} "
+                f"(read {t['slow consumer deliveries']}), "
+                f"churn {sum(v for k, v in t.items() if str(k).startswith('churn'))}, "
+                f"fuzz cases {t['cases']}",
+                flush=True,
+            )
+    if not server.alive():
+        failures.add(f"server died (status {server.proc.returncode})")
+    stop.set()
+    for f in fuzzers:
+        f.stop.set()
+    for t in threads + fuzzers:
+        t.join(30)
+        if t.is_alive():
+            failures.add(f"{t.name} did not stop (hang?)")
+    chat.finish()
+    bulk.finish()
+    figures = harness.finish(server, failures, fd_base, 15)
+    check_rss(samples, warmup, failures)
+    t = tally.counts
+    print(
+        f"load: {t['chat messages sent']} chat messages sent, {t['chat deliveries checked']} "
+        f"deliveries checked in order; slow consumer cut {t['slow consumers cut']} times after "
+        f"{t['slow consumer deliveries']} in-order deliveries; churn "
+        + ", ".join(
+            f"{k[len('churn: ') :]} {v}"
+            for k, v in sorted(t.items(), key=str)
+            if str(k).startswith("churn")
+        )
+        + f"; fuzz cases {t['cases']}"
+    )
+    print(
+        f"fds: {fd_base} before, {max((s[2] for s in samples), default=0)} peak, "
+        f"{figures.get('fds_end', '?')} after every client left; exit status {figures.get('exit_status')}"
+    )
+    print(failures.report(), flush=True)
+    return 1 if failures else 0
+
+
+def check_rss(samples: list, warmup: float, failures: Failures) -> None:
+    after = [(t, rss) for t, rss, _ in samples if t >= warmup]
+    if not after:
+        print(f"RSS: no sample after the {warmup:g} s warm-up; nothing to compare")
+        return
+    ref = after[0][1]
+    low, high = min(r for _, r in after), max(r for _, r in after)
+    print(
+        f"RSS after warm-up: reference {harness.mib(ref)} at {after[0][0]:.0f} s, "
+        f"range {harness.mib(low)} .. {harness.mib(high)} "
+        f"({(low / ref - 1) * 100:+.1f} % .. {(high / ref - 1) * 100:+.1f} %) over {len(after)} samples"
+    )
+    for t, rss in after:
+        if abs(rss / ref - 1) > RSS_BAND:
+            failures.add(
+                f"RSS {harness.mib(rss)} at {t:.0f} s is outside +-10 % of {harness.mib(ref)}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.soak", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--minutes", type=float, default=10.0, help="how long (default 10)")
+    parser.add_argument("--interval", type=float, default=30.0, help="seconds between samples")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds before RSS is judged (default 20 %% of the run, at least one interval)",
+    )
+    parser.add_argument("--seed", default=None, help="RNG seed (default: random, printed)")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else str(random.SystemRandom().getrandbits(32))
+    return run(args.minutes, args.interval, args.warmup, seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
