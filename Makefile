@@ -21,11 +21,11 @@ run: $(STAMP)
 	$(VENV)/bin/muxserver $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check muxserver tests loadtests tools
+	$(VENV)/bin/ruff check muxserver tests loadtests tools bench
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check muxserver tests loadtests tools
+	$(VENV)/bin/ruff check muxserver tests loadtests tools bench
 	$(VENV)/bin/ruff format --check muxserver tests
 
 format: $(STAMP)

@@ -109,7 +109,7 @@ class Connection:
         """Unsent output: the blocked backlog plus this turn's queue."""
         return self.wbytes + sum(map(len, self.out))
 
-    def flush(self, loop) -> int:
+    def flush(self, loop, data=None) -> int:
         """Send what ``out`` holds; return the unsent backlog in bytes.
 
         Raises OSError if the socket is dead (the caller closes it).
@@ -119,14 +119,16 @@ class Connection:
             # Kernel buffer was full last time: queue behind the backlog and
             # wait for EVENT_WRITE rather than trying a send that would fail.
             if out:
-                data = out[0] if len(out) == 1 else b"".join(out)
+                if data is None:
+                    data = out[0] if len(out) == 1 else b"".join(out)
                 out.clear()
                 self.chunks.append(data)
                 self.wbytes += len(data)
             return self.wbytes
         if not out:
             return 0
-        data = out[0] if len(out) == 1 else b"".join(out)
+        if data is None:
+            data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         try:
             sent = self.sock.send(data)

@@ -64,10 +64,11 @@ class Member:
 
 
 class Room:
-    __slots__ = ("name", "members", "watchers")
+    __slots__ = ("name", "members", "watchers", "queued")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.queued = -1  # server turn in which members were last marked pending
         self.members: dict = {}  # member -> None, in join order
         self.watchers: dict = {}  # members who asked for PRESENCE
 

@@ -99,6 +99,7 @@ class Server:
         self.hub = Hub(max_rooms=config.max_rooms)
         self.conns: dict[int, Connection] = {}  # conn id -> connection
         self.pending: set[Connection] = set()
+        self._turn = 0  # flushes so far: rooms remember when they were last queued to
         self.listeners: list[socket.socket] = []
         self.address: tuple[str, int] | None = None
         self.shutting_down = False
@@ -360,28 +361,45 @@ class Server:
         rooms = conn.rooms
         prefix = conn.prefix_room
         plen = len(prefix) - 6  # EVENT length = prefix + EMIT body - 6 bytes
-        run_raw = None  # raw room name of the run being collected
+        run_head = None  # body[4:eend] of the run's EMITs: flags, kind, room, event
         run_room = None
+        run_echo = 0
         parts: list[bytes] = []
         acks = conn.out
+        req_of = P.REQ.unpack_from
         for ftype, body in frames:
+            if ftype == 5 and run_head is not None and body.startswith(run_head, 4):
+                # Same flags, room and event as the run so far: every check
+                # those passed holds for this EMIT too.
+                req = req_of(body)[0]
+                if not (req and run_echo):
+                    by_type[5] += 1
+                    parts += (pack_len(plen + len(body)), prefix, body[6:])
+                    if req:
+                        acks.append(
+                            P.REPLY_COUNT.pack(11, P.REPLY, req, P.OK, len(run_room.members) - 1)
+                        )
+                        self.frames_out_by_type[P.REPLY] += 1
+                        self.pending.add(conn)
+                    continue
             by_type[ftype] += 1
             if ftype == 5 and not self._rate and conn.state == OPEN:  # 5: EMIT
                 n = len(body)
                 if n > 7:
                     req, flags, kind, tlen = head(body)
                     tend = 7 + tlen
-                    if kind == 0 and not flags & 1 and tend < n:
+                    # Echo runs only without acks: the sender's REPLYs must not
+                    # overtake its own EVENTs.
+                    if kind == 0 and not (flags & 1 and req) and tend < n:
                         eend = tend + 1 + body[tend]
                         if eend <= n and body[tend + 1 : eend] in events_ok:
-                            raw = body[7:tend]
-                            if raw != run_raw:
-                                if parts:
-                                    self._end_run(conn, run_room, parts)
-                                    parts = []
-                                name = self._rooms.known.get(raw)
-                                run_room = rooms.get(name) if name else None
-                                run_raw = raw if run_room is not None else None
+                            if parts:
+                                self._end_run(conn, run_room, parts, run_echo)
+                                parts = []
+                            name = self._rooms.known.get(body[7:tend])
+                            run_room = rooms.get(name) if name else None
+                            run_head = body[4:eend] if run_room is not None else None
+                            run_echo = flags & 1
                             if run_room is not None:
                                 parts += (pack_len(plen + n), prefix, body[6:])
                                 if req:
@@ -395,9 +413,9 @@ class Server:
                                 continue
             # Everything else, in order, after the run so far is out.
             if parts:
-                self._end_run(conn, run_room, parts)
+                self._end_run(conn, run_room, parts, run_echo)
                 parts = []
-                run_raw = run_room = None
+            run_head = run_room = None
             state = conn.state
             if state == OPEN:
                 handler = handlers.get(ftype)
@@ -414,17 +432,22 @@ class Server:
             else:
                 return  # BYE or an error ended the session mid-read
         if parts:
-            self._end_run(conn, run_room, parts)
+            self._end_run(conn, run_room, parts, run_echo)
 
-    def _end_run(self, conn: Connection, room, parts: list[bytes]) -> None:
-        """Queue a run of EVENTs (see _dispatch) to every member but the sender."""
+    def _end_run(self, conn: Connection, room, parts: list[bytes], echo: int) -> None:
+        """Queue a run of EVENTs (see _dispatch) to every member (but the sender)."""
         data = b"".join(parts)
         members = room.members
         for member in members:
             member.out.append(data)
-        conn.out.pop()  # the sender is a member and got it last: take it back
-        self.pending.update(members)
-        self.stats["deliveries"] += (len(members) - 1) * (len(parts) // 3)
+        if not echo:
+            conn.out.pop()  # the sender is a member and got it last: take it back
+        if room.queued != self._turn:
+            # Once per room per turn: whoever joins later in the turn is
+            # pending anyway (its JOIN REPLY).
+            room.queued = self._turn
+            self.pending.update(members)
+        self.stats["deliveries"] += (len(members) - (0 if echo else 1)) * (len(parts) // 3)
 
     def _lost(self, conn: Connection) -> None:
         """The peer closed (or reset) its side."""
@@ -670,15 +693,29 @@ class Server:
         """Before-sleep hook: one send per pending connection."""
         max_output = self.config.max_output
         loop = self.loop
+        self._turn += 1
         while self.pending:
             pending = self.pending
             self.pending = set()
+            # Members of a room get the very same frames in a turn: join them
+            # once and send that one bytes object to all of them.
+            joined: dict = {}
             for conn in pending:
                 if conn.state == CLOSED:
                     continue
-                n = len(conn.out)
+                out = conn.out
+                n = len(out)
+                data = None
+                if n > 1:
+                    key = (n, id(out[0]), id(out[-1]))
+                    hit = joined.get(key)
+                    if hit is not None and hit[0] == out:
+                        data = hit[1]
+                    else:
+                        data = b"".join(out)
+                        joined[key] = (out.copy(), data)
                 try:
-                    left = conn.flush(loop)
+                    left = conn.flush(loop, data)
                 except OSError:
                     self._lost(conn)
                     continue

@@ -559,3 +559,44 @@ def test_ipv6_loopback(server_factory):
     c = RawClient(("::1", srv.port))
     assert c.hello("six").nick == "six"
     c.close()
+
+
+def test_one_read_mixing_emits_and_requests(connect):
+    """Runs of EMITs in one read are batched; every ordering rule must still hold."""
+    a, b, c = connect("a"), connect("b"), connect("c")
+    for x in (a, b, c):
+        x.join("r1")
+    a.join("r2")
+    b.join("r2")
+    frames = [
+        P.Emit(0, 0, "r1", "e", b"1"),
+        P.Emit(1, 0, "r1", "e", b"2"),  # acked, same run
+        P.Emit(0, 0, "r1", "e", b"3", P.EMIT_ECHO),  # echo starts a new run
+        P.Emit(0, 0, "r2", "e", b"4"),
+        P.Leave(2, "r1"),
+        P.Emit(3, 0, "r1", "e", b"lost"),  # no longer a member
+        P.Nick(4, "aa"),
+        P.Emit(0, 0, "r2", "e", b"5"),  # carries the new nick
+        P.Emit(5, 0, "r2", "e", b"6", P.EMIT_ECHO),  # echo + ack: echo before reply
+    ]
+    a.send_raw(b"".join(P.encode(f) for f in frames))
+    got_a = [a.recv() for _ in range(7)]
+    assert got_a[3].status == P.NOT_MEMBER
+    assert got_a == [
+        P.Reply(1, 0, b"\x00\x00\x00\x02"),
+        P.Event(0, "a", "r1", "e", b"3"),
+        P.Reply(2, 0, b""),
+        P.Reply(3, P.NOT_MEMBER, got_a[3].body),
+        P.Reply(4, 0, b""),
+        P.Event(0, "aa", "r2", "e", b"6"),
+        P.Reply(5, 0, b"\x00\x00\x00\x02"),
+    ]
+    got_b = [b.recv_type(P.Event) for _ in range(6)]
+    assert [(e.sender, e.source, e.payload) for e in got_b] == [
+        ("a", "r1", b"1"), ("a", "r1", b"2"), ("a", "r1", b"3"), ("a", "r2", b"4"),
+        ("aa", "r2", b"5"), ("aa", "r2", b"6"),
+    ]  # fmt: skip
+    got_c = [c.recv_type(P.Event) for _ in range(3)]
+    assert [e.payload for e in got_c] == [b"1", b"2", b"3"]
+    c.send(P.Ping(1))
+    assert c.recv() == P.ServerPong(1)  # nothing after a left r1
