@@ -1,97 +1,74 @@
-"""A muxserver Client that one greenlet reads while another writes: the Locust users' connection.
+"""One muxserver connection, two greenlets: how a Locust user drives a Client.
 
-:class:`muxserver.client.Client` is one-caller-at-a-time: a request writes
-its frame and then reads until its REPLY. A load-test user needs a reader
-greenlet that never stops reading (so sending never waits on receiving) and
-a writer that sends EMITs at a fixed pace without waiting for their REPLYs.
-Two greenlets cannot both read one socket under gevent, so the REPLY to a
-pipelined EMIT has to reach the writer through the reader.
+A load-test user must never let sending wait on receiving: Locust's task
+loop writes EMITs at a fixed pace while the server's deliveries, REPLYs and
+PINGs keep coming. :class:`LoadClient` wraps a connected
+:class:`muxserver.client.Client` for that, with nothing but its public API:
 
-:class:`LoadClient` does that through the I/O hooks that Client's base class
-(``muxserver.clientcore._Core``) documents for its subclasses, and keeps
-everything else of Client: connect/HELLO, JOIN, LEAVE, BYE, the codec,
-PING answers, error mapping.
-
-* ``emit_nowait`` writes an EMIT (built with muxserver.protocol) and
-  registers its request id in ``_pending``, which is how ``_incoming``
-  decides to hand a REPLY to ``_on_reply`` instead of dropping an OK one.
-* ``_deliver`` and ``_on_reply`` pass every Event, error and REPLY straight
-  to the sink (the Locust user) in the reading greenlet: nothing waits in
-  Client's inbox, so ``run_forever`` never returns until the connection ends.
-* ``_write`` (PONGs, written by the reader) and ``emit_nowait`` share a
-  lock, so a frame written while the other greenlet is blocked half-way
-  through ``sendall`` cannot land in the middle of it.
+* a receive greenlet runs ``client.run_forever()``, which hands every Event,
+  Ack and error to the user's handlers as it is parsed, and answers PINGs;
+* the task loop sends with ``client.emit(..., ack=True, wait=False)``, which
+  writes the EMIT and returns without reading (gevent allows one reader per
+  socket): its REPLY reaches ``on_ack`` through the receive greenlet, with
+  the round trip measured by the client (``Ack.rtt``);
+* the client serializes the two greenlets' writes (EMITs, PONGs) itself.
 """
 
 from __future__ import annotations
 
 import time
 
-from gevent.lock import Semaphore
+import gevent
 
-from muxserver import protocol as P
-from muxserver.client import Client, ConnectionClosed, Event
+from muxserver.client import Client
 
 EVENT_NAME = "load"  # the event name of every load-test message
+BYE_WAIT_S = 5.0  # close(): how long the reader may take to reach the server's FIN
 
 
-class LoadClient(Client):
-    """A Client one greenlet reads while another writes pipelined EMITs.
+class LoadClient:
+    """A connected Client whose own greenlet reads, for a sink that counts.
 
-    ``sink`` (the user) gets every Event, REPLY to a pipelined EMIT and
-    error as it is parsed, in the reading greenlet.
+    ``sink`` has ``on_event(event)``, ``on_ack(ack)``, ``on_error(exc)`` (a
+    refused EMIT: ``exc.req`` is its id, or 0 without ack) and
+    ``on_died(exc)`` (the connection ended before :meth:`close`), all called
+    in the receive greenlet. ``target`` is emit's target: ``room=``, ``to=``
+    or ``broadcast=True``.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sink = None  # has on_event, on_ack, on_other
-        self._early: list = []  # what arrived before attach(): during connect/join
-        self._wlock = Semaphore()  # one frame at a time on the wire: EMITs and PONGs
-        self.sent_at: dict[int, float] = {}  # req -> perf_counter() when written
-
-    def attach(self, sink) -> None:
+    def __init__(self, client: Client, sink, **target) -> None:
+        self.client = client
+        self.target = target
         self.sink = sink
-        early, self._early = self._early, []
-        for item in early:
-            self._deliver(item)
+        client.on("*", sink.on_event)
+        client.on_ack(sink.on_ack)
+        client.on_error(sink.on_error)
+        self.reader = gevent.spawn(self._read)
 
-    def emit_nowait(self, kind: int, target: str, payload: bytes, ack: bool) -> None:
-        """Write one EMIT; with ``ack`` its REPLY goes to ``sink.on_ack`` later."""
-        sock = self.sock
-        if sock is None or not self.connected:
-            raise ConnectionClosed(None, "not connected")
-        req = self._next_req() if ack else 0
-        frame = P.encode(P.Emit(req, kind, target, EVENT_NAME, payload, 0))
-        if req:
-            # _incoming hands a REPLY to _on_reply only for ids in _pending.
-            self._pending[req] = None
-            self.sent_at[req] = time.perf_counter()
+    @property
+    def unacked(self) -> int:
+        """EMITs sent with an ack whose REPLY has not arrived (lost for good once dead)."""
+        return len(self.client.pending_acks)
+
+    def send(self, payload: bytes, ack: bool) -> None:
+        """Write one EMIT; with ``ack`` its Ack (or error) comes to the sink later."""
+        self.client.emit(EVENT_NAME, payload, ack=ack, wait=False, **self.target)
+
+    def close(self, grace: float = 2.0) -> None:
+        """Give outstanding acks ``grace`` seconds, say BYE, and let the reader finish.
+
+        The reader reads on to the server's FIN (what arrives meanwhile is
+        still counted), so the connection ends cleanly, never with a reset.
+        """
+        deadline = time.monotonic() + grace
+        while self.unacked and not self.reader.dead and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        self.client.close()  # BYE; run_forever returns at the FIN
+        self.reader.join(BYE_WAIT_S)
+        self.reader.kill(block=True)  # a no-op unless the server never closed
+
+    def _read(self) -> None:
         try:
-            with self._wlock:
-                sock.sendall(frame)
-        except BaseException:
-            self.sent_at.pop(req, None)
-            self._pending.pop(req, None)
-            raise
-
-    # Client's I/O hooks (see _Core).
-    def _deliver(self, item) -> None:
-        sink = self.sink
-        if sink is None:
-            self._early.append(item)
-        elif type(item) is Event:
-            sink.on_event(item)
-        else:
-            sink.on_other(item)
-
-    def _on_reply(self, reply: P.Reply) -> None:
-        sent = self.sent_at.pop(reply.req, None)
-        if sent is None:  # a request some call is waiting for (join before the reader ran)
-            super()._on_reply(reply)
-            return
-        self._pending.pop(reply.req, None)
-        self.sink.on_ack(reply, sent)
-
-    def _write(self, frame: bytes) -> None:
-        with self._wlock:
-            super()._write(frame)
+            self.client.run_forever()  # returns after close()
+        except Exception as exc:  # the end of the connection, or a bug: the sink tells which
+            self.sink.on_died(exc)

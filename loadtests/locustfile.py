@@ -17,15 +17,14 @@ sending never waits on receiving.
 Decisions worth knowing:
 
 * EMITs are pipelined: each carries a request id, the sender does not wait
-  for its REPLY, and the receive greenlet matches the REPLY (row ``emit`` =
-  ack round trip) and adds its recipient count to the deliveries expected.
-  Client.emit(ack=True) would read the socket from the sending greenlet,
-  which a second reader forbids; loadtests/loadclient.py says how
-  :class:`LoadClient` extends Client instead.
-* Deliveries never wait in the client's inbox: ``_deliver`` hands each EVENT
-  straight to the user, which counts it, checks its sequence number and
-  times it (loadtests/tally.py). Only every ``--deliver-sample``-th delivery
-  becomes a Locust event; see tally.py for why.
+  for its REPLY (``Client.emit(..., ack=True, wait=False)``), and the
+  receive greenlet gets it as an Ack (row ``emit`` = its round trip,
+  ``Ack.rtt``) whose recipient count adds to the deliveries expected.
+  loadtests/loadclient.py holds this two-greenlet plumbing.
+* The receive greenlet's handlers count each EVENT, check its sequence
+  number and time it (loadtests/tally.py), as it is parsed. Only every
+  ``--deliver-sample``-th delivery becomes a Locust event; see tally.py for
+  why.
 * A run ends with a drain: senders stop, then Locust waits until every EMIT
   is acked and every delivery the server promised has arrived (see
   DrainWatch) before users disconnect, so "expected == received" is exact.
@@ -65,8 +64,7 @@ from loadtests.tally import (  # noqa: E402
     padding,
     summary_dict,
 )
-from muxserver import protocol as P  # noqa: E402
-from muxserver.client import Client, Event, MuxError  # noqa: E402
+from muxserver.client import Ack, Client, Event, MuxError  # noqa: E402
 
 log = logging.getLogger("muxload")
 
@@ -77,7 +75,6 @@ TARGET_SAMPLED_PER_S = 10_000  # auto --deliver-sample keeps Locust events under
 QUIET_S = 1.0  # drain without acks: this long without a delivery means done
 DRAIN_CAP_S = 120.0  # a drain never takes longer, however much is still arriving
 LAG_TICK_S = 0.05  # loop-lag probe period
-_U32 = P.U32
 _unpack_head = PAYLOAD_HEAD.unpack_from
 _pack_head = PAYLOAD_HEAD.pack
 
@@ -260,8 +257,8 @@ class MuxUser(User):
 
     def __init__(self, environment) -> None:
         super().__init__(environment)
-        self.client: Client | None = None
-        self.reader: gevent.Greenlet | None = None
+        self.conn: LoadClient | None = None  # every scenario but churn
+        self.client: Client | None = None  # churn: the connection of the cycle under way
         self.dead = False
         self.stopping = False
         self.interval = 1.0
@@ -285,39 +282,39 @@ class MuxUser(User):
         if cfg.scenario == "churn":
             self.room = f"churn-{gidx % cfg.rooms}"
             return
-        nick = None
-        self.kind, self.target, self.room = P.TARGET_ROOM, "", None
+        nick, self.room = None, None
         if cfg.scenario == "chat":
-            self.room = self.target = f"chat-{gidx % cfg.rooms}"
+            self.room = f"chat-{gidx % cfg.rooms}"
+            target = {"room": self.room}
             self.sends = True
         elif cfg.scenario == "broadcast":
-            self.room = self.target = "hot"
+            self.room = "hot"
+            target = {"room": self.room}
             self.sends = gidx < cfg.publishers
         else:  # direct: local pairs, so a sender can see whether its partner is online
             nick = f"{NODE.token}-{self.idx}"
             self.partner = self.idx ^ 1
-            self.kind, self.target = P.TARGET_DIRECT, f"{NODE.token}-{self.partner}"
+            target = {"to": f"{NODE.token}-{self.partner}"}
             self.sends = True
         if not self.sends:
             self.interval = 1.0  # listeners: the task loop only idles
-        client = self._connect(LoadClient, nick)
+        client = self._connect(nick)
         if client is None:
             self.dead = True
             return
-        self.client = client
         if self.room is not None and not self._join(client, self.room):
             self.dead = True
+            client.close()
             return
-        client.attach(self)
-        self.reader = gevent.spawn(self._read)
+        self.conn = LoadClient(client, self, **target)
         if cfg.scenario == "direct":
             NODE.online.add(self.idx)
 
-    def _connect(self, cls: type[Client], nick: str | None = None) -> Client | None:
+    def _connect(self, nick: str | None = None) -> Client | None:
         cfg = NODE.cfg
         t0 = time.perf_counter()
         try:
-            client = cls.connect(cfg.host, cfg.port, nick=nick, namespace=cfg.namespace)
+            client = Client.connect(cfg.host, cfg.port, nick=nick, namespace=cfg.namespace)
         except (OSError, MuxError) as exc:
             _fail("connect", _error_name(exc))
             return None
@@ -337,17 +334,13 @@ class MuxUser(User):
     def on_stop(self) -> None:
         self.stopping = True
         NODE.online.discard(self.idx)
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            # Stopped mid-run (a ramp-down): the reader collects our acks first.
+            conn.close(grace=2.0)
         client, self.client = self.client, None
-        if client is None:
-            return
-        if isinstance(client, LoadClient) and client.sent_at and self.reader is not None:
-            # Stopped mid-run (a ramp-down): let the reader collect our acks first.
-            deadline = time.monotonic() + 2.0
-            while client.sent_at and not self.reader.dead and time.monotonic() < deadline:
-                gevent.sleep(0.05)
-        if self.reader is not None:
-            self.reader.kill(block=True)
-        client.close()
+        if client is not None:  # churn, stopped mid-cycle
+            client.close()
 
     # ------------------------------------------------------------ sending
     @task
@@ -360,7 +353,7 @@ class MuxUser(User):
             self._send()
 
     def _send(self) -> None:
-        client = self.client
+        conn = self.conn
         if NODE.cfg.scenario == "direct" and self.partner not in NODE.online:
             return  # partner not connected yet (or gone): a whisper would be refused
         tally, acks = NODE.tally, NODE.cfg.acks
@@ -370,7 +363,7 @@ class MuxUser(User):
             tally.unacked += 1
         t0 = time.perf_counter()
         try:
-            client.emit_nowait(self.kind, self.target, payload, acks)
+            conn.send(payload, acks)
         except (OSError, MuxError) as exc:
             if acks:
                 tally.unacked -= 1
@@ -382,7 +375,7 @@ class MuxUser(User):
 
     def _churn_cycle(self) -> None:
         """connect (HELLO -> WELCOME), JOIN, LEAVE, BYE: one connection per cycle."""
-        client = self._connect(Client)
+        client = self._connect()
         if client is None:  # counted; the next cycle tries again
             return
         self.client = client
@@ -408,23 +401,17 @@ class MuxUser(User):
             return
         self.dead = True
         _fail("deliver", _error_name(exc))
-        client = self.client
-        if isinstance(client, LoadClient) and client.sent_at:
-            NODE.tally.unacked -= len(client.sent_at)  # their REPLYs will never come
-            client.sent_at.clear()
+        if self.conn is not None:
+            # Their REPLYs will never come; any that still do are ignored (on_ack).
+            NODE.tally.unacked -= self.conn.unacked
 
     # ------------------------------------------------------------ receiving
-    def _read(self) -> None:
-        """The receive greenlet: Client reads and parses, our hooks get every frame."""
-        try:
-            self.client.run_forever()
-        except gevent.GreenletExit:
-            raise
-        except (OSError, MuxError) as exc:
-            self._died(exc)
-        except Exception as exc:  # a bug here must fail the run, not vanish with a greenlet
-            log.exception("receive greenlet failed")
-            self._died(exc)
+    # The handlers of LoadClient's receive greenlet: every frame, as it is parsed.
+    def on_died(self, exc: Exception) -> None:
+        """The receive greenlet ended before on_stop: the connection, or a bug."""
+        if not isinstance(exc, (OSError, MuxError)):  # a bug must fail the run, not vanish
+            log.error("receive greenlet failed", exc_info=exc)
+        self._died(exc)
 
     def on_event(self, ev: Event) -> None:
         """Every delivered EVENT, in the receive greenlet: the hot path."""
@@ -461,21 +448,22 @@ class MuxUser(User):
         if what != "ok":
             _fire_failures("deliver", what.upper(), count)
 
-    def on_ack(self, reply: P.Reply, sent: float) -> None:
+    def on_ack(self, ack: Ack) -> None:
+        if self.dead:
+            return  # already written off as unacked by _died
         tally = NODE.tally
         tally.unacked -= 1
-        ms = (time.perf_counter() - sent) * 1000
-        if reply.status == P.OK:
-            tally.acked += 1
-            tally.expected += _U32.unpack_from(reply.body)[0]
-            _fire("emit", ms, 0)
-        else:
-            _fail("emit", P.STATUS_NAMES.get(reply.status, str(reply.status)))
+        tally.acked += 1
+        tally.expected += ack.recipients
+        _fire("emit", ack.rtt * 1000, 0)
 
-    def on_other(self, item) -> None:
-        if isinstance(item, MuxError):  # a refused EMIT sent without ack
-            _fail("emit", _error_name(item))
-        # Presence: never asked for, nothing to count.
+    def on_error(self, exc: MuxError) -> None:
+        """A refused EMIT: ``exc.req`` is its id (0: sent without ack)."""
+        if exc.req:
+            if self.dead:
+                return
+            NODE.tally.unacked -= 1
+        _fail("emit", _error_name(exc))
 
 
 # ============================================================ test phases

@@ -34,6 +34,7 @@ from .clientcore import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     RECV_SIZE,
+    Ack,
     Backoff,
     ConnectionClosed,
     Event,
@@ -115,7 +116,7 @@ class AsyncClient(_Core):
     def __aiter__(self) -> AsyncClient:
         return self
 
-    async def __anext__(self) -> Event | Presence:
+    async def __anext__(self) -> Event | Presence | Ack:
         try:
             return await self.recv()
         except NotConnected:
@@ -143,9 +144,25 @@ class AsyncClient(_Core):
         broadcast: bool = False,
         echo: bool = False,
         ack: bool = False,
+        wait: bool = True,
     ) -> int | None:
-        """As ``Client.emit``: with ``ack`` returns the recipient count."""
-        return await self._request(self._emit_call(event, payload, room, to, broadcast, echo, ack))
+        """As ``Client.emit``: with ``ack`` returns the recipient count.
+
+        With ``ack=True, wait=False`` returns the request id once written; the
+        answer is an :class:`Ack` (or the error, ``.req`` set) from ``recv``,
+        ``async for`` and the ``on_ack`` (``on_error``) handlers.
+        """
+        call = self._emit_call(event, payload, room, to, broadcast, echo, ack)
+        if not ack or wait:
+            return await self._request(call)
+        self._ensure()
+        self._ack_sent(call.req)
+        try:
+            await self._send(call.frame, call.req)
+        except BaseException:
+            self._acks.pop(call.req, None)
+            raise
+        return call.req
 
     async def who(self, room: str) -> Listing:
         return await self._request(self._who_call(room))
@@ -193,11 +210,11 @@ class AsyncClient(_Core):
                 await writer.wait_closed()
 
     # --------------------------------------------------------- receiving
-    async def recv(self, timeout: float | None = None) -> Event | Presence | None:
-        """The next Event or Presence; None if ``timeout`` seconds pass first.
+    async def recv(self, timeout: float | None = None) -> Event | Presence | Ack | None:
+        """The next Event, Presence or Ack; None if ``timeout`` seconds pass first.
 
-        Raises an error that arrived for an EMIT sent without ack, and
-        ConnectionClosed when the connection has ended for good.
+        Raises an error that arrived for an EMIT sent without ack or without
+        waiting, and ConnectionClosed when the connection has ended for good.
         """
         item = await self._next(timeout)
         if isinstance(item, MuxError):
@@ -246,7 +263,7 @@ class AsyncClient(_Core):
             raise exc
         return item
 
-    async def _dispatch(self, item: Event | Presence | MuxError) -> None:
+    async def _dispatch(self, item: Event | Presence | Ack | MuxError) -> None:
         for fn in self._handlers_for(item):
             result = fn(item)
             if inspect.isawaitable(result):
@@ -435,7 +452,7 @@ class AsyncClient(_Core):
             raise TimeoutError(f"no {what} within {self.timeout:g} s") from None
 
     # I/O hooks for _Core.
-    def _deliver(self, item: Event | Presence | MuxError) -> None:
+    def _deliver(self, item: Event | Presence | Ack | MuxError) -> None:
         self._queue.put_nowait(item)
 
     def _on_reply(self, reply: P.Reply) -> None:

@@ -10,13 +10,24 @@ Presence types, Backoff, request bookkeeping -- lives in
 
 Decisions worth knowing:
 
-* The blocking client uses plain sockets with timeouts: no threads and no
-  selectors, so it runs unchanged under gevent monkey-patching (``ssl``
-  included). The price is that server PINGs are answered only while the
-  program is inside a client call, so a program must call
-  ``recv``/``poll``/``run_forever`` (or make any request) at least once per
-  ``ping_interval + ping_timeout`` (45 s by default) or the server cuts it
-  with IDLE_TIMEOUT.
+* The blocking client uses plain sockets, ``select.poll`` and a
+  ``threading.Lock``, all looked up when used: no threads of its own, so it
+  runs unchanged under gevent monkey-patching (``ssl`` included). The price
+  is that server PINGs are answered only while the program is inside a
+  client call, so a program must call ``recv``/``poll``/``run_forever`` (or
+  make any request) at least once per ``ping_interval + ping_timeout`` (45 s
+  by default) or the server cuts it with IDLE_TIMEOUT.
+* One greenlet (or thread) may read while others send EMITs that wait for
+  nothing (``ack=False``, or ``ack=True, wait=False``): the Locust users'
+  pattern. Three things make that safe. The socket's timeout is set once, to
+  ``timeout``, and bounds writes only: a read with a deadline first waits
+  for readability with ``poll``, a read without one retries on timeout, so a
+  reader never changes the timeout under a concurrent ``send`` (a zero
+  timeout there failed it with BlockingIOError). Every frame is written
+  whole under a write lock, so a PONG written by the reader never lands in
+  the middle of another frame. And a call that would read while another
+  greenlet reads -- a failed send looking for the server's last ERROR, a due
+  reconnect, ``close`` waiting for the FIN -- leaves that to the reader.
 * With TLS, every read also drains what the SSL object has already
   decrypted, so a caller that selects on :attr:`Client.sock` never sleeps
   while a message sits in user space where the selector cannot see it.
@@ -29,9 +40,12 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from typing import Any, NoReturn
@@ -44,6 +58,7 @@ from .clientcore import (
     ERRORS,  # noqa: F401 (re-exported: importable from here as before the split)
     PERMANENT,  # noqa: F401
     RECV_SIZE,
+    Ack,
     AuthFailed,
     Backoff,
     BadFrame,
@@ -74,24 +89,56 @@ from .clientcore import (
 )
 
 __all__ = [
-    "AuthFailed", "Backoff", "BadFrame", "Client", "ConnectionClosed", "Event", "IdleTimeout",
+    "Ack", "AuthFailed", "Backoff", "BadFrame", "Client", "ConnectionClosed", "Event", "IdleTimeout",
     "InvalidName", "Limit", "Listing", "MuxError", "NickTaken", "NoSuchTarget", "NotConnected",
     "NotHello", "NotMember", "Presence", "RateLimited", "RoomInfo", "ShuttingDown",
     "SlowConsumer", "TooLarge", "UnknownType", "UnsupportedVersion", "connect", "error_for",
 ]  # fmt: skip
 
-# Reads that mean "nothing yet", not "connection lost". An SSLSocket with a
-# zero timeout raises SSLWant*Error (an OSError) where a plain one raises
-# BlockingIOError.
+# Reads that mean "nothing yet", not "connection lost": a timeout, or the
+# EAGAIN of a socket a program made non-blocking (an SSLSocket raises
+# SSLWant*Error, an OSError, where a plain one raises BlockingIOError).
 _NOTHING_YET = (TimeoutError, BlockingIOError, InterruptedError, ssl.SSLWantReadError,
                 ssl.SSLWantWriteError)  # fmt: skip
+# A send that made no progress yet but may: wait for the socket, do not fail.
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def _ready(sock: socket.socket, events: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``events`` (or EOF, or an error) on ``sock``.
+
+    poll, not select: select cannot watch a file descriptor over 1023, and a
+    Locust process holds thousands. Looked up at each call, so a gevent
+    program gets gevent's poll, which blocks only the calling greenlet.
+    """
+    timeout = max(0.0, timeout)
+    if not hasattr(select, "poll"):  # Windows
+        watch = ([sock], [], []) if events & select.POLLIN else ([], [sock], [])
+        return any(select.select(*watch, timeout))
+    poller = select.poll()
+    poller.register(sock, events)
+    return bool(poller.poll(timeout * 1000))
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """Shut both directions down, waking whoever is blocked reading ``sock``.
+
+    socket.socket's shutdown (gevent's when patched), not SSLSocket's, which
+    would also drop the TLS state a reader may still decrypt the rest with.
+    """
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 # ======================================================= blocking client
 class Client(_Core):
     """A blocking muxserver client. Make one with :meth:`Client.connect`.
 
-    Not thread-safe: use one client per thread (or greenlet).
+    One thread or greenlet at a time reads: it calls ``recv``/``poll``/
+    ``run_forever`` or any request that waits for its answer. Others may
+    meanwhile call ``emit`` without ``ack`` or with ``ack=True, wait=False``
+    (their answers reach the reader), and ``close``. Otherwise use one client
+    per thread or greenlet.
     """
 
     def __init__(
@@ -113,6 +160,12 @@ class Client(_Core):
         self._inbox: deque = deque()
         self._pongs: set[int] = set()
         self._retry_at: float | None = None  # monotonic time of the next attempt
+        # threading.Lock is gevent's when monkey-patched: it then yields.
+        self._wlock = threading.Lock()  # one frame at a time on the wire
+        self._reader: int | None = None  # threading.get_ident() of the caller inside a read
+        # Set by a send that failed while another greenlet was reading: that
+        # reader reports it when it sees the end of the connection.
+        self._broken: ConnectionClosed | None = None
 
     @classmethod
     def connect(
@@ -183,14 +236,22 @@ class Client(_Core):
         broadcast: bool = False,
         echo: bool = False,
         ack: bool = False,
+        wait: bool = True,
     ) -> int | None:
         """Send an event to a ``room``, one nick (``to``) or the namespace (``broadcast``).
 
         With ``ack`` waits for the REPLY and returns the recipient count (an
-        error raises here); without it returns None at once and an error
-        arrives later through ``recv``/``poll``/``on_error``.
+        error raises here). With ``ack=True, wait=False`` returns the request
+        id as soon as the EMIT is written, without reading (nor reconnecting:
+        while disconnected it raises NotConnected): the answer comes later
+        through ``recv``/``poll`` as an :class:`Ack` (``on_ack``) or, if
+        refused, as its error with ``.req`` set (``on_error``). Without
+        ``ack`` returns None at once, and an error arrives later (``.req`` 0).
         """
-        return self._request(self._emit_call(event, payload, room, to, broadcast, echo, ack))
+        call = self._emit_call(event, payload, room, to, broadcast, echo, ack)
+        if ack and not wait:
+            return self._send_nowait(call)
+        return self._request(call)
 
     def who(self, room: str) -> Listing:
         """Nicks in ``room`` in join order (``.total`` is the full count)."""
@@ -214,44 +275,56 @@ class Client(_Core):
         return time.monotonic() - start
 
     def close(self) -> None:
-        """Say BYE and close. Idempotent; a closed client never reconnects."""
+        """Say BYE and close. Idempotent; a closed client never reconnects.
+
+        Called while another greenlet reads (``run_forever``, say), it sends
+        BYE and returns; that reader then reads to the server's FIN, closes
+        the socket and stops (``run_forever`` returns, ``recv`` raises
+        NotConnected).
+        """
         if self._closed:
             return
         self._closed = True
         self._retry_at = None
         sock = self._sock
         if sock is not None and self._up:
+            self._up = False
             try:
-                sock.settimeout(self.timeout)
-                sock.sendall(P.encode(P.Bye()))
+                with self._wlock:
+                    self._send_all(sock, P.encode(P.Bye()))
+                if self._reading_elsewhere():
+                    return  # the server closes after BYE: that reader sees it
                 sock.shutdown(socket.SHUT_WR)
-                # Read to the server's FIN: closing with unread input would make
-                # the kernel reset the connection instead of ending it cleanly.
-                deadline = time.monotonic() + CLOSE_LINGER
-                while (left := deadline - time.monotonic()) > 0:
-                    sock.settimeout(left)
-                    if not sock.recv(RECV_SIZE):
-                        break
             except OSError:
                 pass
+            else:
+                self._linger(sock)
         self._drop()
 
-    # --------------------------------------------------------- receiving
-    def recv(self, timeout: float | None = None) -> Event | Presence | None:
-        """The next Event or Presence; None if ``timeout`` seconds pass first.
+    def _linger(self, sock: socket.socket) -> None:
+        """After BYE, read (and drop) what comes until the server's FIN.
 
-        Raises an error that arrived for an EMIT sent without ack, and
-        ConnectionClosed when the connection ends (with ``reconnect`` on, it
-        reconnects instead and keeps waiting).
+        Closing with unread input would make the kernel reset the connection
+        instead of ending it cleanly.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._inbox:
-            try:
-                if not self._step(deadline):
-                    return None
-            except ConnectionClosed:
-                if self._retry_at is None:
-                    raise
+        deadline = time.monotonic() + CLOSE_LINGER
+        with contextlib.suppress(OSError):
+            while (left := deadline - time.monotonic()) > 0 and _ready(sock, select.POLLIN, left):
+                if not sock.recv(RECV_SIZE):
+                    break
+
+    # --------------------------------------------------------- receiving
+    def recv(self, timeout: float | None = None) -> Event | Presence | Ack | None:
+        """The next Event, Presence or Ack; None if ``timeout`` seconds pass first.
+
+        An Ack answers ``emit(..., ack=True, wait=False)``; only programs that
+        send those get one. Raises an error that arrived for an EMIT sent
+        without ack or without waiting, and ConnectionClosed when the
+        connection ends (with ``reconnect`` on, it reconnects instead and
+        keeps waiting).
+        """
+        if not self._wait_input(None if timeout is None else time.monotonic() + timeout):
+            return None
         item = self._inbox.popleft()
         if isinstance(item, MuxError):
             raise item
@@ -262,14 +335,8 @@ class Client(_Core):
 
         Returns how many items were dispatched.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._inbox:
-            try:
-                if not self._step(deadline):
-                    return 0
-            except ConnectionClosed:
-                if self._retry_at is None:
-                    raise
+        if not self._wait_input(None if timeout is None else time.monotonic() + timeout):
+            return 0
         count = 0
         while self._inbox and not self._closed:
             item = self._inbox.popleft()
@@ -279,9 +346,21 @@ class Client(_Core):
         return count
 
     def run_forever(self) -> None:
-        """Dispatch to the handlers until :meth:`close` (e.g. from a handler)."""
-        while not self._closed:
-            self.poll(None)
+        """Dispatch to the handlers until :meth:`close` (from a handler or another greenlet)."""
+        outer, self._reader = self._reader, threading.get_ident()  # handlers included
+        try:
+            while not self._closed:
+                try:
+                    self.poll(None)
+                except NotConnected:
+                    if self._closed:  # by another greenlet, while this one read
+                        return
+                    raise
+        finally:
+            self._reader = outer
+        if self._sock is not None:  # closed by another greenlet while a handler ran
+            self._linger(self._sock)
+            self._drop()
 
     # ------------------------------------------------------------ guts
     def _open(self) -> None:
@@ -298,6 +377,7 @@ class Client(_Core):
             raise
         self._fresh_session()
         self._sock = sock
+        self._broken = None
         try:
             self._send(self._hello_frame())
             while self._welcome is None:
@@ -314,10 +394,9 @@ class Client(_Core):
         self._pending.clear()
         self._pongs.clear()
         if sock is not None:
-            try:
+            _shutdown(sock)  # a thread blocked reading it wakes up; close() alone would not
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     def _schedule(self, exc: MuxError) -> None:
         """Remember why we are down and when to try again (None: never)."""
@@ -326,6 +405,9 @@ class Client(_Core):
         self._retry_at = None if delay is None else time.monotonic() + delay
 
     def _lost(self, exc: MuxError) -> NoReturn:
+        if self._closed:  # by another greenlet, which said BYE: the end it asked for
+            self._drop()
+            raise NotConnected("the client is closed")
         was_up = self._up
         self._drop()
         self._schedule(exc)
@@ -376,13 +458,14 @@ class Client(_Core):
                 self._joined.pop(room, None)
                 self._deliver(exc)
 
-    def _ensure(self) -> None:
+    def _ensure(self, reconnect: bool = True) -> None:
         """Raise NotConnected unless connected (trying a reconnect that is due first)."""
         if self._up:
             return
         if self._closed:
             raise NotConnected("the client is closed")
-        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+        due = self._retry_at is not None and time.monotonic() >= self._retry_at
+        if due and reconnect and not self._reading_elsewhere():  # else the reader does
             self._try_reconnect()
             if self._up:
                 return
@@ -409,37 +492,105 @@ class Client(_Core):
                 raise TimeoutError(f"no reply to request {req} within {self.timeout:g} s")
         return self._pending.pop(req)
 
+    def _send_nowait(self, call: _Call) -> int:
+        """Write an acked EMIT without reading; its REPLY becomes an Ack for the reader."""
+        self._ensure(reconnect=False)  # a reconnect reads: the reading calls do it
+        self._ack_sent(call.req)  # first: the reader may read the REPLY before we return
+        try:
+            self._send(call.frame)
+        except BaseException:
+            self._acks.pop(call.req, None)
+            raise
+        return call.req
+
     def _send(self, frame: bytes) -> None:
         sock = self._sock
         if sock is None:
             raise NotConnected("not connected")
-        sock.settimeout(self.timeout)
+        if self._broken is not None:
+            raise self._broken
         try:
-            sock.sendall(frame)
+            with self._wlock:
+                self._send_all(sock, frame)
         except OSError as exc:
+            why = ConnectionClosed(None, f"connection lost: {_why(exc)}")
+            if self._reading_elsewhere():
+                # The reader reads on to the end (and to any ERROR the server
+                # sent before it) and does the rest: wake it and leave it to it.
+                self._break(sock, why)
+                raise why from None
             # The server may have said why in an ERROR frame before closing:
             # read what is buffered so the caller gets that, not EPIPE.
             while self._pump(time.monotonic()):
                 pass
-            self._lost(ConnectionClosed(None, f"connection lost: {_why(exc)}"))
+            self._lost(why)
+
+    def _send_all(self, sock: socket.socket, data: bytes) -> None:
+        """Write all of ``data``; the caller holds the write lock.
+
+        sendall, except that a send that would block (a socket some program
+        made non-blocking; SSLWant*) waits for the socket instead of failing
+        half-way: only ``timeout`` seconds without progress (or a real error)
+        raise, and then the connection is unusable anyway.
+        """
+        view = data  # a memoryview only once a send was partial: most are whole
+        while True:
+            try:
+                sent = sock.send(view)
+            except _WOULD_BLOCK:
+                if not _ready(sock, select.POLLOUT, self.timeout):
+                    raise TimeoutError(f"send made no progress in {self.timeout:g} s") from None
+                continue
+            if sent == len(view):
+                return
+            view = memoryview(view)[sent:]
+
+    def _break(self, sock: socket.socket, why: ConnectionClosed) -> None:
+        """Mark the connection failed and shut it down, for the reader to report ``why``."""
+        self._broken = why
+        _shutdown(sock)  # the reader's recv returns at once
+
+    def _reading_elsewhere(self) -> bool:
+        """True while another thread or greenlet is inside a read of this client."""
+        reader = self._reader
+        return reader is not None and reader != threading.get_ident()
 
     def _pump(self, deadline: float | None) -> bool:
         """One read, until ``deadline`` (None: no limit); False if nothing came."""
         sock = self._sock
         if sock is None:
             raise NotConnected("not connected")
-        sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        outer, self._reader = self._reader, threading.get_ident()
         try:
-            data = sock.recv(RECV_SIZE)
+            return self._read(sock, deadline)
+        finally:
+            self._reader = outer
+
+    def _read(self, sock: socket.socket, deadline: float | None) -> bool:
+        try:
+            if deadline is not None:
+                # Waiting here, not in recv, leaves the socket's timeout alone.
+                if not _ready(sock, select.POLLIN, deadline - time.monotonic()):
+                    return False
+            while True:
+                try:
+                    data = sock.recv(RECV_SIZE)
+                    break
+                except _NOTHING_YET:
+                    if deadline is not None:  # e.g. half a TLS record, its rest late
+                        return False
+                    # No deadline: the socket's timeout is for writes, and a
+                    # socket some program made non-blocking must not spin.
+                    _ready(sock, select.POLLIN, self.timeout)
             if self._tls is not None and data:
                 while more := sock.pending():  # decrypted already: no selector sees it
                     data += sock.recv(more)
         except _NOTHING_YET:
             return False
         except OSError as exc:
-            self._lost(ConnectionClosed(None, f"connection lost: {_why(exc)}"))
+            self._lost(self._broken or ConnectionClosed(None, f"connection lost: {_why(exc)}"))
         if not data:
-            self._lost(ConnectionClosed(None, "the server closed the connection"))
+            self._lost(self._broken or ConnectionClosed(None, "the server closed the connection"))
         msgs, bad = self._parse(data)
         try:
             for msg in msgs:
@@ -449,6 +600,25 @@ class Client(_Core):
         if bad is not None:
             self._lost(bad)
         return True
+
+    def _wait_input(self, deadline: float | None) -> bool:
+        """Read (and reconnect) until the inbox has something; False at ``deadline``.
+
+        The caller is marked as the reader meanwhile, so that a greenlet
+        sending at the same time leaves reading and reconnecting to it.
+        """
+        outer, self._reader = self._reader, threading.get_ident()
+        try:
+            while not self._inbox:
+                try:
+                    if not self._step(deadline):
+                        return False
+                except ConnectionClosed:
+                    if self._retry_at is None:
+                        raise
+            return True
+        finally:
+            self._reader = outer
 
     def _step(self, deadline: float | None) -> bool:
         """Wait for input, or for and through the next reconnect attempt; False at the deadline."""
@@ -463,11 +633,13 @@ class Client(_Core):
             time.sleep(max(0.0, deadline - now))
             return False
         time.sleep(max(0.0, self._retry_at - now))
+        if self._closed:  # by another greenlet, while this one slept
+            raise NotConnected("the client is closed")
         self._try_reconnect()
         return True
 
     # I/O hooks for _Core.
-    def _deliver(self, item: Event | Presence | MuxError) -> None:
+    def _deliver(self, item: Event | Presence | Ack | MuxError) -> None:
         self._inbox.append(item)
 
     def _on_reply(self, reply: P.Reply) -> None:
@@ -478,12 +650,16 @@ class Client(_Core):
             self._pongs.add(nonce)
 
     def _write(self, frame: bytes) -> None:
-        # Best effort (a PONG): if the socket is broken, the next read says so.
+        # A PONG, written by the reader: if it fails, the next read says so.
+        sock = self._sock
+        if sock is None:
+            return
         try:
-            self._sock.settimeout(self.timeout)
-            self._sock.sendall(frame)
-        except OSError:
-            pass
+            with self._wlock:
+                self._send_all(sock, frame)
+        except OSError as exc:
+            # Maybe half a frame went out: nothing more may follow it.
+            self._break(sock, ConnectionClosed(None, f"connection lost: {_why(exc)}"))
 
 
 connect = Client.connect

@@ -23,6 +23,7 @@ from tlsutil import make_tls_files
 from muxserver import protocol as P
 from muxserver.aio import AsyncClient
 from muxserver.client import (
+    Ack,
     Backoff,
     ConnectionClosed,
     Event,
@@ -132,6 +133,36 @@ def test_request_errors(server):
             with pytest.raises(NotMember) as info:
                 await a.recv(10)
             assert info.value.req == 0
+
+    run(main())
+
+
+def test_emit_ack_without_wait(server):
+    async def main():
+        async with await connect(server, "alice") as a, await connect(server, "bob") as b:
+            await a.join("r")
+            await b.join("r")
+            req = await a.emit("chat", "one", room="r", ack=True, wait=False)
+            assert isinstance(req, int) and a.pending_acks == {req}
+            ack = await recv_type(a, Ack)
+            assert ack == Ack(req, 1) and ack.rtt > 0 and a.pending_acks == frozenset()
+            assert (await recv_type(b, Event)).text == "one"
+            bad = await a.emit("chat", "x", room="elsewhere", ack=True, wait=False)
+            with pytest.raises(NotMember) as info:
+                await a.recv(10)
+            assert info.value.req == bad
+            # Through handlers, as many as are sent at once.
+            acks, errors = [], []
+            a.on_ack(acks.append)
+            a.on_error(errors.append)
+            reqs = await asyncio.gather(
+                *(a.emit("chat", str(n), room="r", ack=True, wait=False) for n in range(20))
+            )
+            bad = await a.emit("chat", "x", to="nobody", ack=True, wait=False)
+            while len(acks) < 20 or not errors:
+                await a.poll(10)
+            assert sorted(ack.req for ack in acks) == sorted(reqs)
+            assert isinstance(errors[0], NoSuchTarget) and errors[0].req == bad
 
     run(main())
 

@@ -4,6 +4,8 @@ Every request, every error it can raise (RATE_LIMITED included), heartbeats,
 handlers, TLS, and auto-reconnect after a server restart and after a cut
 connection. A few cases the real server cannot produce (a server that never
 answers, a frame type nobody defined) use a tiny scripted server on a thread.
+Acked EMITs that do not wait (``wait=False``) are sent while another thread,
+or greenlet, reads: the Locust users' pattern, PINGs and all.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tlsutil import make_tls_files
 
 from muxserver import protocol as P
 from muxserver.client import (
+    Ack,
     AuthFailed,
     Backoff,
     Client,
@@ -47,6 +50,7 @@ from muxserver.client import (
     UnknownType,
     error_for,
 )
+from muxserver.clientcore import RECV_SIZE
 from muxserver.framing import FrameDecoder, encode_frame
 
 FAST = Backoff(initial=0.05, maximum=0.2)
@@ -364,6 +368,104 @@ def test_rate_limited_emit_without_ack_surfaces_later(server_factory):
         assert [recv_type(b, Event).text for _ in range(4)] == ["0", "1", "2", "marker"]
 
 
+# ==================================================== acks without waiting
+def test_emit_ack_without_wait_answers_through_recv(connect):
+    a, b = connect("alice"), connect("bob")
+    a.join("r")
+    b.join("r")
+    req = a.emit("chat", "one", room="r", ack=True, wait=False)
+    assert isinstance(req, int) and req > 0
+    assert a.pending_acks == {req}
+    ack = recv_type(a, Ack)
+    assert ack == Ack(req, 1) and ack.rtt > 0 and a.pending_acks == frozenset()
+    assert recv_type(b, Event).text == "one"
+    # Answers come in order, between whatever else arrives; a request that
+    # waits meanwhile gets its own REPLY and leaves the Acks for recv.
+    reqs = [a.emit("chat", str(n), room="r", ack=True, wait=False) for n in range(3)]
+    b.emit("chat", "from bob", room="r")
+    assert a.who("r") == ["alice", "bob"]
+    items = [a.recv(10) for _ in range(4)]
+    assert [i for i in items if isinstance(i, Ack)] == [Ack(r, 1) for r in reqs]
+    assert [i.text for i in items if isinstance(i, Event)] == ["from bob"]
+    # A refused EMIT is raised by recv, with its id.
+    bad = a.emit("chat", "x", room="elsewhere", ack=True, wait=False)
+    with pytest.raises(NotMember) as info:
+        a.recv(10)
+    assert info.value.req == bad and a.pending_acks == frozenset()
+    # wait=False changes nothing without ack: nothing to wait for, no id.
+    assert a.emit("chat", "plain", room="r", wait=False) is None
+    assert a.recv(0.2) is None  # no Ack for it
+
+
+def test_emit_ack_without_wait_answers_through_handlers(connect):
+    a, b = connect("alice"), connect("bob")
+    a.join("r")
+    b.join("r")
+    acks, errors = [], []
+    a.on_ack(acks.append)
+    a.on_error(errors.append)
+    good = [a.emit("chat", str(n), room="r", ack=True, wait=False) for n in range(5)]
+    bad = a.emit("chat", "x", to="nobody", ack=True, wait=False)
+    poll_until(a, lambda: len(acks) == 5 and errors)
+    assert [ack.req for ack in acks] == good and {ack.recipients for ack in acks} == {1}
+    assert isinstance(errors[0], NoSuchTarget) and errors[0].req == bad
+    assert a.pending_acks == frozenset()
+
+
+def test_acks_while_another_thread_reads(connect):
+    # The reading thread answers; this one only writes, then closes.
+    a, b = connect("alice"), connect("bob")
+    a.join("r")
+    b.join("r")
+    acks, failures = [], []
+    a.on_ack(acks.append)
+
+    def read() -> None:
+        try:
+            a.run_forever()  # returns after close() from the main thread
+        except BaseException as exc:
+            failures.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reqs = [a.emit("chat", str(n), room="r", ack=True, wait=False) for n in range(200)]
+    assert [b.recv(10).text for _ in range(200)] == [str(n) for n in range(200)]
+    deadline = time.monotonic() + 30
+    while len(acks) < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    a.close()
+    reader.join(15)
+    assert not reader.is_alive() and failures == []
+    assert sorted(ack.req for ack in acks) == reqs and not a.connected
+
+
+def test_reads_leave_the_socket_timeout_alone(connect):
+    # A writer in another greenlet shares the socket: a read must not set
+    # a timeout of 0 (a deadline that passed) under its sendall.
+    a = connect("alice", timeout=7.0)
+    a.join("r")
+    assert a.sock.gettimeout() == 7.0
+    assert a.recv(0) is None and a.recv(0.05) is None and a.poll(0) == 0
+    a.emit("e", "x", room="r", echo=True, ack=True)
+    assert recv_type(a, Event).text == "x" and a.ping() >= 0
+    assert a.sock.gettimeout() == 7.0
+
+
+def test_send_waits_out_a_full_nonblocking_socket(connect):
+    # A send that would block waits for room instead of calling the
+    # connection lost, even on a socket some program made non-blocking.
+    a, b = connect("alice"), connect("bob")
+    a.join("r")
+    b.join("r")
+    a.sock.setblocking(False)
+    a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # many would-blocks
+    blob = bytes(range(256)) * 3000  # 768 KB: ~12 reads of RECV_SIZE for bob
+    assert RECV_SIZE <= 64 * 1024  # larger recv() sizes cost 5x per call (clientcore)
+    for _ in range(3):
+        assert a.emit("blob", blob, room="r", ack=True) == 1
+    assert [recv_type(b, Event).payload for _ in range(3)] == [blob] * 3
+
+
 # =========================================================== ping, close
 def test_ping(connect):
     rtt = connect("a").ping()
@@ -554,6 +656,28 @@ def test_server_eof_without_error():
         srv.close()
 
 
+def test_lost_connection_keeps_the_unanswered_acks():
+    def script(conn):  # read an EMIT, answer nothing, end the connection
+        conn.recv(4096)
+        conn.shutdown(socket.SHUT_WR)
+
+    srv = ScriptedServer(script)
+    try:
+        a = Client.connect("127.0.0.1", srv.port, nick="alice")
+        lost = []
+        a.on_disconnect(lambda exc: lost.append(a.pending_acks))
+        reqs = {a.emit("e", str(n), broadcast=True, ack=True, wait=False) for n in range(2)}
+        with pytest.raises(ConnectionClosed):
+            a.recv(10)
+        # What went unanswered stays listed until a next connection starts.
+        assert lost == [reqs] and a.pending_acks == reqs
+        with pytest.raises(NotConnected):
+            a.emit("e", "x", broadcast=True, ack=True, wait=False)
+        assert a.pending_acks == reqs
+    finally:
+        srv.close()
+
+
 # ============================================================== reconnect
 def test_backoff_delays():
     b = Backoff()
@@ -619,6 +743,23 @@ def test_request_while_disconnected_raises_not_connected(server, connect):
         alice.emit("chat", "hello?", room="games")
     assert "next attempt" in str(info.value)
     assert alice.poll(0) == 0  # waiting out the backoff, not failing
+
+
+def test_emit_without_wait_leaves_reconnecting_to_the_reader(server, connect):
+    alice = connect("alice", reconnect=True, backoff=Backoff(initial=0.05, jitter=0))
+    lost, back = [], []
+    alice.on_disconnect(lost.append)
+    alice.on_reconnect(lambda: back.append(alice.conn_id))
+    alice.join("games")
+    alice.sock.shutdown(socket.SHUT_RDWR)
+    while not lost:
+        alice.poll(0)  # notices the loss; the attempt is not due yet
+    time.sleep(0.1)  # now it is: a send that waits for nothing still does not read
+    with pytest.raises(NotConnected):
+        alice.emit("chat", "x", room="games", ack=True, wait=False)
+    poll_until(alice, lambda: back)  # the reading call reconnects
+    req = alice.emit("chat", "x", room="games", ack=True, wait=False)
+    assert recv_type(alice, Ack) == Ack(req, 0)
 
 
 def test_reconnect_gives_up_after_max_attempts(server_factory):
@@ -749,6 +890,111 @@ def test_works_under_gevent(server_factory, tls, use_tls):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.stdout.strip() == "ok", out.stderr
+
+
+# One greenlet reads the sender's connection (recv with short timeouts, or
+# run_forever) while another writes big EMITs with ack=True, wait=False, and
+# the server PINGs both clients whenever they have been silent for 50 ms. The
+# reader is parked (in its on_ack handler) through each silence, so that the
+# PING is waiting for it when the writer starts a burst: it writes the PONG as
+# soon as the writer blocks half-way through a frame (a small send buffer
+# makes sure it does). Without the client's write lock the PONG lands inside
+# that frame (or gevent refuses the second writer); with the old per-read
+# timeouts the writer's send failed with BlockingIOError.
+GEVENT_ACKS_SCRIPT = """
+from gevent import monkey; monkey.patch_all()
+import random, select, socket, sys
+import gevent, gevent.event
+from muxserver.client import Ack, Client
+
+port, mode = int(sys.argv[1]), sys.argv[2]
+ROUNDS, BURST = 8, 3
+seen = {"pongs": 0, "mid_frame": 0}
+writing = [False]
+
+class Counting(Client):
+    def _write(self, frame):  # the I/O hook the reading side writes PONGs with
+        seen["pongs"] += 1
+        seen["mid_frame"] += writing[0]
+        super()._write(frame)
+
+listener = Client.connect("127.0.0.1", port, nick="listener")
+sender = Counting.connect("127.0.0.1", port, nick="sender")
+listener.join("r")
+sender.join("r")
+sender.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+rng = random.Random(7)
+payloads = [
+    n.to_bytes(4, "big") + rng.randbytes(rng.randrange(50_000, 200_000))
+    for n in range(ROUNDS * BURST)
+]
+acks, errors, reqs, got = {}, [], [], []
+go = gevent.event.Event()
+
+def on_ack(ack):
+    acks[ack.req] = ack
+    if len(acks) % BURST == 0 and len(acks) < len(payloads):
+        go.wait()  # read nothing until the writer starts its next burst
+        go.clear()
+
+sender.on_ack(on_ack)
+sender.on_error(errors.append)
+
+def read_sender():
+    if mode == "run_forever":
+        sender.run_forever()  # until the writer's close()
+        return
+    while len(acks) < len(payloads):
+        item = sender.recv(0.002)
+        if item is not None:
+            assert isinstance(item, Ack), item
+            on_ack(item)
+
+def read_listener():
+    while len(got) < len(payloads):
+        got.append(listener.recv(30).payload)
+
+def write():
+    for r in range(ROUNDS):
+        if r:
+            while len(acks) < r * BURST:
+                gevent.sleep(0.002)
+            poller = select.poll()  # the reader is parked: wait, silent, for a PING
+            poller.register(sender.sock, select.POLLIN)
+            poller.poll(5000)
+            go.set()
+        for payload in payloads[r * BURST : (r + 1) * BURST]:
+            writing[0] = True
+            reqs.append(sender.emit("blob", payload, room="r", ack=True, wait=False))
+            writing[0] = False
+    while len(acks) < len(payloads):
+        gevent.sleep(0.005)
+    if mode == "run_forever":
+        sender.close()  # from this greenlet, while the other one reads
+
+jobs = [gevent.spawn(f) for f in (read_sender, read_listener, write)]
+gevent.joinall(jobs, timeout=60, raise_error=True)
+assert all(j.successful() for j in jobs), "a greenlet hung"
+assert errors == [], errors
+assert got == payloads, "a payload arrived damaged, out of order or not at all"
+assert sorted(acks) == sorted(reqs) and len(set(reqs)) == len(payloads)
+assert all(a.recipients == 1 and a.rtt > 0 for a in acks.values())
+assert sender.pending_acks == frozenset()
+assert seen["mid_frame"] > 0, f"no PONG was written during an EMIT: {seen}"
+print("ok", seen)
+"""
+
+
+@pytest.mark.parametrize("mode", ["recv", "run_forever"])
+def test_gevent_reader_and_nowait_writer_share_a_connection(server_factory, mode):
+    import gevent  # noqa: F401  (in the test extra: missing, this fails)
+
+    srv = server_factory("--ping-interval", "0.05", "--ping-timeout", "5")
+    out = subprocess.run(
+        [sys.executable, "-c", GEVENT_ACKS_SCRIPT, str(srv.port), mode],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert out.stdout.startswith("ok"), out.stderr
 
 
 # =================================================================== docs
