@@ -55,21 +55,10 @@ _END = object()  # queue sentinel: no more items; raise ``_final``
 class AsyncClient(_Core):
     """An asyncio muxserver client. Make one with ``await AsyncClient.connect(...)``."""
 
-    def __init__(
-        self,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
-        nick: str | None = None,
-        namespace: str = "/",
-        token: str | None = None,
-        timeout: float = 10.0,
-        *,
-        reconnect: bool = False,
-        backoff: Backoff | None = None,
-        tls: bool | ssl.SSLContext = False,
-        ca: str | os.PathLike | None = None,
-    ) -> None:
-        super().__init__(host, port, nick, namespace, token, timeout, reconnect, backoff, tls, ca)
+    def __init__(self, *args, **kwargs) -> None:
+        # Same arguments as connect() (documented there), kept in one place:
+        # _Core.__init__.
+        super().__init__(*args, **kwargs)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._queue: asyncio.Queue = asyncio.Queue()

@@ -141,21 +141,10 @@ class Client(_Core):
     per thread or greenlet.
     """
 
-    def __init__(
-        self,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
-        nick: str | None = None,
-        namespace: str = "/",
-        token: str | None = None,
-        timeout: float = 10.0,
-        *,
-        reconnect: bool = False,
-        backoff: Backoff | None = None,
-        tls: bool | ssl.SSLContext = False,
-        ca: str | os.PathLike | None = None,
-    ) -> None:
-        super().__init__(host, port, nick, namespace, token, timeout, reconnect, backoff, tls, ca)
+    def __init__(self, *args, **kwargs) -> None:
+        # Same arguments as connect() (documented there), kept in one place:
+        # _Core.__init__.
+        super().__init__(*args, **kwargs)
         self._sock: socket.socket | None = None
         self._inbox: deque = deque()
         self._pongs: set[int] = set()
