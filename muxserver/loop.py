@@ -46,6 +46,23 @@ TURN_BUCKETS = (
 )  # fmt: skip
 
 
+def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket (raises OSError if it can't)."""
+    family, stype, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    lsock = socket.socket(family, stype, proto)
+    try:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(addr)
+        lsock.listen(backlog)
+    except OSError:
+        lsock.close()
+        raise
+    lsock.setblocking(False)
+    return lsock
+
+
 class Timer:
     """Handle of a scheduled call; ``cancel()`` makes it a no-op."""
 

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from .logs import format_peer
-from .loop import EVENT_READ, EVENT_WRITE
+from .loop import EVENT_READ, EVENT_WRITE, listening_socket
 from .stats import CONNZ_SORTS, BadQuery, connz, render_metrics, roomz
 
 log = logging.getLogger("muxserver.monitor")
@@ -94,18 +94,7 @@ class Monitor:
     # ------------------------------------------------------------- listen
     def start(self) -> tuple[str, int]:
         """Bind and listen; raises OSError (e.g. EADDRINUSE) if it cannot."""
-        family, stype, proto, _, addr = socket.getaddrinfo(
-            self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        lsock = socket.socket(family, stype, proto)
-        try:
-            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lsock.bind(addr)
-            lsock.listen(64)
-        except OSError:
-            lsock.close()
-            raise
-        lsock.setblocking(False)
+        lsock = listening_socket(self.host, self.port, backlog=64)
         self.lsock = lsock
         self.address = lsock.getsockname()[:2]
         self.loop.register(lsock, EVENT_READ, self._on_accept)

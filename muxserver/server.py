@@ -44,7 +44,7 @@ from .connection import (
 )
 from .framing import LENGTH, FrameError
 from .hub import Hub, HubError
-from .loop import EventLoop
+from .loop import EventLoop, listening_socket
 
 log = logging.getLogger("muxserver")
 
@@ -160,19 +160,7 @@ class Server:
     def start(self) -> tuple[str, int]:
         """Bind and listen; returns the (host, port) actually bound."""
         cfg = self.config
-        infos = socket.getaddrinfo(
-            cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, stype, proto, _, addr = infos[0]
-        lsock = socket.socket(family, stype, proto)
-        try:
-            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lsock.bind(addr)
-            lsock.listen(4096)
-        except OSError:
-            lsock.close()
-            raise
-        lsock.setblocking(False)
+        lsock = listening_socket(cfg.host, cfg.port, backlog=4096)
         self.listeners.append(lsock)
         self.address = lsock.getsockname()[:2]
         self._start_accepting()

@@ -55,7 +55,27 @@ FAST_SPELL = 20.0  # ... and then reads at full speed
 MUST_CUT = 10 * 1024 * 1024
 
 
-class SlowConsumer(threading.Thread):
+class Cycler(threading.Thread):
+    """A client thread that repeats ``one(k)`` until stopped.
+
+    Any exception is recorded as a failure of the run (labelled by
+    ``label(k)``) instead of silently killing the thread.
+    """
+
+    pause = 1.0  # seconds between cycles
+
+    def run(self) -> None:
+        k = 0
+        while not self.stop.is_set():
+            try:
+                self.one(k)
+            except Exception as exc:
+                self.failures.add(f"{self.label(k)}: {type(exc).__name__}: {exc}")
+            k += 1
+            self.stop.wait(self.pause)
+
+
+class SlowConsumer(Cycler):
     """Falls behind in ``bulk`` on purpose; the server must cut it (protocol section 7).
 
     One cycle: join, read 4 KB every half second for ``SLOW_SPELL`` seconds
@@ -79,15 +99,8 @@ class SlowConsumer(threading.Thread):
     def produced(self) -> int:
         return sum(c.bytes_sent for c in self.bulk.chatters)
 
-    def run(self) -> None:
-        cycle = 0
-        while not self.stop.is_set():
-            try:
-                self.one(cycle)
-            except Exception as exc:  # any escape is a failed run, not a silently dead thread
-                self.failures.add(f"slow consumer: {type(exc).__name__}: {exc}")
-            cycle += 1
-            self.stop.wait(1.0)
+    def label(self, cycle: int) -> str:
+        return "slow consumer"
 
     def one(self, cycle: int) -> None:
         c = RawClient(self.address)
@@ -160,22 +173,17 @@ class SlowConsumer(threading.Thread):
         return False
 
 
-class Churner(threading.Thread):
+class Churner(Cycler):
+    pause = 0.02
+
     def __init__(self, address, n: int, stop, tally, failures, seed) -> None:
         super().__init__(name=f"churn-{n}", daemon=True)
         self.address, self.n, self.stop = address, n, stop
         self.tally, self.failures = tally, failures
         self.rng = random.Random(f"{seed}:churn:{n}")
 
-    def run(self) -> None:
-        k = 0
-        while not self.stop.is_set():
-            try:
-                self.one(k)
-            except Exception as exc:  # any escape is a failed run, not a silently dead thread
-                self.failures.add(f"churn client {self.n}/{k}: {type(exc).__name__}: {exc}")
-            k += 1
-            self.stop.wait(0.02)
+    def label(self, k: int) -> str:
+        return f"churn client {self.n}/{k}"
 
     def one(self, k: int) -> None:
         rng = self.rng
