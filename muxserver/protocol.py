@@ -1,4 +1,4 @@
-"""The frame types of wire protocol v1 as small immutable types, with encode/decode.
+"""The frame types of wire protocol versions 1 and 2 as small immutable types, with encode/decode.
 
 Pure code: no sockets, no I/O. ``decode(type, body)`` turns a frame body into
 one of the NamedTuples below or raises :class:`ProtocolError` with the status
@@ -21,7 +21,9 @@ from typing import NamedTuple
 
 from .framing import LENGTH, FrameError, encode_frame
 
+# The version a client speaks by default, and every version the server accepts.
 PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1, 2)
 
 # ---------------------------------------------------------------- frame types
 HELLO = 0x01
@@ -42,12 +44,15 @@ PRESENCE = 0x84
 ERROR = 0x85
 SERVER_PING = 0x86
 SERVER_PONG = 0x87
+EVENT_SEQ = 0x88  # version 2: u64 seq, then an EVENT body
+GAP = 0x89  # version 2: str8 room, u64 first_missing, u64 last_missing
 
 TYPE_NAMES = {
     HELLO: "HELLO", JOIN: "JOIN", LEAVE: "LEAVE", NICK: "NICK", EMIT: "EMIT",
     PING: "PING", PONG: "PONG", WHO: "WHO", ROOMS: "ROOMS", BYE: "BYE",
     WELCOME: "WELCOME", REPLY: "REPLY", EVENT: "EVENT", PRESENCE: "PRESENCE",
     ERROR: "ERROR", SERVER_PING: "PING", SERVER_PONG: "PONG",
+    EVENT_SEQ: "EVENT_SEQ", GAP: "GAP",
 }  # fmt: skip
 
 # ------------------------------------------------------------- status codes
@@ -67,6 +72,8 @@ RATE_LIMITED = 12
 SLOW_CONSUMER = 13
 IDLE_TIMEOUT = 14
 SHUTTING_DOWN = 15
+REPLACED = 16  # version 2: the session was resumed on another connection
+UNAVAILABLE = 17  # the cluster link is down
 
 STATUS_NAMES = {
     OK: "OK", BAD_FRAME: "BAD_FRAME", UNKNOWN_TYPE: "UNKNOWN_TYPE",
@@ -76,6 +83,7 @@ STATUS_NAMES = {
     NOT_MEMBER: "NOT_MEMBER", NO_SUCH_TARGET: "NO_SUCH_TARGET", LIMIT: "LIMIT",
     RATE_LIMITED: "RATE_LIMITED", SLOW_CONSUMER: "SLOW_CONSUMER",
     IDLE_TIMEOUT: "IDLE_TIMEOUT", SHUTTING_DOWN: "SHUTTING_DOWN",
+    REPLACED: "REPLACED", UNAVAILABLE: "UNAVAILABLE",
 }  # fmt: skip
 
 # EMIT target kinds, also EVENT source kinds.
@@ -90,7 +98,25 @@ PRESENCE_NICK = 3
 
 # Flags.
 JOIN_PRESENCE = 0x01
+JOIN_SEQUENCED = 0x02  # version 2: epoch, after, replay_max follow the room name
 EMIT_ECHO = 0x01
+
+# Version 2 payload types: EMIT flags bits 1-2, EVENT source_kind bits 4-5.
+PAYLOAD_BINARY = 0
+PAYLOAD_TEXT = 1
+PAYLOAD_JSON = 2
+EMIT_TYPE_SHIFT = 1
+EMIT_TYPE_MASK = 0x06
+EVENT_TYPE_SHIFT = 4
+EVENT_KIND_MASK = 0x03
+
+# Recovery outcomes of a SEQUENCED JOIN (section 9).
+FRESH = 0
+COMPLETE = 1
+GAP_RECOVERY = 2
+RESET = 3
+RECOVERY_NAMES = {FRESH: "fresh", COMPLETE: "complete", GAP_RECOVERY: "gap", RESET: "reset"}
+REPLAY_ALL = 0xFFFF  # replay_max: no cap but the history's
 
 # Frames the server sends may be this much longer than max_frame (an EVENT
 # carries the sender's nick on top of what was emitted).
@@ -114,6 +140,10 @@ REQ_U8 = struct.Struct(">IB")
 EMIT_HEAD = struct.Struct(">IBBB")  # req, flags, target_kind, len(target)
 REPLY_HEAD = struct.Struct(">IBIH")  # frame length, type, req, status
 REPLY_COUNT = struct.Struct(">IBIHI")  # ... + u32 recipients
+REPLY_COUNT_SEQ = struct.Struct(">IBIHIQ")  # version 2: ... + u32 recipients, u64 seq
+JOIN_SEQ_TAIL = struct.Struct(">QQH")  # epoch, after, replay_max
+JOIN_SEQ_REPLY = struct.Struct(">IBIHBQQQ")  # header, req, status, recovery, epoch, first, last
+SEQ_HEAD = struct.Struct(">IBQ")  # EVENT_SEQ: frame length, type, seq
 PING_FRAME = struct.Struct(">IBQ")  # frame length (9), type, nonce
 ERROR_HEAD = struct.Struct(">IBH")
 
@@ -124,12 +154,17 @@ class Hello(NamedTuple):
     namespace: str = "/"
     nick: str = ""
     token: str = ""
+    resume: str = ""  # version 2 only: a resume token from an earlier WELCOME
 
 
 class Join(NamedTuple):
     req: int
     room: str
     flags: int = 0
+    # Version 2, only with flags & JOIN_SEQUENCED (section 9).
+    epoch: int = 0
+    after: int = 0
+    replay_max: int = 0
 
 
 class Leave(NamedTuple):
@@ -180,6 +215,10 @@ class Welcome(NamedTuple):
     max_frame: int
     ping_interval_ms: int
     server_name: str
+    # Version 2 only (section 10).
+    resume_token: str = ""
+    resume_window_ms: int = 0
+    resumed: int = 0
 
 
 class Reply(NamedTuple):
@@ -195,11 +234,46 @@ class Reply(NamedTuple):
 
 
 class Event(NamedTuple):
+    source_kind: int  # version 2: bits 0-1 the kind, bits 4-5 the payload type
+    sender: str
+    source: str
+    event: str
+    payload: bytes
+
+    @property
+    def kind(self) -> int:
+        return self.source_kind & EVENT_KIND_MASK
+
+    @property
+    def payload_type(self) -> int:
+        return (self.source_kind >> EVENT_TYPE_SHIFT) & 3
+
+
+class EventSeq(NamedTuple):
+    """EVENT_SEQ (version 2): an EVENT of a sequenced room with its seq."""
+
+    seq: int
     source_kind: int
     sender: str
     source: str
     event: str
     payload: bytes
+
+    @property
+    def kind(self) -> int:
+        return self.source_kind & EVENT_KIND_MASK
+
+    @property
+    def payload_type(self) -> int:
+        return (self.source_kind >> EVENT_TYPE_SHIFT) & 3
+
+
+class Gap(NamedTuple):
+    """GAP (version 2): messages first..last of ``room`` are gone."""
+
+    room: str
+    first_missing: int
+    last_missing: int
 
 
 class Presence(NamedTuple):
@@ -291,11 +365,16 @@ def str8(value: str | bytes) -> bytes:
 # --------------------------------------------------------------- decoding
 def _d_hello(r: _Reader) -> Hello:
     version = r.u8()
+    if version not in SUPPORTED_VERSIONS:
+        # The layout of an unknown version is unknown: the answer is
+        # UNSUPPORTED_VERSION whatever follows, so nothing more is parsed.
+        return Hello(version, "", "", "")
     # Names are checked against the name rules by the server, which answers
     # INVALID_NAME; here we only insist on well-formed str8 fields.
     ns, nick, token = r.raw8(), r.raw8(), r.raw8()
+    resume = r.raw8() if version >= 2 else b""
     r.end()
-    return Hello(version, _text(ns), _text(nick), _text(token))
+    return Hello(version, _text(ns), _text(nick), _text(token), _text(resume))
 
 
 def _text(raw: bytes) -> str:
@@ -308,10 +387,21 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _d_join(r: _Reader) -> Join:
+def _d_join(r: _Reader, version: int = 2) -> Join:
     req, flags, room = r.u32(), r.u8(), _text(r.raw8())
+    if version >= 2 and flags & JOIN_SEQUENCED:
+        epoch, after, replay_max = r.u64(), r.u64(), r.u16()
+        r.end()
+        return Join(req, room, flags, epoch, after, replay_max)
     r.end()
+    # Bits a version does not define are reserved: kept here, ignored by the
+    # server (a version-1 session's SEQUENCED bit means nothing).
     return Join(req, room, flags)
+
+
+def decode_join(body: bytes, version: int) -> Join:
+    """JOIN as the session's version reads it (SEQUENCED exists from version 2)."""
+    return _d_join(_Reader(body, "JOIN"), version)
 
 
 def _d_leave(r: _Reader) -> Leave:
@@ -332,6 +422,16 @@ def _d_emit(r: _Reader) -> Emit:
     payload = r.rest()
     _check_target(kind, target)
     return Emit(req, kind, target, event, payload, flags)
+
+
+def emit_flags(echo: bool = False, payload_type: int = PAYLOAD_BINARY) -> int:
+    """EMIT flags byte: bit0 echo, bits 1-2 the payload type (version 2)."""
+    return (1 if echo else 0) | (payload_type << EMIT_TYPE_SHIFT)
+
+
+def payload_type_of(emit_flags_byte: int) -> int:
+    """The payload type an EMIT's flags carry (3 is reserved: BAD_FRAME)."""
+    return (emit_flags_byte & EMIT_TYPE_MASK) >> EMIT_TYPE_SHIFT
 
 
 def _check_target(kind: int, target) -> None:
@@ -368,6 +468,8 @@ def _d_bye(r: _Reader) -> Bye:
 
 def _d_welcome(r: _Reader) -> Welcome:
     w = Welcome(r.u8(), r.u32(), r.str8(), r.u32(), r.u32(), r.str8())
+    if w.version >= 2:
+        w = w._replace(resume_token=r.str8(), resume_window_ms=r.u32(), resumed=r.u8())
     r.end()
     return w
 
@@ -378,6 +480,16 @@ def _d_reply(r: _Reader) -> Reply:
 
 def _d_event(r: _Reader) -> Event:
     return Event(r.u8(), r.str8(), r.str8(), r.str8(), r.rest())
+
+
+def _d_event_seq(r: _Reader) -> EventSeq:
+    return EventSeq(r.u64(), r.u8(), r.str8(), r.str8(), r.str8(), r.rest())
+
+
+def _d_gap(r: _Reader) -> Gap:
+    g = Gap(r.str8(), r.u64(), r.u64())
+    r.end()
+    return g
 
 
 def _d_presence(r: _Reader) -> Presence:
@@ -395,13 +507,13 @@ _DECODERS = {
     PING: lambda r: _d_nonce(Ping, r), PONG: lambda r: _d_nonce(Pong, r),
     WHO: _d_who, ROOMS: _d_rooms, BYE: _d_bye,
     WELCOME: _d_welcome, REPLY: _d_reply, EVENT: _d_event, PRESENCE: _d_presence,
-    ERROR: _d_error,
+    ERROR: _d_error, EVENT_SEQ: _d_event_seq, GAP: _d_gap,
     SERVER_PING: lambda r: _d_nonce(ServerPing, r),
     SERVER_PONG: lambda r: _d_nonce(ServerPong, r),
 }  # fmt: skip
 
 CLIENT_TYPES = frozenset(range(HELLO, BYE + 1))
-SERVER_TYPES = frozenset(range(WELCOME, SERVER_PONG + 1))
+SERVER_TYPES = frozenset(range(WELCOME, GAP + 1))
 
 
 def decode(ftype: int, body: bytes):
@@ -424,9 +536,16 @@ def _e_reply(m: Reply) -> bytes:
 
 _ENCODERS = {
     Hello: lambda m: encode_frame(
-        HELLO, bytes((m.version,)) + str8(m.namespace) + str8(m.nick) + str8(m.token)
+        HELLO,
+        bytes((m.version,)) + str8(m.namespace) + str8(m.nick) + str8(m.token)
+        + (str8(m.resume) if m.version >= 2 else b""),
     ),
-    Join: lambda m: encode_frame(JOIN, REQ_U8.pack(m.req, m.flags) + str8(m.room)),
+    Join: lambda m: encode_frame(
+        JOIN,
+        REQ_U8.pack(m.req, m.flags) + str8(m.room)
+        + (JOIN_SEQ_TAIL.pack(m.epoch, m.after, m.replay_max)
+           if m.flags & JOIN_SEQUENCED else b""),
+    ),
     Leave: lambda m: encode_frame(LEAVE, REQ.pack(m.req) + str8(m.room)),
     Nick: lambda m: encode_frame(NICK, REQ.pack(m.req) + str8(m.nick)),
     Emit: lambda m: encode_frame(
@@ -445,7 +564,9 @@ _ENCODERS = {
     Welcome: lambda m: encode_frame(
         WELCOME,
         bytes((m.version,)) + U32.pack(m.conn_id) + str8(m.nick)
-        + U32.pack(m.max_frame) + U32.pack(m.ping_interval_ms) + str8(m.server_name),
+        + U32.pack(m.max_frame) + U32.pack(m.ping_interval_ms) + str8(m.server_name)
+        + (str8(m.resume_token) + U32.pack(m.resume_window_ms) + bytes((m.resumed,))
+           if m.version >= 2 else b""),
     ),
     Reply: _e_reply,
     Event: lambda m: encode_frame(
@@ -453,6 +574,13 @@ _ENCODERS = {
         bytes((m.source_kind,)) + str8(m.sender) + str8(m.source) + str8(m.event)
         + bytes(m.payload),
     ),
+    EventSeq: lambda m: encode_frame(
+        EVENT_SEQ,
+        U64.pack(m.seq) + bytes((m.source_kind,)) + str8(m.sender) + str8(m.source)
+        + str8(m.event) + bytes(m.payload),
+    ),
+    Gap: lambda m: encode_frame(GAP, str8(m.room) + U64.pack(m.first_missing)
+                                + U64.pack(m.last_missing)),
     Presence: lambda m: encode_frame(
         PRESENCE, bytes((m.kind,)) + str8(m.room) + str8(m.nick) + str8(m.new_nick)
     ),
@@ -466,11 +594,27 @@ _ENCODERS = {
 # The body of an OK REPLY depends on the request it answers; the reply frame
 # itself does not say which, so the client calls the one that fits.
 def parse_count(body: bytes) -> int:
-    """EMIT ok: u32 recipients."""
+    """EMIT ok: u32 recipients (version 2 adds a u64 seq: see parse_emit_reply)."""
+    return parse_emit_reply(body)[0]
+
+
+def parse_emit_reply(body: bytes) -> tuple[int, int]:
+    """EMIT ok: (recipients, seq); seq is 0 in version 1 and outside sequenced rooms."""
     r = _Reader(body, "EMIT reply")
     count = r.u32()
+    seq = r.u64() if len(body) > 4 else 0
     r.end()
-    return count
+    return count, seq
+
+
+def parse_join_reply(body: bytes) -> tuple[int, int, int, int]:
+    """SEQUENCED JOIN ok: (recovery, epoch, first, last); empty body: (FRESH, 0, 1, 0)."""
+    if not body:
+        return FRESH, 0, 1, 0
+    r = _Reader(body, "JOIN reply")
+    out = (r.u8(), r.u64(), r.u64(), r.u64())
+    r.end()
+    return out
 
 
 def parse_who(body: bytes) -> tuple[int, list[str]]:
@@ -498,6 +642,20 @@ def reply_ok(req: int) -> bytes:
 
 def reply_count(req: int, count: int) -> bytes:
     return REPLY_COUNT.pack(11, REPLY, req, OK, count)
+
+
+def reply_count_seq(req: int, count: int, seq: int) -> bytes:
+    """Version 2 EMIT REPLY: recipients and the message's seq (0 outside history)."""
+    return REPLY_COUNT_SEQ.pack(19, REPLY, req, OK, count, seq)
+
+
+def reply_join_seq(req: int, recovery: int, epoch: int, first: int, last: int) -> bytes:
+    """REPLY to a SEQUENCED JOIN (section 9)."""
+    return JOIN_SEQ_REPLY.pack(32, REPLY, req, OK, recovery, epoch, first, last)
+
+
+def gap_frame(room: bytes, first_missing: int, last_missing: int) -> bytes:
+    return encode_frame(GAP, str8(room) + U64.pack(first_missing) + U64.pack(last_missing))
 
 
 def reply_error(req: int, status: int, message: str) -> bytes:
@@ -540,6 +698,11 @@ def parse_emit_head(body: bytes) -> tuple[int, int, int, bytes, bytes, int]:
 def event_prefix(source_kind: int, sender_nick: bytes) -> bytes:
     """The EVENT bytes between the frame header and the forwarded EMIT tail."""
     return bytes((EVENT, source_kind, len(sender_nick))) + sender_nick
+
+
+def event_kind_byte(kind: int, payload_type: int) -> int:
+    """Version 2 EVENT source_kind: the kind in bits 0-1, payload type in bits 4-5."""
+    return kind | (payload_type << EVENT_TYPE_SHIFT)
 
 
 def event_frame(prefix: bytes, tail) -> bytes:

@@ -30,6 +30,15 @@ SAMPLES = [
     P.Error(P.TOO_LARGE, "frame too large"),
     P.ServerPing(5),
     P.ServerPong(6),
+    # version 2
+    P.Hello(2, "/chat", "alice", "", "tok-123"),
+    P.Hello(2, "/", "", "", ""),
+    P.Join(14, "lobby", P.JOIN_SEQUENCED | P.JOIN_PRESENCE, 2**64 - 1, 41, P.REPLAY_ALL),
+    P.Welcome(2, 42, "bob", 1 << 20, 25000, "muxserver", "r" * 64, 120000, 1),
+    P.Emit(15, P.TARGET_ROOM, "lobby", "j", b"{}", P.emit_flags(True, P.PAYLOAD_JSON)),
+    P.Event(P.event_kind_byte(P.TARGET_DIRECT, P.PAYLOAD_TEXT), "al", "", "dm", b"hi"),
+    P.EventSeq(7, 0x20, "al", "lobby", "msg", b"\x00"),
+    P.Gap("lobby", 40, 57),
 ]
 
 
@@ -101,7 +110,8 @@ def test_unknown_type():
 
 
 def test_reserved_flag_bits_are_ignored():
-    assert P.decode(P.JOIN, b"\x00\x00\x00\x01\xfe\x01r").flags == 0xFE
+    assert P.decode_join(b"\x00\x00\x00\x01\xfe\x01r", 1).flags == 0xFE
+    assert P.decode(P.JOIN, b"\x00\x00\x00\x01\xfc\x01r").flags == 0xFC
 
 
 @pytest.mark.parametrize(
@@ -149,3 +159,36 @@ def test_decode_any_body_returns_or_raises_protocol_error(ftype, raw):
         P.decode(ftype, raw)
     except P.ProtocolError as exc:
         assert exc.code in (P.BAD_FRAME, P.UNKNOWN_TYPE)
+
+
+def test_v2_fields():
+    ev = P.Event(P.event_kind_byte(P.TARGET_BROADCAST, P.PAYLOAD_JSON), "a", "", "e", b"[]")
+    assert (ev.kind, ev.payload_type) == (P.TARGET_BROADCAST, P.PAYLOAD_JSON)
+    assert P.payload_type_of(P.emit_flags(True, P.PAYLOAD_TEXT)) == P.PAYLOAD_TEXT
+    assert P.emit_flags(True, P.PAYLOAD_TEXT) == 0b011
+
+
+def test_unknown_hello_version_parses_as_unsupported():
+    # Whatever follows an unknown version byte, the answer must be UNSUPPORTED_VERSION.
+    assert P.decode(P.HELLO, b"\x07garbage").version == 7
+
+
+def test_v1_join_ignores_the_sequenced_bit():
+    flags = P.JOIN_SEQUENCED | P.JOIN_PRESENCE
+    raw = P.REQ_U8.pack(3, flags) + P.str8("r")  # no epoch/after/replay_max tail
+    assert P.decode_join(raw, 1) == P.Join(3, "r", flags)
+    # The same body from a version-2 session lacks its SEQUENCED tail: short.
+    assert bad(P.JOIN, raw) == P.BAD_FRAME
+
+
+def test_v2_reply_helpers():
+    [(_, b)] = FrameDecoder().feed(P.reply_count_seq(9, 3, 77))
+    reply = P.decode(P.REPLY, b)
+    assert P.parse_emit_reply(reply.body) == (3, 77)
+    assert P.parse_count(reply.body) == 3
+    [(_, b)] = FrameDecoder().feed(P.reply_join_seq(5, P.GAP_RECOVERY, 11, 40, 57))
+    reply = P.decode(P.REPLY, b)
+    assert (reply.req, reply.status) == (5, P.OK)
+    assert P.parse_join_reply(reply.body) == (P.GAP_RECOVERY, 11, 40, 57)
+    [(t, b)] = FrameDecoder().feed(P.gap_frame(b"lobby", 1, 2))
+    assert P.decode(t, b) == P.Gap("lobby", 1, 2)
