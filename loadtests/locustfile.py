@@ -294,7 +294,7 @@ class MuxUser(User):
         else:  # direct: local pairs, so a sender can see whether its partner is online
             nick = f"{NODE.token}-{self.idx}"
             self.partner = self.idx ^ 1
-            target = {"to": f"{NODE.token}-{self.partner}"}
+            target = {"nick": f"{NODE.token}-{self.partner}"}
             self.sends = True
         if not self.sends:
             self.interval = 1.0  # listeners: the task loop only idles
@@ -314,7 +314,11 @@ class MuxUser(User):
         cfg = NODE.cfg
         t0 = time.perf_counter()
         try:
-            client = Client.connect(cfg.host, cfg.port, nick=nick, namespace=cfg.namespace)
+            # No reconnect: a load user that loses its connection is counted as
+            # lost, never quietly restarted.
+            client = Client.connect(
+                cfg.host, cfg.port, nick=nick, namespace=cfg.namespace, reconnect=False
+            )
         except (OSError, MuxError) as exc:
             _fail("connect", _error_name(exc))
             return None

@@ -213,7 +213,7 @@ class Chat:
             self.info(f"you are now known as {c.nick}")
         elif cmd == "msg" and " " in arg:
             to, _, text = arg.partition(" ")
-            c.emit(EVENT, text, to=to, ack=True)
+            c.emit(EVENT, text, nick=to, ack=True)
             self.line(f"{self.paint('whisper', MAGENTA)} -> {self.nick(to)} {_clean(text)}")
         elif cmd == "all" and arg:
             c.emit(EVENT, arg, broadcast=True, ack=True)

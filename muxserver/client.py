@@ -11,12 +11,18 @@ Presence types, Backoff, request bookkeeping -- lives in
 Decisions worth knowing:
 
 * The blocking client uses plain sockets, ``select.poll`` and a
-  ``threading.Lock``, all looked up when used: no threads of its own, so it
-  runs unchanged under gevent monkey-patching (``ssl`` included). The price
-  is that server PINGs are answered only while the program is inside a
-  client call, so a program must call ``recv``/``poll``/``run_forever`` (or
-  make any request) at least once per ``ping_interval + ping_timeout`` (45 s
-  by default) or the server cuts it with IDLE_TIMEOUT.
+  ``threading.Lock``, all looked up when used: by default no threads of its
+  own, so it runs unchanged under gevent monkey-patching (``ssl`` included).
+  The price is that server PINGs are answered only while the program is
+  inside a client call, so a program must call ``recv``/``poll``/
+  ``run_forever`` (or make any request) at least once per ``ping_interval +
+  ping_timeout`` (45 s by default) or the server cuts it with IDLE_TIMEOUT.
+  ``heartbeat=True`` lifts that: a daemon thread (a greenlet under gevent)
+  sends a PING whenever nothing was written for half the ping interval.
+  It only writes, under the same write lock as every frame, and never
+  reads (reading stays with the program's one reader): any frame from a
+  client counts as alive, so the server never needs to PING it, and the
+  few PONGs wait in the socket for the next read, which drops them.
 * One greenlet (or thread) may read while others send EMITs that wait for
   nothing (``ack=False``, or ``ack=True, wait=False``): the Locust users'
   pattern. Three things make that safe. The socket's timeout is set once, to
@@ -52,6 +58,7 @@ from typing import Any, NoReturn
 
 from . import protocol as P
 from .clientcore import (
+    _UNSET,
     CLOSE_LINGER,
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -102,6 +109,8 @@ _NOTHING_YET = (TimeoutError, BlockingIOError, InterruptedError, ssl.SSLWantRead
                 ssl.SSLWantWriteError)  # fmt: skip
 # A send that made no progress yet but may: wait for the socket, do not fail.
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# Heartbeat PINGs carry this bit in their nonce, so their PONGs never match a ping() call.
+_HEARTBEAT_NONCE = 1 << 63
 
 
 def _ready(sock: socket.socket, events: int, timeout: float) -> bool:
@@ -132,7 +141,11 @@ def _shutdown(sock: socket.socket) -> None:
 
 # ======================================================= blocking client
 class Client(_Core):
-    """A blocking muxserver client. Make one with :meth:`Client.connect`.
+    """A blocking muxserver client: ``Client.connect(...)``, or ``with Client(...) as c:``.
+
+    ``Client(...)`` takes the arguments of :meth:`connect` and does not
+    connect yet: register handlers (``on("connect")`` included), then call
+    :meth:`open` or enter a ``with`` block, which opens it.
 
     One thread or greenlet at a time reads: it calls ``recv``/``poll``/
     ``run_forever`` or any request that waits for its answer. Others may
@@ -141,10 +154,17 @@ class Client(_Core):
     per thread or greenlet.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, heartbeat: bool | float = False, **kwargs) -> None:
         # Same arguments as connect() (documented there), kept in one place:
         # _Core.__init__.
         super().__init__(*args, **kwargs)
+        if not isinstance(heartbeat, (bool, int, float)) or heartbeat < 0:
+            raise ValueError(f"heartbeat must be True, False or seconds > 0, not {heartbeat!r}")
+        self._heartbeat = heartbeat
+        self._hb_stop: threading.Event | None = None
+        self._hb_count = 0
+        self._last_send = time.monotonic()
+        self._opened = False
         self._sock: socket.socket | None = None
         self._inbox: deque = deque()
         self._pongs: set[int] = set()
@@ -166,12 +186,21 @@ class Client(_Core):
         token: str | None = None,
         timeout: float = 10.0,
         *,
-        reconnect: bool = False,
+        reconnect: bool = True,
         backoff: Backoff | None = None,
         tls: bool | ssl.SSLContext = False,
         ca: str | os.PathLike | None = None,
+        version: int = 1,
+        heartbeat: bool | float = False,
     ) -> Client:
         """Connect and complete HELLO/WELCOME.
+
+        ``reconnect`` (on by default) re-establishes a lost connection with
+        ``backoff`` and re-joins the rooms; ``version`` is the protocol
+        version to ask for (2: payload types travel with each message);
+        ``heartbeat`` (True, or seconds between PINGs) keeps the connection
+        alive from a background thread while the program does not call the
+        client. A port outside 0..65535 raises ValueError.
 
         With ``tls`` (or ``ca``, a PEM file of CAs to trust instead of the
         system's) the connection is TLS and the server's certificate must be
@@ -183,11 +212,27 @@ class Client(_Core):
         """
         client = cls(
             host, port, nick, namespace, token, timeout,
-            reconnect=reconnect, backoff=backoff, tls=tls, ca=ca,
+            reconnect=reconnect, backoff=backoff, tls=tls, ca=ca, version=version,
+            heartbeat=heartbeat,
         )  # fmt: skip
-        client._open()
-        client._up = True
+        client.open()
         return client
+
+    def open(self) -> Client:
+        """Connect and complete HELLO/WELCOME (what :meth:`connect` does after building).
+
+        Calls the ``on("connect")`` handlers. Raises as :meth:`connect` does;
+        a client opens once (later connections are its reconnects).
+        """
+        if self._opened:
+            raise RuntimeError("this client has been opened already")
+        self._opened = True
+        self._open()
+        self._up = True
+        self._start_heartbeat()
+        for fn in list(self._connect_handlers):
+            fn()
+        return self
 
     @property
     def connected(self) -> bool:
@@ -199,6 +244,8 @@ class Client(_Core):
         return self._sock
 
     def __enter__(self) -> Client:
+        if not self._opened:
+            self.open()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -218,16 +265,22 @@ class Client(_Core):
     def emit(
         self,
         event: str,
-        payload: bytes | str = b"",
+        data: Any = b"",
         room: str | None = None,
         *,
-        to: str | None = None,
+        nick: str | None = None,
         broadcast: bool = False,
         echo: bool = False,
         ack: bool = False,
         wait: bool = True,
+        to: Any = _UNSET,
     ) -> int | None:
-        """Send an event to a ``room``, one nick (``to``) or the namespace (``broadcast``).
+        """Send an event to a ``room``, one person (``nick``) or the namespace (``broadcast``).
+
+        ``data`` is bytes (binary), str (text) or a JSON value (dict, list,
+        number, bool, None); on a version-2 session the receiver gets the
+        same kind of value back as ``event.data``. ``to=`` raises TypeError
+        naming ``room=`` and ``nick=`` (it is ambiguous between them).
 
         With ``ack`` waits for the REPLY and returns the recipient count (an
         error raises here). With ``ack=True, wait=False`` returns the request
@@ -237,7 +290,7 @@ class Client(_Core):
         refused, as its error with ``.req`` set (``on_error``). Without
         ``ack`` returns None at once, and an error arrives later (``.req`` 0).
         """
-        call = self._emit_call(event, payload, room, to, broadcast, echo, ack)
+        call = self._emit_call(event, data, room, nick, broadcast, echo, ack, to)
         if ack and not wait:
             return self._send_nowait(call)
         return self._request(call)
@@ -275,6 +328,8 @@ class Client(_Core):
             return
         self._closed = True
         self._retry_at = None
+        if self._hb_stop is not None:
+            self._hb_stop.set()
         sock = self._sock
         if sock is not None and self._up:
             self._up = False
@@ -427,7 +482,7 @@ class Client(_Core):
             return
         self._up = True
         self._attempt = 0
-        for fn in list(self._reconnect_handlers):
+        for fn in [*self._reconnect_handlers, *self._connect_handlers]:
             fn()
 
     def _rejoin(self) -> None:
@@ -501,6 +556,7 @@ class Client(_Core):
         try:
             with self._wlock:
                 self._send_all(sock, frame)
+            self._last_send = time.monotonic()
         except OSError as exc:
             why = ConnectionClosed(None, f"connection lost: {_why(exc)}")
             if self._reading_elsewhere():
@@ -627,6 +683,47 @@ class Client(_Core):
         self._try_reconnect()
         return True
 
+    # -------------------------------------------------------- heartbeat
+    def _start_heartbeat(self) -> None:
+        if not self._heartbeat or self._hb_stop is not None:
+            return
+        self._hb_stop = threading.Event()
+        thread = threading.Thread(
+            target=self._heartbeat_loop, args=(self._hb_stop,), daemon=True,
+            name=f"muxserver-heartbeat-{self.nick}",
+        )  # fmt: skip
+        thread.start()
+
+    def _heartbeat_every(self) -> float:
+        if self._heartbeat is not True:
+            return float(self._heartbeat)
+        # Half the server's interval: a PING goes out well before the server
+        # would start counting us as silent (ping_interval + ping_timeout).
+        return max(0.05, (self.ping_interval or 25.0) / 2)
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        """Write a PING whenever nothing was written for one interval; never read."""
+        while not stop.is_set():
+            every = self._heartbeat_every()
+            idle = time.monotonic() - self._last_send
+            if idle < every:
+                stop.wait(every - idle)
+                continue
+            sock = self._sock
+            if sock is None or not self._up or self._broken is not None:
+                stop.wait(every)  # disconnected: the reading calls reconnect
+                continue
+            self._hb_count += 1
+            frame = P.encode(P.Ping(_HEARTBEAT_NONCE | (self._hb_count & (_HEARTBEAT_NONCE - 1))))
+            try:
+                with self._wlock:
+                    if sock is self._sock:
+                        self._send_all(sock, frame)
+                self._last_send = time.monotonic()
+            except OSError as exc:
+                # As for a PONG: the reader finds out and reports it.
+                self._break(sock, ConnectionClosed(None, f"connection lost: {_why(exc)}"))
+
     # I/O hooks for _Core.
     def _deliver(self, item: Event | Presence | Ack | MuxError) -> None:
         self._inbox.append(item)
@@ -646,6 +743,7 @@ class Client(_Core):
         try:
             with self._wlock:
                 self._send_all(sock, frame)
+            self._last_send = time.monotonic()
         except OSError as exc:
             # Maybe half a frame went out: nothing more may follow it.
             self._break(sock, ConnectionClosed(None, f"connection lost: {_why(exc)}"))

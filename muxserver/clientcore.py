@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import random
 import ssl
@@ -43,6 +44,10 @@ from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7878
+# The protocol version the clients ask for in HELLO unless told otherwise.
+DEFAULT_VERSION = 1
+# Event names that on() keeps for the connection itself (socket.io's reserved names).
+RESERVED_EVENTS = frozenset({"connect", "disconnect"})
 # Measured on loopback (send + recv of a 200-byte message): 2.4 us with 64 KiB,
 # 14 us with 256 KiB, where every recv allocates a buffer big enough for
 # malloc to use fresh mmap'ed pages. recv_into a per-client buffer saves
@@ -197,25 +202,101 @@ def error_for(code: int, message: str, fatal: bool = False) -> MuxError:
     return cls(message, code)
 
 
+def check_port(port: Any) -> int:
+    """``port`` if it is a TCP port number (0..65535), else ValueError.
+
+    Without this, a port of 99999 reaches the socket layer, which silently
+    takes it modulo 65536 and dials 34463.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an integer 0..65535, not {port!r}")
+    return port
+
+
 def _why(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
 # ========================================================= what you receive
+_UNSET: Any = object()
+PAYLOAD_TYPE_NAMES = {P.PAYLOAD_BINARY: "binary", P.PAYLOAD_TEXT: "text", P.PAYLOAD_JSON: "json"}
+
+
+def encode_payload(data: Any) -> tuple[bytes, int]:
+    """A value to send -> (bytes, protocol payload type), as protocol section 8 types them.
+
+    ``bytes`` go as they are (binary), ``str`` as UTF-8 text, and dict, list,
+    tuple, numbers, booleans and None as compact UTF-8 JSON, the way a
+    socket.io program hands its values to ``emit``.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data), P.PAYLOAD_BINARY
+    if isinstance(data, str):
+        return data.encode("utf-8"), P.PAYLOAD_TEXT
+    if data is None or isinstance(data, (dict, list, tuple, int, float)):
+        try:
+            text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"payload cannot be sent as JSON: {exc}") from None
+        return text.encode("utf-8"), P.PAYLOAD_JSON
+    raise TypeError(
+        f"payload must be bytes, str, or a JSON value (dict, list, number, bool, None), "
+        f"not {type(data).__name__}"
+    )
+
+
+def decode_payload(payload: bytes, payload_type: int) -> Any:
+    """The value a payload stands for: bytes, str, or the JSON value.
+
+    The server does not check the sender's word (section 8), so text that is
+    not UTF-8 is decoded with replacement characters, and a "JSON" payload
+    that does not parse stays the raw bytes rather than failing the reader.
+    """
+    if payload_type == P.PAYLOAD_TEXT:
+        return payload.decode("utf-8", "replace")
+    if payload_type == P.PAYLOAD_JSON:
+        try:
+            return json.loads(payload)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+            return payload
+    return payload
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
-    """An EVENT: ``kind`` is "room" (``room`` set), "direct" or "broadcast"."""
+    """An EVENT: ``kind`` is "room" (``room`` set), "direct" or "broadcast".
+
+    ``data`` is the decoded value: a dict/list/number (JSON), str (text) or
+    bytes (binary, and everything a version-1 session receives, since that
+    version carries no payload type). ``payload`` is always the raw bytes.
+    ``payload_type`` is the protocol's number (0 binary, 1 text, 2 JSON).
+    """
 
     event: str
     payload: bytes
     sender: str
     kind: str
     room: str | None = None
+    payload_type: int = P.PAYLOAD_BINARY
+    data: Any = field(default=_UNSET, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.data is _UNSET:
+            object.__setattr__(self, "data", decode_payload(self.payload, self.payload_type))
 
     @property
     def text(self) -> str:
         """The payload as UTF-8 text (undecodable bytes replaced)."""
         return self.payload.decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        where = f", room={self.room!r}" if self.room is not None else ""
+        return (
+            f"Event(event={self.event!r}, data={self.data!r}, sender={self.sender!r}, "
+            f"kind={self.kind!r}{where})"
+        )
+
+    __str__ = __repr__
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,12 +435,20 @@ class _Core:
         namespace: str = "/",
         token: str | None = None,
         timeout: float = 10.0,
-        reconnect: bool = False,
+        reconnect: bool = True,
         backoff: Backoff | None = None,
         tls: bool | ssl.SSLContext = False,
         ca: str | os.PathLike | None = None,
+        version: int = DEFAULT_VERSION,
     ) -> None:
+        check_port(port)
+        if version not in P.SUPPORTED_VERSIONS:
+            supported = " or ".join(map(str, P.SUPPORTED_VERSIONS))
+            raise ValueError(f"version must be {supported}, not {version!r}")
         self.host, self.port, self.namespace = host, port, namespace
+        # The version asked for in HELLO; ``session_version`` is what WELCOME said.
+        self.version = version
+        self.session_version = version
         # Built once: a bad ``ca`` path fails here, and reconnects reuse it.
         self._tls = tls_context(tls, ca)
         self.timeout = timeout
@@ -395,17 +484,56 @@ class _Core:
         self._ack_handlers: list[Callable] = []
         self._disconnect_handlers: list[Callable] = []
         self._reconnect_handlers: list[Callable] = []
+        self._connect_handlers: list[Callable] = []
 
     # ---------------------------------------------------------- handlers
     def on(self, event: str, fn: Callable | None = None) -> Callable:
         """Call ``fn(event)`` for each Event named ``event`` ("*": every event).
 
-        Usable as a decorator: ``@client.on("chat")``.
+        Usable as a decorator: ``@client.on("chat")``. Two names are the
+        connection's own, as in socket.io: ``"connect"`` (``fn()`` once the
+        connection is up: the first one if the handler was registered
+        before it, and every reconnect, rooms re-joined) and
+        ``"disconnect"`` (``fn(exc)`` when an established connection is lost).
         """
         if fn is None:
             return lambda f: self.on(event, f)
-        self._handlers.setdefault(event, []).append(fn)
+        self._handler_list(event).append(fn)
         return fn
+
+    def once(self, event: str, fn: Callable | None = None) -> Callable:
+        """As :meth:`on`, but ``fn`` runs for the first matching item only."""
+        if fn is None:
+            return lambda f: self.once(event, f)
+
+        def one_shot(*args: Any) -> Any:
+            self.off(event, fn)
+            return fn(*args)
+
+        one_shot.__wrapped__ = fn  # off(event, fn) finds it
+        self._handler_list(event).append(one_shot)
+        return fn
+
+    def off(self, event: str, fn: Callable | None = None) -> None:
+        """Remove handler ``fn`` of ``event`` (registered with on or once); without ``fn``, all.
+
+        Removing a handler that is not registered is not an error.
+        """
+        handlers = self._handler_list(event)
+        if fn is None:
+            handlers.clear()
+            return
+        for i, h in enumerate(handlers):
+            if h is fn or getattr(h, "__wrapped__", None) is fn:
+                del handlers[i]
+                return
+
+    def _handler_list(self, event: str) -> list[Callable]:
+        if event == "connect":
+            return self._connect_handlers
+        if event == "disconnect":
+            return self._disconnect_handlers
+        return self._handlers.setdefault(event, [])
 
     def on_presence(self, fn: Callable) -> Callable:
         """Call ``fn(presence)`` for each Presence."""
@@ -470,7 +598,7 @@ class _Core:
     # ---------------------------------------------------------- session
     def _hello_frame(self) -> bytes:
         nick = self._wanted_nick or ""
-        return self._encode(P.Hello(P.PROTOCOL_VERSION, self.namespace, nick, self._token))
+        return self._encode(P.Hello(self.version, self.namespace, nick, self._token))
 
     def _fresh_session(self) -> None:
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME + P.SERVER_FRAME_SLACK)
@@ -483,6 +611,7 @@ class _Core:
         w = self._welcome
         self.nick, self.conn_id, self.max_frame = w.nick, w.conn_id, w.max_frame
         self.server_name, self.ping_interval = w.server_name, w.ping_interval_ms / 1000
+        self.session_version = w.version
         self._decoder.max_frame = w.max_frame + P.SERVER_FRAME_SLACK
 
     def _can_retry(self, exc: BaseException | None) -> bool:
@@ -534,23 +663,33 @@ class _Core:
         return _Call(req, self._encode(P.Nick(req, nick)), done)
 
     def _emit_call(
-        self, event: str, payload: Any, room: str | None, to: str | None,
-        broadcast: bool, echo: bool, ack: bool,
+        self, event: str, data: Any, room: str | None, nick: str | None,
+        broadcast: bool, echo: bool, ack: bool, to: Any = _UNSET,
     ) -> _Call:  # fmt: skip
-        if (room is not None) + (to is not None) + bool(broadcast) != 1:
-            raise ValueError("emit() needs exactly one target: room=, to= or broadcast=True")
-        if isinstance(payload, str):
-            payload = payload.encode("utf-8")
-        elif not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"payload must be bytes or str, not {type(payload).__name__}")
+        if to is not _UNSET:
+            # socket.io's to= names a room; ours once named a nick. Neither
+            # guess is safe, so say which spelling means what.
+            raise TypeError(
+                f"emit() has no to=: write room={to!r} to send to a room, "
+                f"nick={to!r} to send to one person, or broadcast=True for everyone"
+            )
+        if event in RESERVED_EVENTS:
+            raise ValueError(
+                f"event name {event!r} is reserved for the connection's own "
+                f"on({event!r}) handlers; pick another name"
+            )
+        if (room is not None) + (nick is not None) + bool(broadcast) != 1:
+            raise ValueError("emit() needs exactly one target: room=, nick= or broadcast=True")
+        payload, ptype = encode_payload(data)
         if room is not None:
             kind, target = P.TARGET_ROOM, room
-        elif to is not None:
-            kind, target = P.TARGET_DIRECT, to
+        elif nick is not None:
+            kind, target = P.TARGET_DIRECT, nick
         else:
             kind, target = P.TARGET_BROADCAST, ""
         req = self._next_req() if ack else 0
-        flags = P.EMIT_ECHO if echo else 0
+        # A version-1 session has no payload types: the bytes go untyped.
+        flags = P.emit_flags(echo, ptype if self.session_version >= 2 else P.PAYLOAD_BINARY)
         return _Call(
             req, self._encode(P.Emit(req, kind, target, event, payload, flags)), P.parse_count
         )
@@ -604,9 +743,11 @@ class _Core:
         """Act on one server message; raises the error for an ERROR frame."""
         kind = type(msg)
         if kind is P.Event:
-            room = msg.source if msg.source_kind == P.TARGET_ROOM else None
-            source = _SOURCE_KINDS.get(msg.source_kind, str(msg.source_kind))
-            self._deliver(Event(msg.event, msg.payload, msg.sender, source, room))
+            skind = msg.kind  # source_kind & EVENT_KIND_MASK: bits 4-5 are the payload type
+            room = msg.source if skind == P.TARGET_ROOM else None
+            source = _SOURCE_KINDS.get(skind, str(skind))
+            ptype = msg.payload_type if self.session_version >= 2 else P.PAYLOAD_BINARY
+            self._deliver(Event(msg.event, msg.payload, msg.sender, source, room, ptype))
         elif kind is P.Reply:
             if msg.req and msg.req in self._pending:
                 self._on_reply(msg)
