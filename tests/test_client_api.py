@@ -216,3 +216,30 @@ def test_async_emit_refuses_to(server):
                 await a.emit("x", "y", to="games")
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# ===================================================== version 2, no server
+def _emit_on(version: int, data) -> P.Emit:
+    c = Client("127.0.0.1", 7878, version=version)
+    c.session_version = version  # as WELCOME would set it
+    frame = c._emit_call("x", data, "r", None, False, True, False).frame
+    return P.decode(frame[4], frame[5:])
+
+
+def test_v2_emit_flags_carry_the_payload_type():
+    for data, ptype in (({"a": 1}, P.PAYLOAD_JSON), ("t", P.PAYLOAD_TEXT), (b"b", 0)):
+        msg = _emit_on(2, data)
+        assert P.payload_type_of(msg.flags) == ptype
+        assert msg.flags & P.EMIT_ECHO
+    assert _emit_on(1, {"a": 1}).flags == P.EMIT_ECHO  # version 1: no type bits
+
+
+def test_v2_event_kind_is_masked_and_payload_decoded():
+    c = Client("127.0.0.1", 7878, version=2)
+    c.session_version = 2
+    for kind, source in ((P.TARGET_ROOM, "r"), (P.TARGET_DIRECT, ""), (P.TARGET_BROADCAST, "")):
+        skind = P.event_kind_byte(kind, P.PAYLOAD_JSON)
+        c._incoming(P.Event(skind, "bob", source, "x", b'{"a":1}'))
+    got = [(ev.kind, ev.room, ev.data) for ev in c._inbox]
+    expected_kinds = [("room", "r"), ("direct", None), ("broadcast", None)]
+    assert got == [(k, r, {"a": 1}) for k, r in expected_kinds]
