@@ -70,6 +70,7 @@ ALIASES = {"j": "join", "m": "msg", "q": "quit", "w": "who"}
 ROOM_COMMANDS = frozenset({"join", "leave", "switch", "who"})  # first argument: a room
 NICK_COMMANDS = frozenset({"msg"})  # first argument: a nick
 TEXT_COMMANDS = frozenset({"msg", "all"})  # the rest is text (nicks complete in it)
+NICK_MAX = 32  # bytes of UTF-8 (protocol section 1)
 TOKEN_ENV = "MUXSERVER_TOKEN"  # the server's own variable, so one export serves both
 
 RESET, BOLD, DIM, RED, GREEN, YELLOW, MAGENTA, CYAN = (
@@ -357,6 +358,15 @@ def _room(text: str) -> str:
     return room
 
 
+def _nick(text: str) -> str:
+    # Only the size, which the client could not even encode past 255 bytes;
+    # the server is the judge of everything else in a nick.
+    size = len(text.encode("utf-8", "surrogateescape"))
+    if size > NICK_MAX:
+        raise argparse.ArgumentTypeError(f"nicks are at most {NICK_MAX} bytes (this one is {size})")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="muxchat", description="Terminal chat on a muxserver. Type /help once connected."
@@ -364,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"muxchat {__version__}")
     parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=7878, help="server port (default 7878)")
-    parser.add_argument("--nick", default=None, help="nickname (default: the server picks one)")
+    parser.add_argument(
+        "--nick", type=_nick, default=None, help="nickname (default: the server picks one)"
+    )
     parser.add_argument("--namespace", default="/", help="namespace (default /)")
     parser.add_argument("--room", type=_room, default=None, help="room to join at start")
     parser.add_argument(

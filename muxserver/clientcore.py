@@ -384,6 +384,13 @@ class _Call(NamedTuple):
     finish: Callable[[bytes], Any]
 
 
+def _check_nick_size(nick: str) -> None:
+    """A nick too long to encode gets the nick rule, not str8's 255-byte limit."""
+    size = len(nick.encode("utf-8", "surrogateescape"))
+    if size > 255:
+        raise InvalidName(f"nick must be 1..32 bytes (this one is {size})")
+
+
 def _read_who(body: bytes) -> Listing:
     total, nicks = P.parse_who(body)
     return Listing(nicks, total)
@@ -598,6 +605,7 @@ class _Core:
     # ---------------------------------------------------------- session
     def _hello_frame(self) -> bytes:
         nick = self._wanted_nick or ""
+        _check_nick_size(nick)
         return self._encode(P.Hello(self.version, self.namespace, nick, self._token))
 
     def _fresh_session(self) -> None:
@@ -656,6 +664,8 @@ class _Core:
         return _Call(req, self._encode(P.Leave(req, room)), done)
 
     def _nick_call(self, nick: str) -> _Call:
+        _check_nick_size(nick)
+
         def done(_body: bytes) -> None:
             self.nick = self._wanted_nick = nick
 
