@@ -60,6 +60,7 @@ from loadtests.tally import (  # noqa: E402
     SequenceTracker,
     Tally,
     bucket,
+    format_progress,
     format_summary,
     padding,
     summary_dict,
@@ -75,6 +76,7 @@ TARGET_SAMPLED_PER_S = 10_000  # auto --deliver-sample keeps Locust events under
 QUIET_S = 1.0  # drain without acks: this long without a delivery means done
 DRAIN_CAP_S = 120.0  # a drain never takes longer, however much is still arriving
 LAG_TICK_S = 0.05  # loop-lag probe period
+PROGRESS_S = 5.0  # default seconds between progress lines (and worker progress reports)
 _unpack_head = PAYLOAD_HEAD.unpack_from
 _pack_head = PAYLOAD_HEAD.pack
 
@@ -115,6 +117,16 @@ def _add_options(parser) -> None:
     parser.add_argument(
         "--summary-file", default="", include_in_web_ui=False,
         help="also write the summary as JSON to this file",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compact", action="store_true", default=False, include_in_web_ui=False,
+        help="for loadtests/run.py: a progress line every --progress-every seconds instead "
+        "of Locust's stats tables (the CSV and HTML reports keep them), and no summary "
+        "(the caller prints it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--progress-every", type=float, default=PROGRESS_S, include_in_web_ui=False,
+        help=f"with --compact: seconds between progress lines (default {PROGRESS_S:g})",
     )  # fmt: skip
 
 
@@ -194,6 +206,7 @@ class Node:
     counter: itertools.count = field(default_factory=itertools.count)
     online: set[int] = field(default_factory=set)  # direct: local indexes connected
     worker_tallies: dict[str, Tally] = field(default_factory=dict)  # master only
+    progress: dict[str, tuple[int, int]] = field(default_factory=dict)  # master: (delivered, loss)
     stop_reporting: bool = False  # worker: the master has what it needs
     finished: bool = False
     # Set once at init, kept across test starts:
@@ -511,8 +524,14 @@ def _resolve(environment) -> Config:
 def _on_init(environment, **_kw) -> None:
     NODE.fire = environment.events.request.fire
     NODE.runner = runner = environment.runner
+    if getattr(environment.parsed_options, "compact", False) and not isinstance(
+        runner, WorkerRunner
+    ):
+        # Locust's tables are over 100 columns wide and repeat what the summary says.
+        logging.getLogger("locust.stats_logger").setLevel(logging.WARNING)
     if isinstance(runner, MasterRunner):
         runner.register_message("mux_tally", _on_worker_tally)
+        runner.register_message("mux_progress", _on_worker_progress)
     elif isinstance(runner, WorkerRunner):
         runner.register_message("mux_drain", _on_drain_request, concurrent=True)
         runner.register_message("mux_drained", _on_drained)
@@ -530,6 +549,11 @@ def _on_test_start(environment, **_kw) -> None:
     NODE.sending = True
     if not isinstance(environment.runner, MasterRunner):
         gevent.spawn(_probe_loop_lag, NODE.tally)
+    if getattr(environment.parsed_options, "compact", False):
+        if isinstance(environment.runner, WorkerRunner):
+            gevent.spawn(_report_progress, environment, NODE.tally)
+        else:
+            gevent.spawn(_print_progress, environment, NODE.tally)
     if not isinstance(environment.runner, (MasterRunner, WorkerRunner)):
         cfg = NODE.cfg
         log.info(
@@ -551,6 +575,51 @@ def _probe_loop_lag(tally: Tally) -> None:
         gevent.sleep(LAG_TICK_S)
         key = bucket(int((time.perf_counter() - t0 - LAG_TICK_S) * 1e6))
         hist[key] = hist.get(key, 0) + 1
+
+
+def _loss(tally: Tally) -> int:
+    return max(tally.gaps, 0) + tally.duplicates
+
+
+def _every(environment) -> float:
+    return max(0.1, float(getattr(environment.parsed_options, "progress_every", PROGRESS_S)))
+
+
+def _report_progress(environment, tally: Tally) -> None:
+    """Worker: tell the master its counts every few seconds, for the progress line."""
+    runner = environment.runner
+    while NODE.tally is tally and not NODE.drained:
+        gevent.sleep(_every(environment))
+        runner.send_message("mux_progress", [tally.delivered, _loss(tally)])
+
+
+def _on_worker_progress(environment, msg, **_kw) -> None:
+    NODE.progress[msg.node_id] = tuple(msg.data)
+
+
+def _print_progress(environment, tally: Tally) -> None:
+    """Master or single process: one line every few seconds until the summary."""
+    total = float(getattr(environment.parsed_options, "run_time", 0) or 0)
+    distributed = isinstance(environment.runner, MasterRunner)
+    last, t_last = 0, time.monotonic()
+    while NODE.tally is tally and not NODE.finished:
+        gevent.sleep(_every(environment))
+        if NODE.tally is not tally or NODE.finished:
+            return
+        if distributed:
+            delivered = sum(d for d, _ in NODE.progress.values())
+            loss = sum(lost for _, lost in NODE.progress.values())
+        else:
+            delivered, loss = tally.delivered, _loss(tally)
+        now = time.monotonic()
+        rate = (delivered - last) / max(now - t_last, 1e-9)
+        last, t_last = delivered, now
+        elapsed = time.time() - tally.t_start
+        line = format_progress(
+            elapsed, total, environment.runner.user_count, rate, loss,
+            draining=not NODE.sending,
+        )  # fmt: skip
+        print(line, flush=True)
 
 
 def _mark_ramped() -> None:
@@ -691,7 +760,8 @@ def _on_test_stop(environment, **_kw) -> None:
         tally, cfg.scenario, cfg.acks and cfg.scenario != "churn", cfg.sample,
         offered_rate(cfg, tally.users),
     )  # fmt: skip
-    print("\n" + format_summary(summary) + "\n", flush=True)
+    if not getattr(environment.parsed_options, "compact", False):
+        print("\n" + format_summary(summary) + "\n", flush=True)
     if cfg.summary_file:
         path = Path(cfg.summary_file)
         path.parent.mkdir(parents=True, exist_ok=True)
