@@ -34,6 +34,7 @@ from .clientcore import (
     CLOSE_LINGER,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    DEFAULT_VERSION,
     RECV_SIZE,
     Ack,
     Backoff,
@@ -89,7 +90,7 @@ class AsyncClient(_Core):
         backoff: Backoff | None = None,
         tls: bool | ssl.SSLContext = False,
         ca: str | os.PathLike | None = None,
-        version: int = 1,
+        version: int = DEFAULT_VERSION,
     ) -> AsyncClient:
         """Connect and complete HELLO/WELCOME; arguments and errors as for ``Client.connect``.
 

@@ -62,6 +62,7 @@ from .clientcore import (
     CLOSE_LINGER,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    DEFAULT_VERSION,
     ERRORS,  # noqa: F401 (re-exported: importable from here as before the split)
     PERMANENT,  # noqa: F401
     RECV_SIZE,
@@ -83,10 +84,12 @@ from .clientcore import (
     NotMember,
     Presence,
     RateLimited,
+    Replaced,
     RoomInfo,
     ShuttingDown,
     SlowConsumer,
     TooLarge,
+    Unavailable,
     UnknownType,
     UnsupportedVersion,
     _Call,
@@ -98,8 +101,9 @@ from .clientcore import (
 __all__ = [
     "Ack", "AuthFailed", "Backoff", "BadFrame", "Client", "ConnectionClosed", "Event", "IdleTimeout",
     "InvalidName", "Limit", "Listing", "MuxError", "NickTaken", "NoSuchTarget", "NotConnected",
-    "NotHello", "NotMember", "Presence", "RateLimited", "RoomInfo", "ShuttingDown",
-    "SlowConsumer", "TooLarge", "UnknownType", "UnsupportedVersion", "connect", "error_for",
+    "NotHello", "NotMember", "Presence", "RateLimited", "Replaced", "RoomInfo", "ShuttingDown",
+    "SlowConsumer", "TooLarge", "Unavailable", "UnknownType", "UnsupportedVersion", "connect",
+    "error_for",
 ]  # fmt: skip
 
 # Reads that mean "nothing yet", not "connection lost": a timeout, or the
@@ -190,7 +194,7 @@ class Client(_Core):
         backoff: Backoff | None = None,
         tls: bool | ssl.SSLContext = False,
         ca: str | os.PathLike | None = None,
-        version: int = 1,
+        version: int = DEFAULT_VERSION,
         heartbeat: bool | float = False,
     ) -> Client:
         """Connect and complete HELLO/WELCOME.

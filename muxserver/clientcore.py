@@ -169,12 +169,24 @@ class ShuttingDown(MuxError):
     code = P.SHUTTING_DOWN
 
 
+class Replaced(MuxError):
+    """Version 2: this session was resumed on another connection."""
+
+    code = P.REPLACED
+
+
+class Unavailable(MuxError):
+    """The server's cluster link is down (protocol section 12)."""
+
+    code = P.UNAVAILABLE
+
+
 ERRORS: dict[int, type[MuxError]] = {
     cls.code: cls
     for cls in (
         BadFrame, UnknownType, NotHello, AuthFailed, UnsupportedVersion, TooLarge, NickTaken,
         InvalidName, NotMember, NoSuchTarget, Limit, RateLimited, SlowConsumer, IdleTimeout,
-        ShuttingDown,
+        ShuttingDown, Replaced, Unavailable,
     )
 }  # fmt: skip
 
@@ -471,6 +483,11 @@ class _Core:
         self.server_name = ""
         self.ping_interval = 0.0
         self._welcome: P.Welcome | None = None
+        # Version 2 (section 10): the token of the last WELCOME, sent in the
+        # HELLO of a reconnect so that the server hands back the parked
+        # session (nick, rooms) instead of holding the nick for its window.
+        self._resume_token = ""
+        self.resumed = False  # the last WELCOME resumed a parked session
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME + P.SERVER_FRAME_SLACK)
         self._joined: dict[str, bool] = {}  # room -> presence flag, for re-joining
         self._pending: dict[int, Any] = {}
@@ -606,7 +623,8 @@ class _Core:
     def _hello_frame(self) -> bytes:
         nick = self._wanted_nick or ""
         _check_nick_size(nick)
-        return self._encode(P.Hello(self.version, self.namespace, nick, self._token))
+        resume = self._resume_token if self.version >= 2 else ""
+        return self._encode(P.Hello(self.version, self.namespace, nick, self._token, resume))
 
     def _fresh_session(self) -> None:
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME + P.SERVER_FRAME_SLACK)
@@ -620,6 +638,8 @@ class _Core:
         self.nick, self.conn_id, self.max_frame = w.nick, w.conn_id, w.max_frame
         self.server_name, self.ping_interval = w.server_name, w.ping_interval_ms / 1000
         self.session_version = w.version
+        self._resume_token = w.resume_token
+        self.resumed = bool(w.resumed)
         self._decoder.max_frame = w.max_frame + P.SERVER_FRAME_SLACK
 
     def _can_retry(self, exc: BaseException | None) -> bool:

@@ -3,18 +3,22 @@
 A dict sent by one client arrives as a dict in another, a str as a str, bytes
 as bytes, for the blocking and the asyncio client alike, and a version-1
 member of the same room receives the same bytes untyped (its EVENTs carry no
-payload-type bits). These run against a real version-2 server.
+payload-type bits). And a reconnect resumes the parked session (section 10),
+so the nick it held is not refused as taken. These run against a real
+version-2 server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 import pytest
 
 from muxserver import protocol as P
 from muxserver.aio import AsyncClient
-from muxserver.client import Client
+from muxserver.client import Backoff, Client, ConnectionClosed
 
 VALUES = [
     {"move": "e4", "n": [1, 2.5, None, True]},
@@ -78,3 +82,29 @@ def test_v1_sender_to_v2_receiver_is_binary(server, version):
         old.emit("x", {"a": 1}, nick="new")
         ev = new.recv(5)
         assert (ev.data, ev.payload_type) == (b'{"a":1}', P.PAYLOAD_BINARY)
+
+
+def test_v2_reconnect_resumes_the_parked_session(server):
+    fast = Backoff(initial=0.05, jitter=0)
+    with (
+        Client.connect(server.host, server.port, nick="alice", version=2, backoff=fast) as a,
+        Client.connect(server.host, server.port, nick="bob", version=2) as b,
+    ):
+        assert a.resumed is False
+        a.join("r")
+        b.join("r", presence=True)
+        old = a.conn_id
+        ups = []
+        a.on("connect", lambda: ups.append(a.resumed))
+        a.sock.shutdown(socket.SHUT_RDWR)  # the network cuts alice off: the server parks her
+        deadline = time.monotonic() + 15
+        while not ups:
+            assert time.monotonic() < deadline, "alice did not come back"
+            try:
+                a.poll(0.05)
+            except ConnectionClosed:
+                pass
+        assert ups == [True] and a.nick == "alice" and a.conn_id != old
+        assert b.emit("x", {"back": True}, room="r", ack=True) == 1
+        assert a.recv(5).data == {"back": True}
+        assert b.recv(0.5) is None  # a resume sends no PRESENCE leave or join
