@@ -20,6 +20,7 @@ import struct
 from typing import NamedTuple
 
 from .framing import LENGTH, FrameError, encode_frame
+from .names import NameCache, check_name  # noqa: F401  (re-exported: part of the codec's API)
 
 # The version a client speaks by default, and every version the server accepts.
 PROTOCOL_VERSION = 1
@@ -688,11 +689,39 @@ def parse_emit_head(body: bytes) -> tuple[int, int, int, bytes, bytes, int]:
     eend = tend + 1 + body[tend]
     if eend > n:
         raise ProtocolError(BAD_FRAME, "EMIT: string longer than the body")
-    if kind > TARGET_BROADCAST:
-        raise ProtocolError(BAD_FRAME, f"EMIT: unknown target_kind {kind}")
-    if kind == TARGET_BROADCAST and tlen:
-        raise ProtocolError(BAD_FRAME, "EMIT: broadcast must have an empty target")
+    _check_target(kind, tlen)
     return req, flags, kind, body[7:tend], body[tend + 1 : eend], eend
+
+
+# The EMIT body from this offset on (str8 target, str8 event, payload) is the
+# tail of the EVENT a room or broadcast EMIT becomes, so the server forwards
+# it unchanged behind a new prefix; the EVENT is then this much shorter than
+# prefix + EMIT body.
+EMIT_TAIL_OFFSET = 6  # u32 req, u8 flags, u8 target_kind
+EVENT_LENGTH_DELTA = EMIT_TAIL_OFFSET
+
+
+def emit_event_offset(body: bytes) -> int:
+    """Where the str8 event starts in an EMIT body (after the str8 target)."""
+    return EMIT_TAIL_OFFSET + 1 + body[EMIT_TAIL_OFFSET]
+
+
+def reply_count_seq0(req: int, count: int) -> bytes:
+    """Version 2 EMIT REPLY of a message that has no seq (seq 0)."""
+    return REPLY_COUNT_SEQ.pack(19, REPLY, req, OK, count, 0)
+
+
+def listing_reply(req: int, entries: list[bytes], max_frame: int) -> bytes:
+    """WHO / ROOMS REPLY: u32 total, u16 listed, then as many entries as fit under max_frame."""
+    head = U32.pack(req) + U16.pack(OK) + U32.pack(len(entries))
+    room_left = max_frame - 1 - len(head) - 2
+    listed = 0
+    for entry in entries:
+        if listed == 0xFFFF or len(entry) > room_left:
+            break
+        room_left -= len(entry)
+        listed += 1
+    return encode_frame(REPLY, head + U16.pack(listed) + b"".join(entries[:listed]))
 
 
 def event_prefix(source_kind: int, sender_nick: bytes) -> bytes:
@@ -708,72 +737,3 @@ def event_kind_byte(kind: int, payload_type: int) -> int:
 def event_frame(prefix: bytes, tail) -> bytes:
     """EVENT frame = length + prefix (type byte included) + EMIT tail."""
     return LENGTH.pack(len(prefix) + len(tail)) + prefix + tail
-
-
-# ------------------------------------------------------------- name rules
-def _bad_char(ch: str) -> bool:
-    o = ord(ch)
-    return o < 0x20 or 0x7F <= o <= 0x9F
-
-
-def check_name(name: str, kind: str = "room") -> str | None:
-    """Return None if ``name`` is a valid room/event/namespace/nick, else why not."""
-    raw_len = len(name.encode("utf-8", "surrogateescape"))
-    if any("\udc80" <= ch <= "\udcff" for ch in name):
-        return f"{kind} name is not valid UTF-8"
-    if kind == "nick":
-        if not 1 <= raw_len <= 32:
-            return "nick must be 1..32 bytes"
-        for ch in name:
-            if _bad_char(ch) or ch.isspace():
-                return "nick must not contain control characters or whitespace"
-        return None
-    if not 1 <= raw_len <= 255:
-        return f"{kind} name must be 1..255 bytes"
-    if kind == "namespace" and not name.startswith("/"):
-        return "namespace must start with '/'"
-    for ch in name:
-        if _bad_char(ch):
-            return f"{kind} name must not contain control characters"
-    return None
-
-
-class NameCache:
-    """raw name bytes -> decoded str, for names that passed their check.
-
-    The hot path sees the same few room and event names millions of times;
-    a dict hit replaces a UTF-8 decode and a per-character scan. Bounded: the
-    cache is emptied when full so a client inventing names cannot grow it.
-    """
-
-    __slots__ = ("kind", "known", "limit")
-
-    def __init__(self, kind: str, limit: int = 8192) -> None:
-        self.kind = kind
-        # Public so the server's hot path can do a plain dict lookup; on a
-        # miss it calls get(), which checks and remembers the name.
-        self.known: dict[bytes, str] = {}
-        self.limit = limit
-
-    def get(self, raw: bytes) -> str | None:
-        """The decoded name, or None if it breaks the rules."""
-        name = self.known.get(raw)
-        if name is not None:
-            return name
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        if check_name(name, self.kind) is not None:
-            return None
-        if len(self.known) >= self.limit:
-            self.known.clear()
-        self.known[raw] = name
-        return name
-
-    def why(self, raw: bytes) -> str:
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return f"{self.kind} name is not valid UTF-8"
-        return check_name(name, self.kind) or "ok"
