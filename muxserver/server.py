@@ -24,77 +24,21 @@ import functools
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
-from typing import NamedTuple
 
 from . import protocol as P
+from .config import Config
 from .framing import FrameError
 from .hub import Hub
 from .listener import Listener
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop
 from .router import Router
 from .session import CLOSED, CLOSING, DRAINING, HELLO_WAIT, OPEN, Session, SessionProtocol
-from .transport.stream import WOULD_BLOCK, StreamTransport
+from .stats import Snapshot, new_counters, waiting_for
+from .transport.stream import WOULD_BLOCK, StreamTransport, server_tls_context
 
 log = logging.getLogger("muxserver")
 
 READ_CHUNK = 256 * 1024  # most bytes taken from one connection per turn
-
-
-@dataclass
-class Config:
-    host: str = "127.0.0.1"
-    port: int = 7878
-    max_frame: int = 1024 * 1024
-    max_connections: int = 10000
-    max_output: int = 8 * 1024 * 1024
-    max_rooms: int = 1000
-    ping_interval: float = 25.0
-    ping_timeout: float = 20.0
-    drain_timeout: float = 5.0
-    hello_timeout: float = 10.0
-    name: str = "muxserver"
-    token: str = ""
-    rate_limit: float = 0.0  # EMITs per second per connection; 0 = off
-    rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
-    tls_cert: str = ""
-    tls_key: str = ""
-
-
-# What the sweep timer decides for one connection.
-ALIVE, SEND_PING, TIMED_OUT = 0, 1, 2
-
-
-def liveness(now: float, last_rx: float, last_ping: float, interval: float, timeout: float) -> int:
-    """Heartbeat rule of protocol section 7, as a pure function of times.
-
-    PING a connection that has sent nothing for ``interval`` (again every
-    ``interval`` while it stays silent); cut it after ``interval + timeout``
-    of silence.
-    """
-    idle = now - last_rx
-    if idle >= interval + timeout:
-        return TIMED_OUT
-    if idle >= interval and (last_ping <= last_rx or now - last_ping >= interval):
-        return SEND_PING
-    return ALIVE
-
-
-class Snapshot(NamedTuple):
-    """What monitoring reads (stats.py), taken between two loop turns."""
-
-    name: str
-    shutting_down: bool
-    sessions: list
-    namespaces: dict
-    stats: dict
-    deliveries: int
-    frames_in_by_type: list
-    frames_out_by_type: list
-    closed_totals: tuple
-    turn_counts: list
-    turn_seconds: float
-    now: float
 
 
 class Server:
@@ -103,16 +47,7 @@ class Server:
         self.loop = loop or EventLoop()
         self.hub = Hub(max_rooms=config.max_rooms)
         self.router = Router()
-        # Counters for monitoring; plain ints, read when scraped.
-        self.stats = {
-            "accepted": 0,
-            "refused_limit": 0,
-            "refused_tls_handshake": 0,  # stats.py exports every refused_<reason>
-            "slow_consumers": 0,
-            "internal_errors": 0,
-            "errors": {},  # fatal ERROR code -> count
-            "reply_errors": {},  # REPLY status -> count
-        }
+        self.stats = new_counters()  # plain ints, read when scraped
         self.protocol = SessionProtocol(config, self.hub, self.router, self.loop, self, self.stats)
         self.sessions: dict[int, Session] = {}  # conn id -> session
         self.listeners: list[Listener] = []
@@ -122,21 +57,12 @@ class Server:
         self._live = 0  # connections counted against max_connections
         self._rbuf = bytearray(READ_CHUNK)
         self._rview = memoryview(self._rbuf)
-        self._tls = self._tls_context(config) if config.tls_cert else None
-        self._ping_nonce = 0
+        self._tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         self._shutdown_deadline = 0.0
         # Closed connections' counters (frames in, frames out, bytes in, bytes
         # out), so totals never go down.
         self.closed_totals = [0, 0, 0, 0]
         self.loop.add_before_sleep(self.flush)
-
-    @staticmethod
-    def _tls_context(cfg: Config) -> ssl.SSLContext:
-        """Server-side TLS; raises OSError/SSLError if the files are unusable."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
-        return ctx
 
     # =============================================================== start
     def start(self) -> tuple[str, int]:
@@ -251,13 +177,7 @@ class Server:
             self._close(sess)
             return
         try:
-            transport.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            transport.set_interest(self.loop, EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            transport.set_interest(self.loop, EVENT_WRITE)
-            return
+            wanted = transport.handshake()
         except (ssl.SSLError, OSError) as exc:
             # A plain-TCP client, a wrong certificate, a scanner: close this
             # one quietly and carry on with everyone else.
@@ -268,9 +188,8 @@ class Server:
             )  # fmt: skip
             self._close(sess)
             return
-        transport.handshaking = False
-        transport.set_interest(self.loop, EVENT_READ)
-        if transport.more_buffered():
+        transport.set_interest(self.loop, wanted or EVENT_READ)
+        if not wanted and transport.more_buffered():
             self.loop.call_later(0, self._read_again, sess)
 
     def _read_again(self, sess: Session) -> None:
@@ -285,10 +204,10 @@ class Server:
         except WOULD_BLOCK:
             return
         except OSError:
-            self._lost(sess)
+            self.lost(sess)
             return
         if n == 0:
-            self._lost(sess)
+            self.lost(sess)
             return
         self.received(sess, self._rview[:n])
         if sess.state <= OPEN and transport.more_buffered():
@@ -302,21 +221,20 @@ class Server:
         if sess.state > OPEN:
             return  # CLOSING / DRAINING: input is read and thrown away
         try:
-            frames = transport.receive(data)
-            error = None
-        except FrameError as exc:
-            frames, error = exc.frames, exc
-        self.protocol.receive(sess, frames, error)
+            try:
+                frames = transport.receive(data)
+                error = None
+            except FrameError as exc:
+                frames, error = exc.frames, exc
+            self.protocol.receive(sess, frames, error)
+        except Exception:
+            self._internal_error(sess, "handling its input")
 
     def writable(self, sess: Session) -> None:
         """The kernel has room again (EVENT_WRITE, or an in-memory peer that read)."""
         self._on_event(sess, EVENT_WRITE)
 
     def lost(self, sess: Session) -> None:
-        """The peer closed (or reset) its side."""
-        self._lost(sess)
-
-    def _lost(self, sess: Session) -> None:
         """The peer closed (or reset) its side."""
         if sess.state in (OPEN, HELLO_WAIT):
             log.debug(
@@ -362,7 +280,7 @@ class Server:
                 try:
                     left = sess.transport.flush(loop, data)
                 except OSError:
-                    self._lost(sess)
+                    self.lost(sess)
                     continue
                 except Exception:
                     self._internal_error(sess, "sending its output")
@@ -370,25 +288,9 @@ class Server:
                 sess.frames_out += n
                 if left:
                     if left > max_output and sess.state == OPEN:
-                        self._slow_consumer(sess)
+                        self.protocol.slow_consumer(sess, sess.transport.discard_unsent())
                 elif sess.state == CLOSING:
                     self._finish_output(sess)
-
-    def _slow_consumer(self, sess: Session) -> None:
-        dropped = sess.transport.discard_unsent()
-        self.stats["slow_consumers"] += 1
-        # The one info line for this disconnect (fatal does not log it again).
-        log.info(
-            "slow consumer #%d %s from %s: %d unsent bytes dropped, disconnecting",
-            sess.id, sess.nick, sess.peer, dropped,
-            extra={
-                "conn": sess.id, "peer": sess.peer, "nick": sess.nick,
-                "reason": "SLOW_CONSUMER", "dropped_bytes": dropped,
-            },
-        )  # fmt: skip
-        self.protocol.fatal(
-            sess, P.SLOW_CONSUMER, f"unsent output passed {self.config.max_output} bytes"
-        )
 
     # ============================================================= closing
     def closing(self, sess: Session) -> None:
@@ -437,51 +339,20 @@ class Server:
 
     # ============================================================ liveness
     def _sweep(self) -> None:
-        """Periodic timer: heartbeats, idle timeouts, HELLO timeouts."""
-        cfg = self.config
-        now = self.loop.time()
-        interval, timeout = cfg.ping_interval, cfg.ping_timeout
-        for sess in list(self.sessions.values()):
-            state = sess.state
-            if state == OPEN:
-                verdict = liveness(now, sess.last_rx, sess.last_ping, interval, timeout)
-                if verdict == SEND_PING:
-                    self._ping_nonce += 1
-                    sess.last_ping = now
-                    self.router.reply(sess, P.ping_frame(P.SERVER_PING, self._ping_nonce))
-                elif verdict == TIMED_OUT:
-                    self.protocol.fatal(
-                        sess, P.IDLE_TIMEOUT, f"nothing received for {interval + timeout:g} s"
-                    )
-            elif state == HELLO_WAIT and now - sess.connected_at >= cfg.hello_timeout:
-                self.protocol.fatal(
-                    sess, P.IDLE_TIMEOUT, f"no HELLO within {cfg.hello_timeout:g} s"
-                )
+        """Periodic timer: heartbeats, idle timeouts, HELLO timeouts (session.py's rules)."""
+        self.protocol.sweep(list(self.sessions.values()), self.loop.time())
         if not self.shutting_down:
             self.loop.call_later(self._sweep_interval, self._sweep)
 
     # ============================================================ shutdown
-    def waiting_for(self) -> str:
-        """``1 connection (no HELLO yet)``, ``3 connections (2 open, 1 closing)``."""
-        n = len(self.sessions)
-        if not n:
-            return "no connections"
-        counts: dict[str, int] = {}
-        for sess in self.sessions.values():
-            label = "no HELLO yet" if sess.state == HELLO_WAIT else _STATE_WORDS.get(sess.state)
-            if label:
-                counts[label] = counts.get(label, 0) + 1
-        detail = ", ".join(
-            label if n == 1 else f"{count} {label}" for label, count in counts.items()
-        )
-        return f"{n} connection{'s' if n != 1 else ''}" + (f" ({detail})" if detail else "")
-
     def begin_shutdown(self) -> None:
         """Stop accepting; flush; ERROR SHUTTING_DOWN to everyone; stop the loop."""
         if self.shutting_down:
             return
         drain = self.config.drain_timeout
-        log.info("shutting down: waiting for %s up to %g s", self.waiting_for(), drain)
+        log.info(
+            "shutting down: waiting for %s up to %g s", waiting_for(self.sessions.values()), drain
+        )
         self.shutting_down = True
         self._shutdown_deadline = self.loop.time() + drain
         for listener in self.listeners:
@@ -516,6 +387,3 @@ class Server:
         for listener in self.listeners:
             listener.close()
         self.listeners.clear()
-
-
-_STATE_WORDS = {OPEN: "open", CLOSING: "closing", DRAINING: "draining"}

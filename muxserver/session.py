@@ -37,6 +37,9 @@ CLOSING = 2  # error or BYE queued: flushing the last output, input discarded
 DRAINING = 3  # FIN sent: reading and discarding until EOF or drain_timeout
 CLOSED = 4
 
+# What the heartbeat rule decides for one session (see liveness).
+ALIVE, SEND_PING, TIMED_OUT = 0, 1, 2
+
 STATE_NAMES = {HELLO_WAIT: "hello", OPEN: "open", CLOSING: "closing", DRAINING: "draining"}
 
 _EMIT = P.EMIT
@@ -44,6 +47,21 @@ _ECHO = P.EMIT_ECHO
 _TYPE_MASK = P.EMIT_TYPE_MASK
 _ROOM_TAIL = P.EMIT_TAIL_OFFSET  # the EMIT body from here on is the EVENT tail
 _DELTA = P.EVENT_LENGTH_DELTA  # EVENT length = len(prefix) + len(EMIT body) - this
+
+
+def liveness(now: float, last_rx: float, last_ping: float, interval: float, timeout: float) -> int:
+    """Heartbeat rule of protocol section 7, as a pure function of times.
+
+    PING a connection that has sent nothing for ``interval`` (again every
+    ``interval`` while it stays silent); cut it after ``interval + timeout``
+    of silence.
+    """
+    idle = now - last_rx
+    if idle >= interval + timeout:
+        return TIMED_OUT
+    if idle >= interval and (last_ping <= last_rx or now - last_ping >= interval):
+        return SEND_PING
+    return ALIVE
 
 
 class Session:
@@ -125,6 +143,7 @@ class SessionProtocol:
         self._events = P.NameCache("event")
         self._nicks = P.NameCache("nick")
         self.frames_in_by_type = [0] * 256
+        self._ping_nonce = 0
         self.handlers = {
             P.HELLO: self._on_second_hello,
             P.JOIN: self._on_join,
@@ -164,27 +183,29 @@ class SessionProtocol:
         rooms = sess.rooms
         v2 = sess.version >= 2
         ack = P.reply_count_seq0 if v2 else P.reply_count
+        emit_type, tail_at = _EMIT, _ROOM_TAIL  # locals: read per frame
         prefix = sess.prefix_room
+        plen = len(prefix) - _DELTA  # EVENT length = plen + len(EMIT body)
         run_head = None  # body[4:eend] of the run's EMITs: flags, kind, room, event
         run_room = None
         run_echo = run_type = 0
         parts: list[bytes] = []  # [length, prefix, tail] per EMIT of the run
         acks = sess.out
         for ftype, body in frames:
-            if ftype == _EMIT and run_head is not None and body.startswith(run_head, 4):
+            if ftype == emit_type and run_head is not None and body.startswith(run_head, 4):
                 # Same flags, room and event as the run so far: every check
                 # those passed holds for this EMIT too.
                 req = req_of(body)[0]
                 if not (req and run_echo):
-                    by_type[_EMIT] += 1
-                    parts += (pack_len(len(prefix) - _DELTA + len(body)), prefix, body[_ROOM_TAIL:])
+                    by_type[emit_type] += 1
+                    parts += (pack_len(plen + len(body)), prefix, body[tail_at:])
                     if req:
                         acks.append(ack(req, len(run_room.members) - 1))
                         out_by_type[P.REPLY] += 1
                         router.pending.add(sess)
                     continue
             by_type[ftype] += 1
-            if ftype == _EMIT and not self._rate and sess.state == OPEN:
+            if ftype == emit_type and not self._rate and sess.state == OPEN:
                 n = len(body)
                 if n > 7:
                     req, flags, kind, tlen = head(body)
@@ -207,11 +228,8 @@ class SessionProtocol:
                                 prefix = sess.prefix_room
                                 if ptype:
                                     prefix = typed_prefix(prefix, ptype)
-                                parts += (
-                                    pack_len(len(prefix) - _DELTA + n),
-                                    prefix,
-                                    body[_ROOM_TAIL:],
-                                )
+                                plen = len(prefix) - _DELTA
+                                parts += (pack_len(plen + n), prefix, body[tail_at:])
                                 if req:
                                     acks.append(ack(req, len(run_room.members) - 1))
                                     out_by_type[P.REPLY] += 1
@@ -432,6 +450,26 @@ class SessionProtocol:
         self.detach(sess)
         self.begin_close(sess)
 
+    # ============================================================ liveness
+    def sweep(self, sessions, now: float) -> None:
+        """Heartbeats and timeouts of protocol section 7 (and the HELLO timeout)."""
+        cfg = self.config
+        interval, timeout = cfg.ping_interval, cfg.ping_timeout
+        for sess in sessions:
+            state = sess.state
+            if state == OPEN:
+                verdict = liveness(now, sess.last_rx, sess.last_ping, interval, timeout)
+                if verdict == SEND_PING:
+                    self._ping_nonce += 1
+                    sess.last_ping = now
+                    self.router.reply(sess, P.ping_frame(P.SERVER_PING, self._ping_nonce))
+                elif verdict == TIMED_OUT:
+                    self.fatal(
+                        sess, P.IDLE_TIMEOUT, f"nothing received for {interval + timeout:g} s"
+                    )
+            elif state == HELLO_WAIT and now - sess.connected_at >= cfg.hello_timeout:
+                self.fatal(sess, P.IDLE_TIMEOUT, f"no HELLO within {cfg.hello_timeout:g} s")
+
     # ============================================================ closing
     def fatal(self, sess: Session, code: int, message: str) -> None:
         """Queue ERROR ``code`` behind what is already queued, then close.
@@ -457,6 +495,20 @@ class SessionProtocol:
         self.detach(sess)
         sess.out.append(P.error_frame(code, message))
         self.begin_close(sess)
+
+    def slow_consumer(self, sess: Session, dropped: int) -> None:
+        """Its unsent output passed max_output; ``dropped`` bytes were thrown away."""
+        self.stats["slow_consumers"] += 1
+        # The one info line for this disconnect (fatal does not log it again).
+        log.info(
+            "slow consumer #%d %s from %s: %d unsent bytes dropped, disconnecting",
+            sess.id, sess.nick, sess.peer, dropped,
+            extra={
+                "conn": sess.id, "peer": sess.peer, "nick": sess.nick,
+                "reason": "SLOW_CONSUMER", "dropped_bytes": dropped,
+            },
+        )  # fmt: skip
+        self.fatal(sess, P.SLOW_CONSUMER, f"unsent output passed {self.config.max_output} bytes")
 
     def detach(self, sess: Session) -> None:
         """Drop the session from the hub now, telling the watchers."""

@@ -16,12 +16,13 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from . import __version__
 from . import protocol as P
 from .logs import format_peer
 from .loop import TURN_BUCKETS
-from .session import STATE_NAMES
+from .session import CLOSING, DRAINING, HELLO_WAIT, OPEN, STATE_NAMES
 
 log = logging.getLogger("muxserver.stats")
 
@@ -67,6 +68,52 @@ def _by_code(counts: dict, always: tuple) -> list:
 
 
 # =================================================================== figures
+
+
+class Snapshot(NamedTuple):
+    """What monitoring reads (stats.py), taken between two loop turns."""
+
+    name: str
+    shutting_down: bool
+    sessions: list
+    namespaces: dict
+    stats: dict
+    deliveries: int
+    frames_in_by_type: list
+    frames_out_by_type: list
+    closed_totals: tuple
+    turn_counts: list
+    turn_seconds: float
+    now: float
+
+
+def new_counters() -> dict:
+    """The server's counters; features add their own ``refused_<reason>`` keys."""
+    return {
+        "accepted": 0,
+        "refused_limit": 0,
+        "refused_tls_handshake": 0,  # every refused_<reason> is exported
+        "slow_consumers": 0,
+        "internal_errors": 0,
+        "errors": {},  # fatal ERROR code -> count
+        "reply_errors": {},  # REPLY status -> count
+    }
+
+
+def waiting_for(sessions) -> str:
+    """``1 connection (no HELLO yet)``, ``3 connections (2 open, 1 closing)``: for shutdown."""
+    sessions = list(sessions)
+    n = len(sessions)
+    if not n:
+        return "no connections"
+    words = {HELLO_WAIT: "no HELLO yet", OPEN: "open", CLOSING: "closing", DRAINING: "draining"}
+    counts: dict[str, int] = {}
+    for sess in sessions:
+        label = words.get(sess.state)
+        if label:
+            counts[label] = counts.get(label, 0) + 1
+    detail = ", ".join(label if n == 1 else f"{c} {label}" for label, c in counts.items())
+    return f"{n} connection{'s' if n != 1 else ''}" + (f" ({detail})" if detail else "")
 
 
 def totals(snap) -> dict:

@@ -120,6 +120,8 @@ class MemoryPair:
         return self.transport.sock
 
     def send_raw(self, data: bytes) -> None:
+        loop = self.server.loop
+        loop.now = loop.clock()  # a read starts a loop turn, which reads the clock
         self.server.received(self.session, data)
 
     def send(self, *msgs) -> None:

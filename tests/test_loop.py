@@ -9,8 +9,8 @@ import socket
 from muxserver import protocol as P
 from muxserver.framing import FrameDecoder
 from muxserver.loop import EventLoop
-from muxserver.server import ALIVE, SEND_PING, TIMED_OUT, Config, Server, liveness
-from muxserver.session import CLOSED
+from muxserver.server import Config, Server
+from muxserver.session import ALIVE, CLOSED, SEND_PING, TIMED_OUT, liveness
 from muxserver.testing import FakeClock
 
 

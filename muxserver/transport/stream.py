@@ -25,7 +25,7 @@ import ssl
 from collections import deque
 
 from ..framing import LENGTH, FrameDecoder
-from ..loop import EVENT_WRITE
+from ..loop import EVENT_READ, EVENT_WRITE
 
 # Buffers handed to one sendmsg call; Linux's IOV_MAX is 1024.
 _IOV_BATCH = 64
@@ -42,6 +42,14 @@ def boundary_at_or_after(chunk: bytes, offset: int) -> int:
     while pos < offset:
         pos += 4 + LENGTH.unpack_from(chunk, pos)[0]
     return pos
+
+
+def server_tls_context(cert: str, key: str = "") -> ssl.SSLContext:
+    """Server-side TLS; raises OSError/SSLError if the files are unusable."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key or None)
+    return ctx
 
 
 class StreamTransport:
@@ -74,6 +82,20 @@ class StreamTransport:
     def more_buffered(self) -> bool:
         """TLS: decrypted bytes waiting in the SSL object raise no readiness event."""
         return self.tls and self.sock.pending() > 0
+
+    def handshake(self) -> int:
+        """Advance the TLS handshake: 0 when done, else the event it waits for.
+
+        Raises ssl.SSLError or OSError when it fails.
+        """
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return EVENT_READ
+        except ssl.SSLWantWriteError:
+            return EVENT_WRITE
+        self.handshaking = False
+        return 0
 
     # ---------------------------------------------------------- interest
     def set_interest(self, loop, events: int) -> None:
