@@ -122,7 +122,12 @@ OPTIONS = [
     ("log-level", _log_level, "INFO", "debug, info, warning, error"),
     ("log-format", _log_format, "text", "text, or json: one JSON object per line"),
     ("stats-interval", _non_negative, 60.0, "seconds between summary log lines (0: off)"),
-    ("metrics-port", _metrics_port, "off", "HTTP port for /metrics /healthz /connz /roomz; 0 picks a free one"),
+    (
+        "metrics-port",
+        _metrics_port,
+        "off",
+        "HTTP port for /metrics /healthz /connz /roomz; 0 picks a free one",
+    ),
     ("metrics-host", str, "127.0.0.1", "address of the monitoring port"),
 ]
 
@@ -337,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             elif isinstance(exc, socket.gaierror):
                 reason = f"cannot resolve metrics host {metrics_host!r}"
             else:
-                reason = f"cannot listen on metrics {metrics_host}:{metrics_port}: {exc.strerror or exc}"
+                reason = (
+                    f"cannot listen on metrics {metrics_host}:{metrics_port}: {exc.strerror or exc}"
+                )
             print(f"muxserver: {reason}", file=sys.stderr)
             server.close()
             server.loop.close()

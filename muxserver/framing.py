@@ -5,6 +5,11 @@ where ``length`` counts the type byte and the body. This module is pure
 (no sockets) so that the server, the client library, the load tests and the
 benchmarks all share one decoder and nobody writes a second one.
 
+It also holds the section 1 primitive types that frame bodies are made of
+(the ``U*`` structs, :func:`str8`, :class:`BodyReader`) and
+:class:`ProtocolError`, so that every parser in the project reads bodies the
+same way.
+
 Two decisions worth knowing about:
 
 * The size cap is enforced from the four length bytes alone, before any body
@@ -20,6 +25,13 @@ from __future__ import annotations
 import struct
 
 __all__ = [
+    "U8",
+    "U16",
+    "U32",
+    "U64",
+    "BodyReader",
+    "ProtocolError",
+    "str8",
     "DEFAULT_MAX_FRAME",
     "FrameDecoder",
     "FrameError",
@@ -32,6 +44,11 @@ DEFAULT_MAX_FRAME = 1024 * 1024
 # Built once: struct.Struct objects skip the format-string cache lookup.
 LENGTH = struct.Struct(">I")
 HEADER = struct.Struct(">IB")
+# Section 1 primitive types inside frame bodies.
+U8 = struct.Struct(">B")
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
 
 # Status codes used by framing errors (the full table lives in protocol.py;
 # repeated here as plain ints so this module has no imports of its own).
@@ -53,6 +70,74 @@ class FrameError(Exception):
         self.code = code
         self.message = message
         self.frames = frames if frames is not None else []
+
+
+class ProtocolError(FrameError):
+    """A frame body that breaks the protocol: the peer's fault, fatal."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+
+
+class BodyReader:
+    """Cursor over one frame body (section 1 primitive types); every shortfall is BAD_FRAME."""
+
+    __slots__ = ("body", "pos", "kind")
+
+    def __init__(self, body: bytes, kind: str) -> None:
+        self.body = body
+        self.pos = 0
+        self.kind = kind
+
+    def _need(self, n: int) -> int:
+        pos = self.pos
+        if pos + n > len(self.body):
+            raise ProtocolError(_BAD_FRAME, f"{self.kind} body too short")
+        self.pos = pos + n
+        return pos
+
+    def u8(self) -> int:
+        return self.body[self._need(1)]
+
+    def u16(self) -> int:
+        return U16.unpack_from(self.body, self._need(2))[0]
+
+    def u32(self) -> int:
+        return U32.unpack_from(self.body, self._need(4))[0]
+
+    def u64(self) -> int:
+        return U64.unpack_from(self.body, self._need(8))[0]
+
+    def raw8(self) -> bytes:
+        n = self.u8()
+        if self.pos + n > len(self.body):
+            raise ProtocolError(_BAD_FRAME, f"{self.kind}: string longer than the body")
+        start = self.pos
+        self.pos = start + n
+        return self.body[start : self.pos]
+
+    def str8(self) -> str:
+        raw = self.raw8()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(_BAD_FRAME, f"{self.kind}: string is not valid UTF-8") from None
+
+    def rest(self) -> bytes:
+        start = self.pos
+        self.pos = len(self.body)
+        return self.body[start:]
+
+    def end(self) -> None:
+        if self.pos != len(self.body):
+            raise ProtocolError(_BAD_FRAME, f"{self.kind}: trailing bytes after the last field")
+
+
+def str8(value: str | bytes) -> bytes:
+    raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    if len(raw) > 255:
+        raise ValueError(f"string of {len(raw)} bytes does not fit a str8")
+    return bytes((len(raw),)) + raw
 
 
 def encode_frame(ftype: int, body: bytes = b"") -> bytes:

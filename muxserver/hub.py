@@ -11,14 +11,21 @@ Members are duck-typed: anything with the writable attributes ``nick``,
 those slots itself, so a room's member dict holds connections directly and a
 broadcast is one loop over it, with no extra hop per recipient.
 
-Rooms keep two insertion-ordered dicts: all members (join order is WHO's
-order) and the *watchers* that asked for PRESENCE. A join then costs work in
+Rooms keep insertion-ordered dicts: all members (join order is WHO's
+order), the *watchers* that asked for PRESENCE (a join then costs work in
 proportion to the watchers, not the room: 19,000 joins to one room would
-otherwise be quadratic.
+otherwise be quadratic), and the members that speak protocol version 1
+(``legacy``; usually empty), so that the router builds a second encoding of a
+message only when someone needs it. Namespaces keep the same ``legacy`` split.
+
+Nicks are unique per namespace without regard to case (protocol section 1):
+``Namespace.nicks`` is keyed by :func:`nick_key`, the NFKC-normalised,
+case-folded form, and maps to the member, whose ``nick`` is shown as chosen.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import NamedTuple
 
 from .protocol import (
@@ -49,41 +56,48 @@ class Change(NamedTuple):
     presence: Presence
 
 
+def nick_key(nick: str) -> str:
+    """The form two nicks are compared in: ``Bob``, ``BOB`` and ``ｂｏｂ`` are one nick."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
+
+
 class Member:
-    """The minimal member shape (the server's Connection has the same slots)."""
+    """The minimal member shape (the server's Session has the same slots)."""
 
-    __slots__ = ("nick", "ns", "rooms")
+    __slots__ = ("nick", "ns", "rooms", "version")
 
-    def __init__(self, nick: str = "") -> None:
+    def __init__(self, nick: str = "", version: int = 2) -> None:
         self.nick = nick
         self.ns: Namespace | None = None
         self.rooms: dict[str, Room] = {}
+        self.version = version
 
     def __repr__(self) -> str:
         return f"<Member {self.nick!r}>"
 
 
 class Room:
-    __slots__ = ("name", "members", "watchers", "queued")
+    __slots__ = ("name", "members", "watchers", "legacy")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.queued = -1  # server turn in which members were last marked pending
         self.members: dict = {}  # member -> None, in join order
         self.watchers: dict = {}  # members who asked for PRESENCE
+        self.legacy: dict = {}  # members speaking protocol version 1
 
     def __len__(self) -> int:
         return len(self.members)
 
 
 class Namespace:
-    __slots__ = ("name", "members", "nicks", "rooms")
+    __slots__ = ("name", "members", "nicks", "rooms", "legacy")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: dict = {}  # member -> None, in arrival order
-        self.nicks: dict = {}  # nick -> member
+        self.nicks: dict = {}  # nick_key(nick) -> member
         self.rooms: dict[str, Room] = {}
+        self.legacy: dict = {}  # members speaking protocol version 1
 
 
 class Hub:
@@ -94,7 +108,7 @@ class Hub:
     # ------------------------------------------------------------ session
     def nick_taken(self, ns_name: str, nick: str) -> bool:
         ns = self.namespaces.get(ns_name)
-        return ns is not None and nick in ns.nicks
+        return ns is not None and nick_key(nick) in ns.nicks
 
     def attach(self, member, ns_name: str, nick: str) -> Namespace:
         """Admit ``member`` to namespace ``ns_name`` under ``nick``."""
@@ -104,15 +118,19 @@ class Hub:
         ns = self.namespaces.get(ns_name)
         if ns is None:
             ns = self.namespaces[ns_name] = Namespace(ns_name)
-        if nick in ns.nicks:
+        key = nick_key(nick)
+        holder = ns.nicks.get(key)
+        if holder is not None:
             if not ns.members:
                 del self.namespaces[ns_name]
-            raise HubError(NICK_TAKEN, f"nick {nick!r} is taken in {ns_name}")
+            raise HubError(NICK_TAKEN, _taken(nick, holder.nick, ns_name))
         member.nick = nick
         member.ns = ns
         member.rooms = {}
         ns.members[member] = None
-        ns.nicks[nick] = member
+        if member.version < 2:
+            ns.legacy[member] = None
+        ns.nicks[key] = member
         return ns
 
     def detach(self, member) -> list[Change]:
@@ -122,8 +140,10 @@ class Hub:
             return []
         changes = [c for name in list(member.rooms) for c in self.leave(member, name)]
         ns.members.pop(member, None)
-        if ns.nicks.get(member.nick) is member:
-            del ns.nicks[member.nick]
+        ns.legacy.pop(member, None)
+        key = nick_key(member.nick)
+        if ns.nicks.get(key) is member:
+            del ns.nicks[key]
         member.ns = None
         if not ns.members:
             del self.namespaces[ns.name]
@@ -154,6 +174,8 @@ class Hub:
                 Change(list(room.watchers), Presence(PRESENCE_JOIN, room_name, member.nick))
             )
         room.members[member] = None
+        if member.version < 2:
+            room.legacy[member] = None
         if presence:
             room.watchers[member] = None
         member.rooms[room_name] = room
@@ -168,6 +190,7 @@ class Hub:
             return []  # not a member: idempotent
         del room.members[member]
         room.watchers.pop(member, None)
+        room.legacy.pop(member, None)
         if not room.members:
             del member.ns.rooms[room_name]
             return []
@@ -183,18 +206,19 @@ class Hub:
         old = member.nick
         if new_nick == old:
             return []
-        if new_nick in ns.nicks:
-            raise HubError(NICK_TAKEN, f"nick {new_nick!r} is taken in {ns.name}")
-        del ns.nicks[old]
-        ns.nicks[new_nick] = member
+        key = nick_key(new_nick)
+        holder = ns.nicks.get(key)
+        if holder is not None and holder is not member:
+            raise HubError(NICK_TAKEN, _taken(new_nick, holder.nick, ns.name))
+        # A change of case only (same key) is the same person: allowed.
+        del ns.nicks[nick_key(old)]
+        ns.nicks[key] = member
         member.nick = new_nick
         changes = []
         for room in member.rooms.values():
             watchers = [m for m in room.watchers if m is not member]
             if watchers:
-                changes.append(
-                    Change(watchers, Presence(PRESENCE_NICK, room.name, old, new_nick))
-                )
+                changes.append(Change(watchers, Presence(PRESENCE_NICK, room.name, old, new_nick)))
         return changes
 
     # ------------------------------------------------------------ queries
@@ -214,9 +238,11 @@ class Hub:
         return [(name, len(room.members)) for name, room in source.items()]
 
     def find(self, member, nick: str):
-        """The member of ``member``'s namespace holding ``nick``, or None."""
-        return member.ns.nicks.get(nick)
+        """The member of ``member``'s namespace holding ``nick`` (any case), or None."""
+        return member.ns.nicks.get(nick_key(nick))
 
-    @property
-    def room_count(self) -> int:
-        return sum(len(ns.rooms) for ns in self.namespaces.values())
+
+def _taken(wanted: str, held: str, ns_name: str) -> str:
+    if wanted == held:
+        return f"nick {wanted!r} is taken in {ns_name}"
+    return f"nick {wanted!r} is taken in {ns_name} (as {held!r}: nicks ignore case)"

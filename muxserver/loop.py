@@ -46,23 +46,6 @@ TURN_BUCKETS = (
 )  # fmt: skip
 
 
-def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket (raises OSError if it can't)."""
-    family, stype, proto, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    lsock = socket.socket(family, stype, proto)
-    try:
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind(addr)
-        lsock.listen(backlog)
-    except OSError:
-        lsock.close()
-        raise
-    lsock.setblocking(False)
-    return lsock
-
-
 class Timer:
     """Handle of a scheduled call; ``cancel()`` makes it a no-op."""
 
@@ -80,19 +63,6 @@ class Timer:
         self.cancelled = True
         self.callback = _noop_callback
         self.args = ()
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told to (for tests)."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class EventLoop:

@@ -1,8 +1,9 @@
 """The monitoring port: /metrics, /healthz, /connz, /roomz over HTTP/1.1.
 
 Why it runs on the server's own event loop and not in a thread: every figure
-it reports is a plain attribute of objects the loop owns (``Server.stats``,
-the per-type frame counters, each Connection's counters, the hub). Read
+it reports is a plain attribute of objects the loop owns (the counters,
+frames by type, each session's counters, the hub), handed over by
+``Server.snapshot()``. Read
 between two loop turns they need no lock and are never half-updated. The
 hot path pays only integer increments; the summing, sorting and formatting
 (stats.py) happen when someone asks. The price is that a scrape runs on the
@@ -21,7 +22,6 @@ response to leave (which also ends idle keep-alive and slowloris clients).
 
 from __future__ import annotations
 
-import errno
 import functools
 import hmac
 import json
@@ -32,8 +32,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
+from .listener import Listener
 from .logs import format_peer
-from .loop import EVENT_READ, EVENT_WRITE, listening_socket
+from .loop import EVENT_READ, EVENT_WRITE
 from .stats import CONNZ_SORTS, BadQuery, connz, render_metrics, roomz
 
 log = logging.getLogger("muxserver.monitor")
@@ -43,7 +44,6 @@ MAX_HEAD = 16 * 1024  # request line + headers (h11's max_incomplete_event_size)
 MAX_BODY = 4096  # we serve GET: a body is tolerated, not wanted
 CLIENT_TIMEOUT = 10.0
 RECV_SIZE = 65536
-ACCEPT_BACKOFF = 0.5  # seconds without accepting after running out of fds
 
 INDEX = (
     "muxserver monitoring\n"
@@ -80,60 +80,47 @@ class _Client:
 class Monitor:
     """The HTTP monitoring endpoint of one Server, on that server's loop."""
 
-    def __init__(self, server, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> None:
+    def __init__(
+        self, server, host: str = "127.0.0.1", port: int = 0, token: str | None = None
+    ) -> None:
         self.server = server
         self.loop = server.loop
         self.host = host
         self.port = port
         token = server.config.token if token is None else token
         self._token = token.encode("utf-8") if token else b""
-        self.lsock: socket.socket | None = None
+        self.listener: Listener | None = None
         self.address: tuple[str, int] | None = None
         self.clients: set[_Client] = set()
 
     # ------------------------------------------------------------- listen
     def start(self) -> tuple[str, int]:
         """Bind and listen; raises OSError (e.g. EADDRINUSE) if it cannot."""
-        lsock = listening_socket(self.host, self.port, backlog=64)
-        self.lsock = lsock
-        self.address = lsock.getsockname()[:2]
-        self.loop.register(lsock, EVENT_READ, self._on_accept)
+        self.listener = Listener(
+            self.loop, self.host, self.port, self._on_socket, backlog=64, per_wakeup=16,
+            name="monitor accept",
+        )  # fmt: skip
+        self.address = self.listener.address
+        self.listener.start()
         return self.address
 
     def close(self) -> None:
         for client in list(self.clients):
             self._close(client)
-        if self.lsock is not None:
-            self.loop.unregister(self.lsock)
-            self.lsock.close()
-            self.lsock = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
-    def _on_accept(self, _mask: int) -> None:
-        for _ in range(16):
-            try:
-                sock, peer = self.lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Same as the main listener: pause instead of spinning.
-                    self.loop.unregister(self.lsock)
-                    self.loop.call_later(ACCEPT_BACKOFF, self._resume_accepting)
-                    return
-                continue
-            if len(self.clients) >= MAX_CLIENTS:
-                sock.close()  # a scraper that keeps 64 connections open is a bug
-                continue
-            sock.setblocking(False)
-            client = _Client(sock, peer)
-            client.callback = functools.partial(self._on_event, client)
-            self.clients.add(client)
-            self._set_interest(client, EVENT_READ)
-            client.timer = self.loop.call_later(CLIENT_TIMEOUT, self._close, client)
-
-    def _resume_accepting(self) -> None:
-        if self.lsock is not None:
-            self.loop.register(self.lsock, EVENT_READ, self._on_accept)
+    def _on_socket(self, sock: socket.socket, peer) -> None:
+        if len(self.clients) >= MAX_CLIENTS:
+            sock.close()  # a scraper that keeps 64 connections open is a bug
+            return
+        sock.setblocking(False)
+        client = _Client(sock, peer)
+        client.callback = functools.partial(self._on_event, client)
+        self.clients.add(client)
+        self._set_interest(client, EVENT_READ)
+        client.timer = self.loop.call_later(CLIENT_TIMEOUT, self._close, client)
 
     # ---------------------------------------------------------------- I/O
     def _set_interest(self, client: _Client, events: int) -> None:
@@ -333,19 +320,21 @@ class Monitor:
         parts = urlsplit(request.target.decode("ascii", "replace"))
         query = parse_qs(parts.query, keep_blank_values=True)
         path = parts.path.rstrip("/") or "/"
-        server = self.server
+        snap = self.server.snapshot()
         try:
             if path == "/metrics":
-                self._respond(client, 200, render_metrics(server), "text/plain; version=0.0.4; charset=utf-8")
+                self._respond(
+                    client, 200, render_metrics(snap), "text/plain; version=0.0.4; charset=utf-8"
+                )
             elif path == "/healthz":
-                if server.shutting_down:
+                if snap.shutting_down:
                     self._respond(client, 503, "draining\n")
                 else:
                     self._respond(client, 200, "ok\n")
             elif path == "/connz":
-                self._respond(client, 200, _json(connz(server, query)), "application/json")
+                self._respond(client, 200, _json(connz(snap, query)), "application/json")
             elif path == "/roomz":
-                self._respond(client, 200, _json(roomz(server, query)), "application/json")
+                self._respond(client, 200, _json(roomz(snap, query)), "application/json")
             elif path == "/":
                 self._respond(client, 200, INDEX)
             else:

@@ -19,7 +19,18 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from .framing import LENGTH, FrameError, encode_frame
+from .framing import (  # noqa: F401  (ProtocolError, str8 and the U* structs are re-exported)
+    LENGTH,
+    U8,
+    U16,
+    U32,
+    U64,
+    BodyReader,
+    ProtocolError,
+    encode_frame,
+    str8,
+)
+from .names import NameCache, check_name  # noqa: F401  (re-exported: part of the codec's API)
 
 # The version a client speaks by default, and every version the server accepts.
 PROTOCOL_VERSION = 1
@@ -123,18 +134,7 @@ REPLAY_ALL = 0xFFFF  # replay_max: no cap but the history's
 SERVER_FRAME_SLACK = 512
 
 
-class ProtocolError(FrameError):
-    """A frame body that breaks the protocol: the peer's fault, fatal."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(code, message)
-
-
 # ------------------------------------------------------------------ structs
-U8 = struct.Struct(">B")
-U16 = struct.Struct(">H")
-U32 = struct.Struct(">I")
-U64 = struct.Struct(">Q")
 REQ = U32
 REQ_U8 = struct.Struct(">IB")
 EMIT_HEAD = struct.Struct(">IBBB")  # req, flags, target_kind, len(target)
@@ -233,6 +233,16 @@ class Reply(NamedTuple):
         return self.body.decode("utf-8", "replace") if self.status else ""
 
 
+def _kind(self) -> int:
+    """EVENT source kind (bits 0-1 of source_kind)."""
+    return self.source_kind & EVENT_KIND_MASK
+
+
+def _payload_type(self) -> int:
+    """Version 2 payload type (bits 4-5 of source_kind)."""
+    return (self.source_kind >> EVENT_TYPE_SHIFT) & 3
+
+
 class Event(NamedTuple):
     source_kind: int  # version 2: bits 0-1 the kind, bits 4-5 the payload type
     sender: str
@@ -240,13 +250,8 @@ class Event(NamedTuple):
     event: str
     payload: bytes
 
-    @property
-    def kind(self) -> int:
-        return self.source_kind & EVENT_KIND_MASK
-
-    @property
-    def payload_type(self) -> int:
-        return (self.source_kind >> EVENT_TYPE_SHIFT) & 3
+    kind = property(_kind)
+    payload_type = property(_payload_type)
 
 
 class EventSeq(NamedTuple):
@@ -259,13 +264,8 @@ class EventSeq(NamedTuple):
     event: str
     payload: bytes
 
-    @property
-    def kind(self) -> int:
-        return self.source_kind & EVENT_KIND_MASK
-
-    @property
-    def payload_type(self) -> int:
-        return (self.source_kind >> EVENT_TYPE_SHIFT) & 3
+    kind = property(_kind)
+    payload_type = property(_payload_type)
 
 
 class Gap(NamedTuple):
@@ -300,70 +300,8 @@ class ServerPong(NamedTuple):
     nonce: int
 
 
-# ------------------------------------------------------------ body reading
-class _Reader:
-    """Cursor over one frame body; every shortfall is BAD_FRAME."""
-
-    __slots__ = ("body", "pos", "kind")
-
-    def __init__(self, body: bytes, kind: str) -> None:
-        self.body = body
-        self.pos = 0
-        self.kind = kind
-
-    def _need(self, n: int) -> int:
-        pos = self.pos
-        if pos + n > len(self.body):
-            raise ProtocolError(BAD_FRAME, f"{self.kind} body too short")
-        self.pos = pos + n
-        return pos
-
-    def u8(self) -> int:
-        return self.body[self._need(1)]
-
-    def u16(self) -> int:
-        return U16.unpack_from(self.body, self._need(2))[0]
-
-    def u32(self) -> int:
-        return U32.unpack_from(self.body, self._need(4))[0]
-
-    def u64(self) -> int:
-        return U64.unpack_from(self.body, self._need(8))[0]
-
-    def raw8(self) -> bytes:
-        n = self.u8()
-        if self.pos + n > len(self.body):
-            raise ProtocolError(BAD_FRAME, f"{self.kind}: string longer than the body")
-        start = self.pos
-        self.pos = start + n
-        return self.body[start : self.pos]
-
-    def str8(self) -> str:
-        raw = self.raw8()
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError(BAD_FRAME, f"{self.kind}: string is not valid UTF-8") from None
-
-    def rest(self) -> bytes:
-        start = self.pos
-        self.pos = len(self.body)
-        return self.body[start:]
-
-    def end(self) -> None:
-        if self.pos != len(self.body):
-            raise ProtocolError(BAD_FRAME, f"{self.kind}: trailing bytes after the last field")
-
-
-def str8(value: str | bytes) -> bytes:
-    raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-    if len(raw) > 255:
-        raise ValueError(f"string of {len(raw)} bytes does not fit a str8")
-    return bytes((len(raw),)) + raw
-
-
 # --------------------------------------------------------------- decoding
-def _d_hello(r: _Reader) -> Hello:
+def _d_hello(r: BodyReader) -> Hello:
     version = r.u8()
     if version not in SUPPORTED_VERSIONS:
         # The layout of an unknown version is unknown: the answer is
@@ -387,7 +325,7 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _d_join(r: _Reader, version: int = 2) -> Join:
+def _d_join(r: BodyReader, version: int = 2) -> Join:
     req, flags, room = r.u32(), r.u8(), _text(r.raw8())
     if version >= 2 and flags & JOIN_SEQUENCED:
         epoch, after, replay_max = r.u64(), r.u64(), r.u16()
@@ -401,22 +339,22 @@ def _d_join(r: _Reader, version: int = 2) -> Join:
 
 def decode_join(body: bytes, version: int) -> Join:
     """JOIN as the session's version reads it (SEQUENCED exists from version 2)."""
-    return _d_join(_Reader(body, "JOIN"), version)
+    return _d_join(BodyReader(body, "JOIN"), version)
 
 
-def _d_leave(r: _Reader) -> Leave:
+def _d_leave(r: BodyReader) -> Leave:
     req, room = r.u32(), _text(r.raw8())
     r.end()
     return Leave(req, room)
 
 
-def _d_nick(r: _Reader) -> Nick:
+def _d_nick(r: BodyReader) -> Nick:
     req, nick = r.u32(), _text(r.raw8())
     r.end()
     return Nick(req, nick)
 
 
-def _d_emit(r: _Reader) -> Emit:
+def _d_emit(r: BodyReader) -> Emit:
     req, flags, kind = r.u32(), r.u8(), r.u8()
     target, event = _text(r.raw8()), _text(r.raw8())
     payload = r.rest()
@@ -441,19 +379,19 @@ def _check_target(kind: int, target) -> None:
         raise ProtocolError(BAD_FRAME, "EMIT: broadcast must have an empty target")
 
 
-def _d_nonce(cls, r: _Reader):
+def _d_nonce(cls, r: BodyReader):
     if len(r.body) != 8:
         raise ProtocolError(BAD_FRAME, f"{r.kind}: body must be exactly 8 bytes")
     return cls(r.u64())
 
 
-def _d_who(r: _Reader) -> Who:
+def _d_who(r: BodyReader) -> Who:
     req, room = r.u32(), _text(r.raw8())
     r.end()
     return Who(req, room)
 
 
-def _d_rooms(r: _Reader) -> Rooms:
+def _d_rooms(r: BodyReader) -> Rooms:
     req, scope = r.u32(), r.u8()
     r.end()
     if scope > 1:
@@ -461,12 +399,12 @@ def _d_rooms(r: _Reader) -> Rooms:
     return Rooms(req, scope)
 
 
-def _d_bye(r: _Reader) -> Bye:
+def _d_bye(r: BodyReader) -> Bye:
     r.end()
     return Bye()
 
 
-def _d_welcome(r: _Reader) -> Welcome:
+def _d_welcome(r: BodyReader) -> Welcome:
     w = Welcome(r.u8(), r.u32(), r.str8(), r.u32(), r.u32(), r.str8())
     if w.version >= 2:
         w = w._replace(resume_token=r.str8(), resume_window_ms=r.u32(), resumed=r.u8())
@@ -474,31 +412,31 @@ def _d_welcome(r: _Reader) -> Welcome:
     return w
 
 
-def _d_reply(r: _Reader) -> Reply:
+def _d_reply(r: BodyReader) -> Reply:
     return Reply(r.u32(), r.u16(), r.rest())
 
 
-def _d_event(r: _Reader) -> Event:
+def _d_event(r: BodyReader) -> Event:
     return Event(r.u8(), r.str8(), r.str8(), r.str8(), r.rest())
 
 
-def _d_event_seq(r: _Reader) -> EventSeq:
+def _d_event_seq(r: BodyReader) -> EventSeq:
     return EventSeq(r.u64(), r.u8(), r.str8(), r.str8(), r.str8(), r.rest())
 
 
-def _d_gap(r: _Reader) -> Gap:
+def _d_gap(r: BodyReader) -> Gap:
     g = Gap(r.str8(), r.u64(), r.u64())
     r.end()
     return g
 
 
-def _d_presence(r: _Reader) -> Presence:
+def _d_presence(r: BodyReader) -> Presence:
     p = Presence(r.u8(), r.str8(), r.str8(), r.str8())
     r.end()
     return p
 
 
-def _d_error(r: _Reader) -> Error:
+def _d_error(r: BodyReader) -> Error:
     return Error(r.u16(), r.rest().decode("utf-8", "replace"))
 
 
@@ -521,7 +459,7 @@ def decode(ftype: int, body: bytes):
     fn = _DECODERS.get(ftype)
     if fn is None:
         raise ProtocolError(UNKNOWN_TYPE, f"unknown frame type 0x{ftype:02x}")
-    return fn(_Reader(body, TYPE_NAMES[ftype]))
+    return fn(BodyReader(body, TYPE_NAMES[ftype]))
 
 
 # --------------------------------------------------------------- encoding
@@ -600,7 +538,7 @@ def parse_count(body: bytes) -> int:
 
 def parse_emit_reply(body: bytes) -> tuple[int, int]:
     """EMIT ok: (recipients, seq); seq is 0 in version 1 and outside sequenced rooms."""
-    r = _Reader(body, "EMIT reply")
+    r = BodyReader(body, "EMIT reply")
     count = r.u32()
     seq = r.u64() if len(body) > 4 else 0
     r.end()
@@ -611,7 +549,7 @@ def parse_join_reply(body: bytes) -> tuple[int, int, int, int]:
     """SEQUENCED JOIN ok: (recovery, epoch, first, last); empty body: (FRESH, 0, 1, 0)."""
     if not body:
         return FRESH, 0, 1, 0
-    r = _Reader(body, "JOIN reply")
+    r = BodyReader(body, "JOIN reply")
     out = (r.u8(), r.u64(), r.u64(), r.u64())
     r.end()
     return out
@@ -619,7 +557,7 @@ def parse_join_reply(body: bytes) -> tuple[int, int, int, int]:
 
 def parse_who(body: bytes) -> tuple[int, list[str]]:
     """WHO ok: (total members, the nicks listed, in join order)."""
-    r = _Reader(body, "WHO reply")
+    r = BodyReader(body, "WHO reply")
     total, listed = r.u32(), r.u16()
     nicks = [r.str8() for _ in range(listed)]
     r.end()
@@ -628,7 +566,7 @@ def parse_who(body: bytes) -> tuple[int, list[str]]:
 
 def parse_rooms(body: bytes) -> tuple[int, list[tuple[str, int]]]:
     """ROOMS ok: (total rooms, [(room, members), ...] listed)."""
-    r = _Reader(body, "ROOMS reply")
+    r = BodyReader(body, "ROOMS reply")
     total, listed = r.u32(), r.u16()
     rooms = [(r.str8(), r.u32()) for _ in range(listed)]
     r.end()
@@ -688,11 +626,39 @@ def parse_emit_head(body: bytes) -> tuple[int, int, int, bytes, bytes, int]:
     eend = tend + 1 + body[tend]
     if eend > n:
         raise ProtocolError(BAD_FRAME, "EMIT: string longer than the body")
-    if kind > TARGET_BROADCAST:
-        raise ProtocolError(BAD_FRAME, f"EMIT: unknown target_kind {kind}")
-    if kind == TARGET_BROADCAST and tlen:
-        raise ProtocolError(BAD_FRAME, "EMIT: broadcast must have an empty target")
+    _check_target(kind, tlen)
     return req, flags, kind, body[7:tend], body[tend + 1 : eend], eend
+
+
+# The EMIT body from this offset on (str8 target, str8 event, payload) is the
+# tail of the EVENT a room or broadcast EMIT becomes, so the server forwards
+# it unchanged behind a new prefix; the EVENT is then this much shorter than
+# prefix + EMIT body.
+EMIT_TAIL_OFFSET = 6  # u32 req, u8 flags, u8 target_kind
+EVENT_LENGTH_DELTA = EMIT_TAIL_OFFSET
+
+
+def emit_event_offset(body: bytes) -> int:
+    """Where the str8 event starts in an EMIT body (after the str8 target)."""
+    return EMIT_TAIL_OFFSET + 1 + body[EMIT_TAIL_OFFSET]
+
+
+def reply_count_seq0(req: int, count: int) -> bytes:
+    """Version 2 EMIT REPLY of a message that has no seq (seq 0)."""
+    return REPLY_COUNT_SEQ.pack(19, REPLY, req, OK, count, 0)
+
+
+def listing_reply(req: int, entries: list[bytes], max_frame: int) -> bytes:
+    """WHO / ROOMS REPLY: u32 total, u16 listed, then as many entries as fit under max_frame."""
+    head = U32.pack(req) + U16.pack(OK) + U32.pack(len(entries))
+    room_left = max_frame - 1 - len(head) - 2
+    listed = 0
+    for entry in entries:
+        if listed == 0xFFFF or len(entry) > room_left:
+            break
+        room_left -= len(entry)
+        listed += 1
+    return encode_frame(REPLY, head + U16.pack(listed) + b"".join(entries[:listed]))
 
 
 def event_prefix(source_kind: int, sender_nick: bytes) -> bytes:
@@ -708,72 +674,3 @@ def event_kind_byte(kind: int, payload_type: int) -> int:
 def event_frame(prefix: bytes, tail) -> bytes:
     """EVENT frame = length + prefix (type byte included) + EMIT tail."""
     return LENGTH.pack(len(prefix) + len(tail)) + prefix + tail
-
-
-# ------------------------------------------------------------- name rules
-def _bad_char(ch: str) -> bool:
-    o = ord(ch)
-    return o < 0x20 or 0x7F <= o <= 0x9F
-
-
-def check_name(name: str, kind: str = "room") -> str | None:
-    """Return None if ``name`` is a valid room/event/namespace/nick, else why not."""
-    raw_len = len(name.encode("utf-8", "surrogateescape"))
-    if any("\udc80" <= ch <= "\udcff" for ch in name):
-        return f"{kind} name is not valid UTF-8"
-    if kind == "nick":
-        if not 1 <= raw_len <= 32:
-            return "nick must be 1..32 bytes"
-        for ch in name:
-            if _bad_char(ch) or ch.isspace():
-                return "nick must not contain control characters or whitespace"
-        return None
-    if not 1 <= raw_len <= 255:
-        return f"{kind} name must be 1..255 bytes"
-    if kind == "namespace" and not name.startswith("/"):
-        return "namespace must start with '/'"
-    for ch in name:
-        if _bad_char(ch):
-            return f"{kind} name must not contain control characters"
-    return None
-
-
-class NameCache:
-    """raw name bytes -> decoded str, for names that passed their check.
-
-    The hot path sees the same few room and event names millions of times;
-    a dict hit replaces a UTF-8 decode and a per-character scan. Bounded: the
-    cache is emptied when full so a client inventing names cannot grow it.
-    """
-
-    __slots__ = ("kind", "known", "limit")
-
-    def __init__(self, kind: str, limit: int = 8192) -> None:
-        self.kind = kind
-        # Public so the server's hot path can do a plain dict lookup; on a
-        # miss it calls get(), which checks and remembers the name.
-        self.known: dict[bytes, str] = {}
-        self.limit = limit
-
-    def get(self, raw: bytes) -> str | None:
-        """The decoded name, or None if it breaks the rules."""
-        name = self.known.get(raw)
-        if name is not None:
-            return name
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        if check_name(name, self.kind) is not None:
-            return None
-        if len(self.known) >= self.limit:
-            self.known.clear()
-        self.known[raw] = name
-        return name
-
-    def why(self, raw: bytes) -> str:
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return f"{self.kind} name is not valid UTF-8"
-        return check_name(name, self.kind) or "ok"

@@ -1,9 +1,9 @@
 """What the server is doing, read from its counters: Prometheus page, views, summary line.
 
 Pure reading, no sockets: this module turns the plain integers the hot path
-keeps (``Server.stats``, ``Server.frames_in_by_type`` / ``frames_out_by_type``,
-``Server.closed_totals``, each Connection's ``frames_*`` / ``bytes_*``, the
-loop's turn histogram) into the figures operators see. It runs only when
+keeps, as ``Server.snapshot()`` hands them over (the counters, frames by
+type, closed connections' totals, each session's ``frames_*`` / ``bytes_*``,
+the loop's turn histogram), into the figures operators see. It runs only when
 someone asks (a scrape, a /connz page, the periodic log line), so summing
 over every connection here is fine; doing it per message would not be.
 
@@ -16,12 +16,13 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from . import __version__
 from . import protocol as P
-from .connection import CLOSING, DRAINING, HELLO_WAIT, OPEN
 from .logs import format_peer
 from .loop import TURN_BUCKETS
+from .session import CLOSING, DRAINING, HELLO_WAIT, OPEN, STATE_NAMES
 
 log = logging.getLogger("muxserver.stats")
 
@@ -32,10 +33,21 @@ CONNZ_MAX_LIMIT = 100_000
 _STARTED_WALL = time.time()
 _STARTED_MONO = time.monotonic()
 
-STATE_NAMES = {HELLO_WAIT: "hello", OPEN: "open", CLOSING: "closing", DRAINING: "draining"}
-CLIENT_FRAME_TYPES = (P.HELLO, P.JOIN, P.LEAVE, P.NICK, P.EMIT, P.PING, P.PONG, P.WHO, P.ROOMS, P.BYE)
+CLIENT_FRAME_TYPES = (
+    P.HELLO,
+    P.JOIN,
+    P.LEAVE,
+    P.NICK,
+    P.EMIT,
+    P.PING,
+    P.PONG,
+    P.WHO,
+    P.ROOMS,
+    P.BYE,
+)
 SERVER_FRAME_TYPES = (
     P.WELCOME, P.REPLY, P.EVENT, P.PRESENCE, P.ERROR, P.SERVER_PING, P.SERVER_PONG,
+    P.EVENT_SEQ, P.GAP,
 )  # fmt: skip
 # Codes that can appear as a fatal ERROR and as a REPLY status (protocol
 # section 5). They are always exported, at 0 until seen, so rate() works from
@@ -54,15 +66,62 @@ def _by_code(counts: dict, always: tuple) -> list:
     codes = sorted(set(always) | set(counts))
     return [({"code": P.STATUS_NAMES.get(c, str(c))}, counts.get(c, 0)) for c in codes]
 
+
 # =================================================================== figures
 
 
-def totals(server) -> dict:
+class Snapshot(NamedTuple):
+    """What monitoring reads (stats.py), taken between two loop turns."""
+
+    name: str
+    shutting_down: bool
+    sessions: list
+    namespaces: dict
+    stats: dict
+    deliveries: int
+    frames_in_by_type: list
+    frames_out_by_type: list
+    closed_totals: tuple
+    turn_counts: list
+    turn_seconds: float
+    now: float
+
+
+def new_counters() -> dict:
+    """The server's counters; features add their own ``refused_<reason>`` keys."""
+    return {
+        "accepted": 0,
+        "refused_limit": 0,
+        "refused_tls_handshake": 0,  # every refused_<reason> is exported
+        "slow_consumers": 0,
+        "internal_errors": 0,
+        "errors": {},  # fatal ERROR code -> count
+        "reply_errors": {},  # REPLY status -> count
+    }
+
+
+def waiting_for(sessions) -> str:
+    """``1 connection (no HELLO yet)``, ``3 connections (2 open, 1 closing)``: for shutdown."""
+    sessions = list(sessions)
+    n = len(sessions)
+    if not n:
+        return "no connections"
+    words = {HELLO_WAIT: "no HELLO yet", OPEN: "open", CLOSING: "closing", DRAINING: "draining"}
+    counts: dict[str, int] = {}
+    for sess in sessions:
+        label = words.get(sess.state)
+        if label:
+            counts[label] = counts.get(label, 0) + 1
+    detail = ", ".join(label if n == 1 else f"{c} {label}" for label, c in counts.items())
+    return f"{n} connection{'s' if n != 1 else ''}" + (f" ({detail})" if detail else "")
+
+
+def totals(snap) -> dict:
     """Whole-server figures: one pass over the live connections, plus the closed ones."""
-    frames_in, frames_out, bytes_in, bytes_out = server.closed_totals
+    frames_in, frames_out, bytes_in, bytes_out = snap.closed_totals
     queued = queued_max = 0
     states = dict.fromkeys(STATE_NAMES.values(), 0)
-    for conn in server.conns.values():
+    for conn in snap.sessions:
         frames_in += conn.frames_in
         frames_out += conn.frames_out
         bytes_in += conn.bytes_in
@@ -74,10 +133,10 @@ def totals(server) -> dict:
         name = STATE_NAMES.get(conn.state)
         if name is not None:
             states[name] += 1
-    namespaces = server.hub.namespaces
-    stats = server.stats
+    namespaces = snap.namespaces
+    stats = snap.stats
     return {
-        "connections": len(server.conns),
+        "connections": len(snap.sessions),
         "states": states,
         "accepted": stats["accepted"],
         "namespaces": len(namespaces),
@@ -86,25 +145,26 @@ def totals(server) -> dict:
         "frames_out": frames_out,
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
-        "deliveries": stats["deliveries"],
+        "deliveries": snap.deliveries,
         "slow_consumers": stats["slow_consumers"],
         "errors": sum(stats["errors"].values()),
         "queued": queued,
         "queued_max": queued_max,
-        "loop_seconds": server.loop.turn_seconds,
+        "internal_errors": stats["internal_errors"],
+        "loop_seconds": snap.turn_seconds,
     }
 
 
-def frames_sent_by_type(server) -> list[int]:
+def frames_sent_by_type(snap) -> list[int]:
     """Frames queued to clients, by type byte.
 
     EVENTs and ERRORs are not counted where they are queued: EVENTs are
     exactly the deliveries (already counted once per EMIT, not per
     recipient), ERRORs exactly the ``errors`` by code.
     """
-    counts = list(server.frames_out_by_type)
-    counts[P.EVENT] += server.stats["deliveries"]
-    counts[P.ERROR] += sum(server.stats["errors"].values())
+    counts = list(snap.frames_out_by_type)
+    counts[P.EVENT] += snap.deliveries
+    counts[P.ERROR] += sum(snap.stats["errors"].values())
     return counts
 
 
@@ -141,28 +201,42 @@ def _number(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def render_metrics(server) -> str:
+def render_metrics(snap) -> str:
     """The /metrics page. Label values are fixed names only: no nick, room or
     namespace ever becomes a label, so the series count cannot grow with use."""
-    t = totals(server)
-    stats = server.stats
-    loop = server.loop
+    t = totals(snap)
+    stats = snap.stats
     out = _Exposition()
     out.family(
         "muxserver_info", "gauge", "Version and name of this server (value is always 1).",
-        [({"version": __version__, "name": server.config.name}, 1)],
+        [({"version": __version__, "name": snap.name}, 1)],
     )  # fmt: skip
-    out.family("muxserver_start_time_seconds", "gauge", "Start time, seconds since the Unix epoch.", _STARTED_WALL)
-    out.family("muxserver_uptime_seconds", "gauge", "Seconds since the server started.", time.monotonic() - _STARTED_MONO)
+    out.family(
+        "muxserver_start_time_seconds",
+        "gauge",
+        "Start time, seconds since the Unix epoch.",
+        _STARTED_WALL,
+    )
+    out.family(
+        "muxserver_uptime_seconds",
+        "gauge",
+        "Seconds since the server started.",
+        time.monotonic() - _STARTED_MONO,
+    )
     out.family(
         "muxserver_up", "gauge", "1 while accepting connections, 0 while draining for shutdown.",
-        0 if server.shutting_down else 1,
+        0 if snap.shutting_down else 1,
     )  # fmt: skip
     out.family(
         "muxserver_connections", "gauge", "Open client connections by state.",
         [({"state": name}, n) for name, n in t["states"].items()],
     )  # fmt: skip
-    out.family("muxserver_connections_accepted_total", "counter", "Client connections accepted.", t["accepted"])
+    out.family(
+        "muxserver_connections_accepted_total",
+        "counter",
+        "Client connections accepted.",
+        t["accepted"],
+    )
     refused = [({"reason": "max_connections"}, stats.get("refused_limit", 0))]
     # Other features count their own refusals as stats["refused_<reason>"].
     refused += [
@@ -170,21 +244,34 @@ def render_metrics(server) -> str:
         for key, value in sorted(stats.items())
         if key.startswith("refused_") and key != "refused_limit" and isinstance(value, int)
     ]
-    out.family("muxserver_connections_refused_total", "counter", "Connections refused, by reason.", refused)
-    out.family("muxserver_namespaces", "gauge", "Namespaces with at least one connection.", t["namespaces"])
+    out.family(
+        "muxserver_connections_refused_total", "counter", "Connections refused, by reason.", refused
+    )
+    out.family(
+        "muxserver_namespaces", "gauge", "Namespaces with at least one connection.", t["namespaces"]
+    )
     out.family("muxserver_rooms", "gauge", "Rooms with at least one member.", t["rooms"])
 
-    by_in = server.frames_in_by_type
+    by_in = snap.frames_in_by_type
     received = [({"type": P.TYPE_NAMES[ft]}, by_in[ft]) for ft in CLIENT_FRAME_TYPES]
     received.append(({"type": "unknown"}, sum(by_in) - sum(by_in[ft] for ft in CLIENT_FRAME_TYPES)))
-    out.family("muxserver_frames_received_total", "counter", "Client frames handled, by type.", received)
-    by_out = frames_sent_by_type(server)
+    out.family(
+        "muxserver_frames_received_total", "counter", "Client frames handled, by type.", received
+    )
+    by_out = frames_sent_by_type(snap)
     out.family(
         "muxserver_frames_sent_total", "counter", "Frames queued to clients, by type.",
         [({"type": P.TYPE_NAMES[ft]}, by_out[ft]) for ft in SERVER_FRAME_TYPES],
     )  # fmt: skip
-    out.family("muxserver_received_bytes_total", "counter", "Bytes read from client sockets.", t["bytes_in"])
-    out.family("muxserver_sent_bytes_total", "counter", "Bytes written to client sockets.", t["bytes_out"])
+    out.family(
+        "muxserver_received_bytes_total",
+        "counter",
+        "Bytes read from client sockets.",
+        t["bytes_in"],
+    )
+    out.family(
+        "muxserver_sent_bytes_total", "counter", "Bytes written to client sockets.", t["bytes_out"]
+    )
     out.family(
         "muxserver_deliveries_total", "counter",
         "EVENTs queued to recipients (one EMIT to a room of M others counts M).", t["deliveries"],
@@ -202,20 +289,30 @@ def render_metrics(server) -> str:
         "muxserver_slow_consumer_disconnects_total", "counter",
         "Connections cut because their unsent output passed max_output.", t["slow_consumers"],
     )  # fmt: skip
-    out.family("muxserver_output_queued_bytes", "gauge", "Unsent output bytes, all connections.", t["queued"])
+    out.family(
+        "muxserver_internal_errors_total", "counter",
+        "Exceptions in the server's own code; each closed one connection, nobody else noticed.",
+        t["internal_errors"],
+    )  # fmt: skip
+    out.family(
+        "muxserver_output_queued_bytes",
+        "gauge",
+        "Unsent output bytes, all connections.",
+        t["queued"],
+    )
     out.family(
         "muxserver_output_queued_max_bytes", "gauge", "Unsent output bytes of the most backed-up connection.",
         t["queued_max"],
     )  # fmt: skip
 
     buckets, cumulative = [], 0
-    counts = loop.turn_counts
+    counts = snap.turn_counts
     for bound, count in zip(TURN_BUCKETS, counts[:-1], strict=True):
         cumulative += count
         buckets.append(({"__suffix": "_bucket", "le": repr(bound)}, cumulative))
     cumulative += counts[-1]
     buckets.append(({"__suffix": "_bucket", "le": "+Inf"}, cumulative))
-    buckets.append(({"__suffix": "_sum"}, loop.turn_seconds))
+    buckets.append(({"__suffix": "_sum"}, snap.turn_seconds))
     buckets.append(({"__suffix": "_count"}, cumulative))
     out.family(
         "muxserver_loop_turn_duration_seconds", "histogram",
@@ -228,8 +325,18 @@ def render_metrics(server) -> str:
 def _process_metrics(out: _Exposition) -> None:
     """The standard process_* series (as prometheus_client names them), Linux only where noted."""
     cpu = os.times()
-    out.family("process_cpu_seconds_total", "counter", "User and system CPU time spent.", cpu.user + cpu.system)
-    out.family("process_start_time_seconds", "gauge", "Start time, seconds since the Unix epoch.", _STARTED_WALL)
+    out.family(
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent.",
+        cpu.user + cpu.system,
+    )
+    out.family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time, seconds since the Unix epoch.",
+        _STARTED_WALL,
+    )
     try:
         with open("/proc/self/statm") as fh:
             rss_pages = int(fh.read().split()[1])
@@ -237,7 +344,9 @@ def _process_metrics(out: _Exposition) -> None:
             "process_resident_memory_bytes", "gauge", "Resident memory size.",
             rss_pages * os.sysconf("SC_PAGESIZE"),
         )  # fmt: skip
-        out.family("process_open_fds", "gauge", "Open file descriptors.", len(os.listdir("/proc/self/fd")))
+        out.family(
+            "process_open_fds", "gauge", "Open file descriptors.", len(os.listdir("/proc/self/fd"))
+        )
     except (OSError, ValueError, IndexError):
         pass
     try:
@@ -272,7 +381,11 @@ def _int_param(query: dict, name: str, default: int, lo: int, hi: int) -> int:
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(ts, timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 # sort key -> (what to sort by, descending?); ties are broken by connection id.
@@ -288,7 +401,7 @@ CONNZ_SORTS = {
 }
 
 
-def connz(server, query: dict) -> dict:
+def connz(snap, query: dict) -> dict:
     """GET /connz?limit=&offset=&sort=: one page of connections."""
     limit = _int_param(query, "limit", CONNZ_DEFAULT_LIMIT, 1, CONNZ_MAX_LIMIT)
     offset = _int_param(query, "offset", 0, 0, 2**62)
@@ -296,7 +409,7 @@ def connz(server, query: dict) -> dict:
     if sort not in CONNZ_SORTS:
         raise BadQuery(f"sort: {sort!r} is not one of {', '.join(CONNZ_SORTS)}")
     key, descending = CONNZ_SORTS[sort]
-    conns = list(server.conns.values())
+    conns = list(snap.sessions)
     if sort == "id":
         conns.sort(key=lambda c: c.id)
     else:
@@ -304,7 +417,7 @@ def connz(server, query: dict) -> dict:
         sign = -1 if descending else 1
         conns.sort(key=lambda c: (sign * key(c), c.id))
     page = conns[offset : offset + limit]
-    mono_now, wall_now = server.loop.clock(), time.time()
+    mono_now, wall_now = snap.now, time.time()
     items = []
     for conn in page:
         items.append(
@@ -336,16 +449,16 @@ def connz(server, query: dict) -> dict:
     }
 
 
-def roomz(server, query: dict) -> dict:
+def roomz(snap, query: dict) -> dict:
     """GET /roomz?namespace=&limit=: rooms and member counts, per namespace, biggest first."""
     limit = _int_param(query, "limit", CONNZ_DEFAULT_LIMIT, 1, CONNZ_MAX_LIMIT)
     only = query.get("namespace", [None])[-1]
     namespaces = []
     total_rooms = 0
-    for name in sorted(server.hub.namespaces):
+    for name in sorted(snap.namespaces):
         if only is not None and name != only:
             continue
-        ns = server.hub.namespaces[name]
+        ns = snap.namespaces[name]
         rooms = sorted(ns.rooms.values(), key=lambda r: (-len(r.members), r.name))
         total_rooms += len(rooms)
         namespaces.append(
@@ -373,7 +486,7 @@ class StatsReporter:
         self._timer = None
 
     def start(self) -> None:
-        self._last = totals(self.server)
+        self._last = totals(self.server.snapshot())
         self._last_at = self.server.loop.time()
         self._timer = self.server.loop.call_later(self.interval, self._tick)
 
@@ -387,7 +500,7 @@ class StatsReporter:
         if server.shutting_down:
             return
         now = server.loop.time()
-        t, last = totals(server), self._last
+        t, last = totals(server.snapshot()), self._last
         span = max(now - self._last_at, 1e-9)
 
         def rate(key: str) -> float:

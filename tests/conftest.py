@@ -7,65 +7,14 @@ integration tests see exactly the bytes the server sends.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from muxserver import protocol as P
 from muxserver.framing import FrameDecoder
-
-READY_PREFIX = "muxserver listening on "
-
-
-class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None) -> None:
-        cmd = [sys.executable, "-m", "muxserver", "--port", "0", *args]
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=full_env,
-        )
-        line = self.proc.stdout.readline()
-        if not line.startswith(READY_PREFIX):
-            self.proc.kill()
-            err = self.proc.stderr.read()
-            raise RuntimeError(f"server did not start: {line!r} {err}")
-        hostport = line[len(READY_PREFIX) :].strip()
-        host, _, port = hostport.rpartition(":")
-        self.host = host.strip("[]")
-        self.port = int(port)
-        self.ready_line = line
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 15) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return self.proc.returncode
+from muxserver.testing import READY_PREFIX, ServerProcess  # noqa: F401  (used by tests)
 
 
 @pytest.fixture
@@ -161,7 +110,12 @@ class RawClient:
             try:
                 data = self.sock.recv(65536)
             except ConnectionResetError:
-                return
+                # Protocol section 6: the server sends what it queued, then
+                # FIN, then drains. A reset can destroy the ERROR before the
+                # client reads it, so it is a failure, never a clean close.
+                raise AssertionError(
+                    "connection reset instead of FIN (protocol section 6)"
+                ) from None
             if not data:
                 return
             self.frames.extend(P.decode(t, b) for t, b in self.decoder.feed(data))
@@ -220,4 +174,4 @@ def connect(server):
 
 def reply_count(reply: P.Reply) -> int:
     assert reply.status == P.OK, reply
-    return P.U32.unpack(reply.body)[0]
+    return P.parse_count(reply.body)

@@ -7,10 +7,11 @@ import signal
 import socket
 
 from muxserver import protocol as P
-from muxserver.connection import CLOSED
 from muxserver.framing import FrameDecoder
-from muxserver.loop import EventLoop, FakeClock
-from muxserver.server import ALIVE, SEND_PING, TIMED_OUT, Config, Server, liveness
+from muxserver.loop import EventLoop
+from muxserver.server import Config, Server
+from muxserver.session import ALIVE, CLOSED, SEND_PING, TIMED_OUT, liveness
+from muxserver.testing import FakeClock
 
 
 def test_timers_fire_in_order_on_fake_time():

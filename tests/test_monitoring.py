@@ -31,9 +31,10 @@ from conftest import RawClient, ServerProcess, reply_count
 from prometheus_client.parser import text_string_to_metric_families
 
 from muxserver import protocol as P
-from muxserver.loop import TURN_BUCKETS, EventLoop, FakeClock
+from muxserver.loop import TURN_BUCKETS, EventLoop
 from muxserver.monitor import CLIENT_TIMEOUT, Monitor
 from muxserver.server import Config, Server
+from muxserver.testing import FakeClock
 
 
 class StderrLines:
@@ -171,7 +172,11 @@ def test_counters_follow_traffic(monitored):
     sender2.hello("late")
     sender2.join("room")  # a fresh room: the old one went with its members
     final = mon.metrics()
-    for name in ("muxserver_received_bytes_total", "muxserver_sent_bytes_total", "muxserver_deliveries_total"):
+    for name in (
+        "muxserver_received_bytes_total",
+        "muxserver_sent_bytes_total",
+        "muxserver_deliveries_total",
+    ):
         assert value(final, name) >= value(after, name)
     assert value(final, "muxserver_connections", state="open") == 1
     sender2.close()
@@ -347,7 +352,9 @@ def test_connz_sort_by_pending(monitored):
     assert pending == sorted(pending, reverse=True)
     samples = mon.metrics()
     assert value(samples, "muxserver_output_queued_max_bytes") >= top["pending_bytes"] > 0
-    assert value(samples, "muxserver_output_queued_bytes") >= value(samples, "muxserver_output_queued_max_bytes")
+    assert value(samples, "muxserver_output_queued_bytes") >= value(
+        samples, "muxserver_output_queued_max_bytes"
+    )
     by_frames = mon.json("/connz?sort=frames_in")["connections"]
     assert by_frames[0]["nick"] == "a"  # the publisher sent the most frames
     for c in [*others, slow]:
@@ -406,12 +413,18 @@ def test_http_details(monitored):
     conn.close()
     # Pipelined requests are answered in order.
     with socket.create_connection((mon.mhost, mon.mport), timeout=10) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2
+            + b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         data = _read_all(s)
     assert data.count(b"HTTP/1.1 200") == 2 and data.count(b"HTTP/1.1 404") == 1
     # Thousands of them in one go: answered in a loop, not by recursion.
     with socket.create_connection((mon.mhost, mon.mport), timeout=10) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3000 + b"GET / HTTP/1.1\r\nConnection: close\r\nHost: x\r\n\r\n")
+        s.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3000
+            + b"GET / HTTP/1.1\r\nConnection: close\r\nHost: x\r\n\r\n"
+        )
         data = _read_all(s)
     assert data.count(b"HTTP/1.1 200") == 3001
     # Garbage gets 400 and a close, not a hang.
@@ -519,7 +532,9 @@ def test_check_config_shows_sources():
 
 
 def test_version():
-    out = subprocess.run([sys.executable, "-m", "muxserver", "--version"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "muxserver", "--version"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0 and out.stdout.startswith("muxserver ")
 
 

@@ -51,8 +51,9 @@ def test_second_hello(connect):
 
 def test_unsupported_version(connect):
     c = connect(hello=False)
-    c.send(P.Hello(2, "/", "a", ""))
-    c.expect_error(P.UNSUPPORTED_VERSION)
+    c.send_raw(P.encode_frame(P.HELLO, b"\x03\x01/\x01a\x00"))
+    err = c.expect_error(P.UNSUPPORTED_VERSION)
+    assert "1 and 2" in err.message
 
 
 def test_hello_nick_taken(connect):
@@ -161,7 +162,9 @@ def test_join_leave_who_rooms(connect):
     who = a.request(P.Who(a.next_req(), "r1"))
     assert who.body == struct.pack(">IH", 2, 2) + b"\x01a\x01b"
     mine = b.request(P.Rooms(b.next_req(), 0))
-    assert mine.body == struct.pack(">IH", 2, 2) + b"\x02r1" + struct.pack(">I", 2) + b"\x02r2" + struct.pack(">I", 1)
+    assert mine.body == struct.pack(">IH", 2, 2) + b"\x02r1" + struct.pack(
+        ">I", 2
+    ) + b"\x02r2" + struct.pack(">I", 1)
     assert a.request(P.Leave(a.next_req(), "r1")).status == P.OK
     assert a.request(P.Leave(a.next_req(), "r1")).status == P.OK  # idempotent
     every = a.request(P.Rooms(a.next_req(), 1))

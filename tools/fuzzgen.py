@@ -276,7 +276,7 @@ class Generator:
         elif ftype == P.BYE:
             fields[:] = [Field("raw", rng.randbytes(rng.randint(1, 4)))]
         elif ftype == P.HELLO:
-            fields[0].value = rng.choice((0, 2, 3, 255))  # version
+            fields[0].value = rng.choice((0, 3, 4, 255))  # version (1 and 2 are valid)
         elif ftype == P.JOIN:
             fields[1].value = rng.randint(2, 255)  # reserved flag bits: ignored, valid
 

@@ -22,8 +22,11 @@ accepted. Readings of protocol.md where the text is not explicit:
 
 * A non-HELLO first frame is NOT_HELLO whatever its type or body; a second
   HELLO is NOT_HELLO whatever its body (the type decides before the body).
-* HELLO: a body that does not parse is BAD_FRAME, then the version, then the
-  names (namespace, then nick), then whether the nick is taken.
+* HELLO: a version other than 1 and 2 is UNSUPPORTED_VERSION whatever
+  follows it (the layout of an unknown version is unknown); then a body that
+  does not parse for its version is BAD_FRAME (version 2 has a str8 resume
+  token after the token), then the names (namespace, then nick), then whether
+  the nick is taken (without regard to case: NFKC, case-folded).
 * Names: "valid UTF-8" and "no control characters" are name rules
   (INVALID_NAME), not framing rules. A control character is Unicode category
   Cc (C0, DEL, C1).
@@ -39,6 +42,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from muxserver import protocol as P
+
+
+def _nick_key(nick: str) -> str:
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
 
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
@@ -287,24 +294,33 @@ class Model:
             return _fatal(out, P.BAD_FRAME, f"{name} body {body[:24]!r}")
 
     def hello(self, body: bytes, out: list) -> str | None:
+        if not body:
+            return _fatal(out, P.BAD_FRAME, "HELLO body is empty")
+        version = body[0]
+        if version not in P.SUPPORTED_VERSIONS:
+            return _fatal(out, P.UNSUPPORTED_VERSION, f"version {version}")
         try:
             r = Body(body)
             version, ns, nick, _token = r.u8(), r.str8(), r.str8(), r.str8()
+            if version >= 2:
+                r.str8()  # resume token: unknown ones start a fresh session
             r.end()
         except Malformed:
             return _fatal(out, P.BAD_FRAME, f"HELLO body {body[:24]!r}")
-        if version != 1:
-            return _fatal(out, P.UNSUPPORTED_VERSION, f"version {version}")
         if not name_ok(ns, "namespace") or (nick and not name_ok(nick, "nick")):
             return _fatal(out, P.INVALID_NAME, f"HELLO ns={ns!r} nick={nick!r}")
         # No token is configured on the fuzzed server: a token is ignored.
         self.ns = ns.decode()
         self.nick = nick.decode() if nick else None
-        if self.shared and self.nick in self.world.taken:
+        if self.shared and self.nick is not None and self._taken(self.nick):
             return _fatal(out, P.NICK_TAKEN, f"HELLO nick={self.nick!r}")
         self.hello_done = True
         out.append(Expect("WELCOME", check=check_welcome(self.nick), note=f"nick={self.nick!r}"))
         return None
+
+    def _taken(self, nick: str) -> bool:
+        """Held by a well-behaved client of the shared namespace (any case)."""
+        return _nick_key(nick) in {_nick_key(n) for n in self.world.taken}
 
     @property
     def shared(self) -> bool:
@@ -343,7 +359,8 @@ class Model:
         if not name_ok(raw, "nick"):
             return _reply(out, req, {P.INVALID_NAME}, f"NICK {raw!r}")
         nick = raw.decode()
-        if nick != self.nick and self.shared and nick in self.world.taken:
+        same_person = self.nick is not None and _nick_key(nick) == _nick_key(self.nick)
+        if not same_person and self.shared and self._taken(nick):
             return _reply(out, req, {P.NICK_TAKEN}, f"NICK {nick!r}")
         self.nick = nick
         return _reply(out, req, {P.OK}, f"NICK {nick!r}", check_empty)
@@ -373,9 +390,9 @@ class Model:
             nick = target.decode("utf-8", "replace")
             if not name_ok(target, "nick"):
                 faults.add(P.INVALID_NAME)
-            elif nick == self.nick:
+            elif self.nick is not None and _nick_key(nick) == _nick_key(self.nick):
                 low = high = echo
-            elif self.shared and nick in self.world.taken:
+            elif self.shared and self._taken(nick):
                 low = high = 1
             else:
                 faults.add(P.NO_SUCH_TARGET)

@@ -1,17 +1,15 @@
-"""One client connection: its socket, its frame decoder, its output queue.
+"""TCP and TLS: the raw-protocol transport, and what a fan-out server spends its care on.
 
-It knows nothing of rooms or frames' meaning. What it owns is the output
-side, which is where a fan-out server spends its care:
-
-* ``out`` is a plain list. Handlers append the *same* bytes object to many
-  connections' lists (encode once, share everywhere) and add the connection
-  to the server's pending set; there is no method call and no byte counting
-  per recipient (measured: that halved fan-out throughput).
-* Once per loop turn the server calls :meth:`flush`: one ``send`` of the
-  joined list. Only if the kernel takes less than everything do we keep the
-  rest in ``chunks`` and ask the selector for EVENT_WRITE; write interest is
-  dropped again when the backlog drains. A connection therefore costs one
-  ``selector.modify`` when its socket fills, never one per message.
+* ``out`` is a plain list. The router appends the *same* bytes object to many
+  transports' lists (encode once, share everywhere) and marks their sessions
+  pending; there is no method call and no byte counting per recipient
+  (measured: that halved fan-out throughput).
+* Once per loop turn the server calls :meth:`StreamTransport.flush`: one
+  ``send`` of the joined list. Only if the kernel takes less than everything
+  do we keep the rest in ``chunks`` and ask the selector for EVENT_WRITE;
+  write interest is dropped again when the backlog drains. A connection
+  therefore costs one ``selector.modify`` when its socket fills, never one
+  per message.
 * The backlog is measured at flush time; the caller compares it with the
   output bound. The bound can be overshot by one turn's worth of input,
   which is the price of not counting per message.
@@ -26,15 +24,8 @@ import socket
 import ssl
 from collections import deque
 
-from .framing import LENGTH, FrameDecoder
-from .loop import EVENT_READ, EVENT_WRITE
-
-# Connection states, in the order a connection moves through them.
-HELLO_WAIT = 0  # connected, no HELLO yet
-OPEN = 1  # past HELLO: a member of a namespace
-CLOSING = 2  # error or BYE queued: flushing the last output, input discarded
-DRAINING = 3  # FIN sent: reading and discarding until EOF or drain_timeout
-CLOSED = 4
+from ..framing import LENGTH, FrameDecoder
+from ..loop import EVENT_READ, EVENT_WRITE
 
 # Buffers handed to one sendmsg call; Linux's IOV_MAX is 1024.
 _IOV_BATCH = 64
@@ -45,55 +36,71 @@ _IOV_BATCH = 64
 WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-class Connection:
+def boundary_at_or_after(chunk: bytes, offset: int) -> int:
+    """The first frame boundary of ``chunk`` (which starts on one) at or after ``offset``."""
+    pos = 0
+    while pos < offset:
+        pos += 4 + LENGTH.unpack_from(chunk, pos)[0]
+    return pos
+
+
+def server_tls_context(cert: str, key: str = "") -> ssl.SSLContext:
+    """Server-side TLS; raises OSError/SSLError if the files are unusable."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
+class StreamTransport:
     __slots__ = (
-        # transport
-        "sock", "fd", "id", "peer", "decoder", "state", "interest", "callback",
-        "out", "chunks", "woff", "wbytes", "eof", "close_timer",
-        "connected_at", "last_rx", "last_ping", "counted", "tls", "handshaking",
-        "tokens", "tokens_at",
-        # session fields, owned by the hub (see hub.Member) and the server
-        "nick", "ns", "rooms", "prefix_room", "prefix_direct", "prefix_bcast",
-        # counters for monitoring: plain integers, summed when scraped
-        "frames_in", "frames_out", "bytes_in", "bytes_out",
+        "sock", "fd", "decoder", "interest", "callback", "out", "chunks", "woff", "wbytes",
+        "eof", "tls", "handshaking", "closed", "bytes_in", "bytes_out",
     )  # fmt: skip
 
-    def __init__(self, sock: socket.socket, conn_id: int, peer, max_frame: int, now: float):
+    def __init__(self, sock: socket.socket, max_frame: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.id = conn_id
-        self.peer = peer
         self.decoder = FrameDecoder(max_frame)
-        self.state = HELLO_WAIT
         self.interest = 0
         self.callback = None
         self.out: list[bytes] = []
         self.chunks: deque | None = None  # unsent backlog, only while blocked
         self.woff = 0  # bytes of chunks[0] already sent
         self.wbytes = 0  # unsent bytes in chunks
-        self.eof = False
-        self.counted = False  # held against max_connections
+        self.eof = False  # the peer closed its side
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.handshaking = self.tls  # TLS handshake still to finish
-        self.tokens = 0.0  # rate-limit bucket, filled by the server
-        self.tokens_at = now
-        self.close_timer = None
-        self.connected_at = now
-        self.last_rx = now
-        self.last_ping = now
-        self.nick = ""
-        self.ns = None
-        self.rooms: dict = {}
-        self.prefix_room = self.prefix_direct = self.prefix_bcast = b""
-        self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
+        self.closed = False
+        self.bytes_in = self.bytes_out = 0
 
-    def __repr__(self) -> str:
-        return f"<Connection #{self.id} {self.nick or '-'} state={self.state}>"
+    # ------------------------------------------------------------ input
+    def receive(self, data) -> list[tuple[int, bytes]]:
+        """Complete frames in ``data`` (plus what was buffered); raises FrameError."""
+        return self.decoder.feed(data)
+
+    def more_buffered(self) -> bool:
+        """TLS: decrypted bytes waiting in the SSL object raise no readiness event."""
+        return self.tls and self.sock.pending() > 0
+
+    def handshake(self) -> int:
+        """Advance the TLS handshake: 0 when done, else the event it waits for.
+
+        Raises ssl.SSLError or OSError when it fails.
+        """
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return EVENT_READ
+        except ssl.SSLWantWriteError:
+            return EVENT_WRITE
+        self.handshaking = False
+        return 0
 
     # ---------------------------------------------------------- interest
     def set_interest(self, loop, events: int) -> None:
         """Change what the selector watches for; 0 means nothing."""
-        if events == self.interest:
+        if events == self.interest or self.closed:
             return
         if events == 0:
             loop.unregister(self.sock)
@@ -109,10 +116,17 @@ class Connection:
         """Unsent output: the blocked backlog plus this turn's queue."""
         return self.wbytes + sum(map(len, self.out))
 
+    @property
+    def blocked(self) -> bool:
+        """Output is waiting for the kernel (or still queued this turn)."""
+        return bool(self.out or self.chunks)
+
     def flush(self, loop, data=None) -> int:
         """Send what ``out`` holds; return the unsent backlog in bytes.
 
-        Raises OSError if the socket is dead (the caller closes it).
+        ``data``, when given, is ``b"".join(out)`` made once for every
+        transport that queued the same frames. Raises OSError if the socket is
+        dead (the caller closes it).
         """
         out = self.out
         if self.chunks is not None:
@@ -184,13 +198,8 @@ class Connection:
         chunks = self.chunks
         if chunks:
             head, woff = chunks[0], self.woff
-            keep = b""
-            if woff:
-                # Walk this chunk's frames to the end of the one cut at woff.
-                pos = 0
-                while pos < woff:
-                    pos += 4 + LENGTH.unpack_from(head, pos)[0]
-                keep = head[woff:pos]
+            # Walk the first chunk's frames to the end of the one cut at woff.
+            keep = head[woff : boundary_at_or_after(head, woff)]
             dropped += self.wbytes - len(keep)
             chunks.clear()
             self.woff = 0
@@ -208,26 +217,17 @@ class Connection:
             pass
 
     def close(self, loop) -> None:
-        if self.state == CLOSED:
+        if self.closed:
             return
-        self.state = CLOSED
         if self.interest:
             loop.unregister(self.sock)
             self.interest = 0
-        if self.close_timer is not None:
-            self.close_timer.cancel()
-            self.close_timer = None
+        self.closed = True
         self.out.clear()
         self.chunks = None
         self.wbytes = 0
-        self.callback = None  # it refers back to us: let refcounting free us now
+        self.callback = None  # it refers back to the session: let refcounting free both
         try:
             self.sock.close()
         except OSError:
             pass
-
-
-__all__ = [
-    "CLOSED", "CLOSING", "DRAINING", "EVENT_READ", "EVENT_WRITE", "HELLO_WAIT", "OPEN",
-    "WOULD_BLOCK", "Connection",
-]  # fmt: skip

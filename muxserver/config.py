@@ -1,0 +1,29 @@
+"""Server settings: one dataclass, filled by cli.py from arguments and the environment.
+
+Kept apart from server.py so that every layer (session rules, transports,
+monitoring) can read the settings without importing the glue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 7878
+    max_frame: int = 1024 * 1024
+    max_connections: int = 10000
+    max_output: int = 8 * 1024 * 1024
+    max_rooms: int = 1000
+    ping_interval: float = 25.0
+    ping_timeout: float = 20.0
+    drain_timeout: float = 5.0
+    hello_timeout: float = 10.0
+    name: str = "muxserver"
+    token: str = ""
+    rate_limit: float = 0.0  # EMITs per second per connection; 0 = off
+    rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
+    tls_cert: str = ""
+    tls_key: str = ""

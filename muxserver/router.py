@@ -1,0 +1,93 @@
+"""THE delivery path: a scope and ready frame bytes in, bytes on local queues out.
+
+Every EVENT and PRESENCE the server produces goes through here, so there is
+one place that knows how a message reaches its recipients (and, in a
+cluster, one place where a backplane plugs in). The session above decides
+*what* the frame is and *who* the scope is (a room, a namespace, one
+member); the router appends the frame to each recipient's ``out`` list and
+marks it pending for the flush at the end of the loop turn.
+
+Two decisions on the hot path:
+
+* Encode once per *variant*, never per member. A room or namespace keeps its
+  version-1 members apart (``legacy``); a frame whose bytes differ for them
+  (a version-2 payload type in the EVENT's source_kind) comes with a
+  ``legacy`` variant, and only a group that has such members pays for the
+  per-member check.
+* The sender is always a member of the room it emits to and gets exactly one
+  append per call, so "everyone but the sender" is an append to all and one
+  ``pop()`` of the sender's last item: no per-member comparison.
+* A room's members are marked pending once per turn, however many runs of
+  messages reach it (``_queued``); whoever joins later in the turn is pending
+  anyway, for its JOIN reply.
+"""
+
+from __future__ import annotations
+
+from .protocol import PRESENCE, encode
+
+
+class Router:
+    __slots__ = ("pending", "deliveries", "frames_out_by_type", "_queued")
+
+    def __init__(self) -> None:
+        self.pending: set = set()  # sessions with output queued this turn
+        self.deliveries = 0  # EVENTs queued, one per recipient
+        # Frames queued by type byte, for those not counted as deliveries.
+        self.frames_out_by_type = [0] * 256
+        self._queued: set = set()  # groups whose members were marked pending this turn
+
+    def new_turn(self) -> None:
+        """Called by the flush: pending was emptied, so every group must mark again."""
+        self._queued.clear()
+
+    def fanout(self, sender, group, data: bytes, legacy: bytes | None, messages: int, echo) -> int:
+        """Queue ``data`` to every member of ``group`` (a room or a namespace).
+
+        ``data`` holds ``messages`` EVENT frames; ``legacy`` is their
+        version-1 encoding when it differs (None otherwise). The sender must
+        be a member; it is left out unless ``echo``. Returns the recipients
+        of one message.
+        """
+        members = group.members
+        if legacy is None or not group.legacy:
+            for member in members:
+                member.out.append(data)
+        else:
+            old = group.legacy
+            for member in members:
+                member.out.append(legacy if member in old else data)
+        count = len(members)
+        if not echo:
+            sender.out.pop()  # it got its copy last: take it back
+            count -= 1
+        queued = self._queued
+        if group not in queued:
+            queued.add(group)
+            self.pending.update(members)
+        self.deliveries += count * messages
+        return count
+
+    def to_one(self, sender, target, data: bytes, legacy: bytes | None, echo) -> int:
+        """A direct message; to oneself it follows the echo rule like any other."""
+        if target is sender and not echo:
+            return 0
+        target.out.append(legacy if legacy is not None and target.version < 2 else data)
+        self.pending.add(target)
+        self.deliveries += 1
+        return 1
+
+    def reply(self, session, frame: bytes) -> None:
+        """A frame for one session only (REPLY, WELCOME, PING, PONG, ERROR)."""
+        session.out.append(frame)
+        self.pending.add(session)
+        self.frames_out_by_type[frame[4]] += 1
+
+    def presence(self, changes) -> None:
+        """Hub changes: each PRESENCE encoded once, shared by its recipients."""
+        for recipients, notice in changes:
+            frame = encode(notice)
+            for member in recipients:
+                member.out.append(frame)
+            self.pending.update(recipients)
+            self.frames_out_by_type[PRESENCE] += len(recipients)

@@ -1,0 +1,220 @@
+"""Test helpers that ship with the package: fake time, fake sockets, one server launcher.
+
+* :class:`FakeClock`: a monotonic clock that moves only when told, so
+  heartbeat, idle-timeout and rate-limit rules run on fake time in
+  milliseconds (trio's ``MockClock``).
+* :class:`MemoryTransport` and :class:`MemoryPair`: the whole server, sessions,
+  router and hub included, over an in-memory "socket" with a kernel buffer
+  of a chosen size (h11's ``ConnectionPair``). It is the real
+  :class:`StreamTransport` on a fake socket, so the output bookkeeping under
+  test is the production code.
+* :class:`ServerProcess`: a real ``python -m muxserver`` on a free port, for
+  tests, tools, benchmarks and load tests where process behaviour matters
+  (signals, exit codes, stdout). It is the one launcher they all share.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from .framing import FrameDecoder
+from .loop import EventLoop
+from .transport.stream import StreamTransport
+
+READY_PREFIX = "muxserver listening on "
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told to (for tests)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeSocket:
+    """The kernel side of an in-memory connection: a send buffer of ``capacity`` bytes."""
+
+    family = None  # neither AF_INET nor AF_INET6: no TCP options are set
+
+    def __init__(self, capacity: int = 1 << 20) -> None:
+        self.capacity = capacity
+        self.sent = bytearray()  # what the peer has not read yet
+        self.fin = False
+        self.closed = False
+
+    def fileno(self) -> int:
+        return -1
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def send(self, data) -> int:
+        if self.closed or self.fin:
+            raise BrokenPipeError("closed")
+        room = self.capacity - len(self.sent)
+        if room <= 0:
+            raise BlockingIOError()
+        chunk = bytes(data[:room])
+        self.sent += chunk
+        return len(chunk)
+
+    def sendmsg(self, buffers) -> int:
+        return self.send(b"".join(bytes(b) for b in buffers))
+
+    def shutdown(self, how) -> None:
+        self.fin = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pending(self) -> int:
+        return 0
+
+
+class MemoryTransport(StreamTransport):
+    """StreamTransport over a FakeSocket; interest is recorded, not registered."""
+
+    __slots__ = ()
+
+    def __init__(self, max_frame: int = 1 << 20, capacity: int = 1 << 20) -> None:
+        super().__init__(FakeSocket(capacity), max_frame)
+
+    def set_interest(self, loop, events: int) -> None:
+        if not self.closed:
+            self.interest = events
+
+    def close(self, loop) -> None:
+        self.interest = 0
+        super().close(loop)
+
+
+class MemoryPair:
+    """One client of a Server (built on a FakeClock loop) over a MemoryTransport.
+
+    ``send(msg)`` feeds a message's bytes to the server as one read;
+    ``frames()`` flushes the server and returns the decoded frames the client
+    has received since the last call, freeing that much "kernel buffer".
+    """
+
+    def __init__(self, server, capacity: int = 1 << 20) -> None:
+        from . import protocol as P
+
+        self._P = P
+        self.server = server
+        self.transport = MemoryTransport(server.config.max_frame, capacity)
+        self.session = server.attach(self.transport, ("memory", 0))
+        self.decoder = FrameDecoder(1 << 30)
+
+    @property
+    def socket(self) -> FakeSocket:
+        return self.transport.sock
+
+    def send_raw(self, data: bytes) -> None:
+        loop = self.server.loop
+        loop.now = loop.clock()  # a read starts a loop turn, which reads the clock
+        self.server.received(self.session, data)
+
+    def send(self, *msgs) -> None:
+        self.send_raw(b"".join(self._P.encode(m) for m in msgs))
+
+    def raw(self, limit: int | None = None) -> bytes:
+        """Flush the server, then take (up to ``limit``) bytes the client received."""
+        self.server.flush()
+        sock = self.transport.sock
+        n = len(sock.sent) if limit is None else min(limit, len(sock.sent))
+        data = bytes(sock.sent[:n])
+        del sock.sent[:n]
+        if n and self.transport.chunks:
+            # The "kernel" has room again: let the server's write path run.
+            self.server.writable(self.session)
+        return data
+
+    def frames(self, limit: int | None = None) -> list:
+        P = self._P
+        return [P.decode(t, b) for t, b in self.decoder.feed(self.raw(limit))]
+
+    def close(self) -> None:
+        """The client goes away (EOF)."""
+        self.server.lost(self.session)
+
+
+def memory_server(clock: FakeClock | None = None, **config):
+    """A Server on an EventLoop with a FakeClock, never started (no sockets)."""
+    from .server import Config, Server
+
+    clock = clock or FakeClock()
+    return Server(Config(**config), EventLoop(clock=clock)), clock
+
+
+class ServerProcess:
+    """``python -m muxserver --port 0 ARGS``; waits for the ready line."""
+
+    def __init__(self, *args: str, env: dict | None = None, python: str = sys.executable,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout: float = 20.0) -> None:  # fmt: skip
+        cmd = [python, "-m", "muxserver", "--port", "0", *args]
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=full_env
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith(READY_PREFIX):
+            self.proc.kill()
+            self.proc.wait()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"server did not start: {line!r} {err}")
+        hostport = line[len(READY_PREFIX) :].strip()
+        host, _, port = hostport.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self.ready_line = line
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 15) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 15) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL; the exit status (None if killed)."""
+        killed = False
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                killed = True
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return None if killed else self.proc.returncode
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return bool(value)
+        time.sleep(interval)
