@@ -44,8 +44,9 @@ from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7878
-# The protocol version the clients ask for in HELLO unless told otherwise.
-DEFAULT_VERSION = 1
+# The protocol version the clients ask for in HELLO unless told otherwise:
+# version 2 carries payload types (section 8). version=1 talks to older servers.
+DEFAULT_VERSION = 2
 # Event names that on() keeps for the connection itself (socket.io's reserved names).
 RESERVED_EVENTS = frozenset({"connect", "disconnect"})
 # Measured on loopback (send + recv of a 200-byte message): 2.4 us with 64 KiB,
@@ -488,6 +489,7 @@ class _Core:
         # session (nick, rooms) instead of holding the nick for its window.
         self._resume_token = ""
         self.resumed = False  # the last WELCOME resumed a parked session
+        self.resume_window = 0.0
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME + P.SERVER_FRAME_SLACK)
         self._joined: dict[str, bool] = {}  # room -> presence flag, for re-joining
         self._pending: dict[int, Any] = {}
@@ -640,6 +642,7 @@ class _Core:
         self.session_version = w.version
         self._resume_token = w.resume_token
         self.resumed = bool(w.resumed)
+        self.resume_window = w.resume_window_ms / 1000  # seconds; 0: no resume
         self._decoder.max_frame = w.max_frame + P.SERVER_FRAME_SLACK
 
     def _can_retry(self, exc: BaseException | None) -> bool:

@@ -94,7 +94,9 @@ def test_requests(server):
             await b.join("games")
             assert await recv_type(a, Presence) == Presence("join", "games", "bob")
             assert await b.emit("chat", "hi", room="games", ack=True) == 1
-            assert await recv_type(a, Event) == Event("chat", b"hi", "bob", "room", "games")
+            assert await recv_type(a, Event) == Event(
+                "chat", b"hi", "bob", "room", "games", P.PAYLOAD_TEXT
+            )
             assert await a.who("games") == ["alice", "bob"]
             assert await b.rooms() == [RoomInfo("games", 2)]
             assert (await b.rooms(all=True)).total == 1
