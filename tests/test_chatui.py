@@ -150,3 +150,26 @@ def test_dumb_terminal_keeps_the_line_mode(server, term):
         assert "> " not in child.before  # no prompt: plain lines
     finally:
         child.close(force=True)
+
+
+def test_missing_prompt_toolkit_gives_a_hint_and_the_line_mode(server, tmp_path):
+    # A prompt_toolkit that cannot be imported, ahead of the real one on the path.
+    fake = tmp_path / "prompt_toolkit"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('prompt_toolkit is not installed')\n")
+    env = chat_env(colour=True)  # a terminal that could take the interactive mode
+    env["PYTHONPATH"] = str(tmp_path)
+    argv = muxchat_argv()
+    child = pexpect.spawn(
+        argv[0], [*argv[1:], "--port", str(server.port), "--nick", "eve"],
+        env=env, encoding="utf-8", timeout=15,
+    )  # fmt: skip
+    try:
+        child.expect(r"line editing needs prompt_toolkit: pip install 'muxserver\[chat\]'")
+        child.expect(r"connected to")
+        child.sendline("/quit")
+        child.expect(r"bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
