@@ -17,12 +17,8 @@ Decisions worth knowing:
   inside a client call, so a program must call ``recv``/``poll``/
   ``run_forever`` (or make any request) at least once per ``ping_interval +
   ping_timeout`` (45 s by default) or the server cuts it with IDLE_TIMEOUT.
-  ``heartbeat=True`` lifts that: a daemon thread (a greenlet under gevent)
-  sends a PING whenever nothing was written for half the ping interval.
-  It only writes, under the same write lock as every frame, and never
-  reads (reading stays with the program's one reader): any frame from a
-  client counts as alive, so the server never needs to PING it, and the
-  few PONGs wait in the socket for the next read, which drops them.
+  ``heartbeat=True`` lifts that with a thread that only writes PINGs
+  (muxserver/heartbeat.py).
 * One greenlet (or thread) may read while others send EMITs that wait for
   nothing (``ack=False``, or ``ack=True, wait=False``): the Locust users'
   pattern. Three things make that safe. The socket's timeout is set once, to
@@ -97,6 +93,7 @@ from .clientcore import (
     _why,
     error_for,
 )
+from .heartbeat import Heartbeat
 
 __all__ = [
     "Ack", "AuthFailed", "Backoff", "BadFrame", "Client", "ConnectionClosed", "Event", "IdleTimeout",
@@ -113,8 +110,6 @@ _NOTHING_YET = (TimeoutError, BlockingIOError, InterruptedError, ssl.SSLWantRead
                 ssl.SSLWantWriteError)  # fmt: skip
 # A send that made no progress yet but may: wait for the socket, do not fail.
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-# Heartbeat PINGs carry this bit in their nonce, so their PONGs never match a ping() call.
-_HEARTBEAT_NONCE = 1 << 63
 
 
 def _ready(sock: socket.socket, events: int, timeout: float) -> bool:
@@ -165,9 +160,8 @@ class Client(_Core):
         if not isinstance(heartbeat, (bool, int, float)) or heartbeat < 0:
             raise ValueError(f"heartbeat must be True, False or seconds > 0, not {heartbeat!r}")
         self._heartbeat = heartbeat
-        self._hb_stop: threading.Event | None = None
-        self._hb_count = 0
-        self._last_send = time.monotonic()
+        self._hb: Heartbeat | None = None
+        self._last_send = time.monotonic()  # read by the heartbeat
         self._opened = False
         self._sock: socket.socket | None = None
         self._inbox: deque = deque()
@@ -332,8 +326,8 @@ class Client(_Core):
             return
         self._closed = True
         self._retry_at = None
-        if self._hb_stop is not None:
-            self._hb_stop.set()
+        if self._hb is not None:
+            self._hb.stop()
         sock = self._sock
         if sock is not None and self._up:
             self._up = False
@@ -687,46 +681,10 @@ class Client(_Core):
         self._try_reconnect()
         return True
 
-    # -------------------------------------------------------- heartbeat
     def _start_heartbeat(self) -> None:
-        if not self._heartbeat or self._hb_stop is not None:
-            return
-        self._hb_stop = threading.Event()
-        thread = threading.Thread(
-            target=self._heartbeat_loop, args=(self._hb_stop,), daemon=True,
-            name=f"muxserver-heartbeat-{self.nick}",
-        )  # fmt: skip
-        thread.start()
-
-    def _heartbeat_every(self) -> float:
-        if self._heartbeat is not True:
-            return float(self._heartbeat)
-        # Half the server's interval: a PING goes out well before the server
-        # would start counting us as silent (ping_interval + ping_timeout).
-        return max(0.05, (self.ping_interval or 25.0) / 2)
-
-    def _heartbeat_loop(self, stop: threading.Event) -> None:
-        """Write a PING whenever nothing was written for one interval; never read."""
-        while not stop.is_set():
-            every = self._heartbeat_every()
-            idle = time.monotonic() - self._last_send
-            if idle < every:
-                stop.wait(every - idle)
-                continue
-            sock = self._sock
-            if sock is None or not self._up or self._broken is not None:
-                stop.wait(every)  # disconnected: the reading calls reconnect
-                continue
-            self._hb_count += 1
-            frame = P.encode(P.Ping(_HEARTBEAT_NONCE | (self._hb_count & (_HEARTBEAT_NONCE - 1))))
-            try:
-                with self._wlock:
-                    if sock is self._sock:
-                        self._send_all(sock, frame)
-                self._last_send = time.monotonic()
-            except OSError as exc:
-                # As for a PONG: the reader finds out and reports it.
-                self._break(sock, ConnectionClosed(None, f"connection lost: {_why(exc)}"))
+        if self._heartbeat and self._hb is None:
+            self._hb = Heartbeat(self, self._heartbeat)
+            self._hb.start()
 
     # I/O hooks for _Core.
     def _deliver(self, item: Event | Presence | Ack | MuxError) -> None:
