@@ -54,13 +54,13 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from loadtests import progress  # noqa: E402
 from loadtests.loadclient import LoadClient  # noqa: E402
 from loadtests.tally import (  # noqa: E402
     PAYLOAD_HEAD,
     SequenceTracker,
     Tally,
     bucket,
-    format_progress,
     format_summary,
     padding,
     summary_dict,
@@ -76,7 +76,7 @@ TARGET_SAMPLED_PER_S = 10_000  # auto --deliver-sample keeps Locust events under
 QUIET_S = 1.0  # drain without acks: this long without a delivery means done
 DRAIN_CAP_S = 120.0  # a drain never takes longer, however much is still arriving
 LAG_TICK_S = 0.05  # loop-lag probe period
-PROGRESS_S = 5.0  # default seconds between progress lines (and worker progress reports)
+PROGRESS_S = progress.DEFAULT_EVERY_S
 _unpack_head = PAYLOAD_HEAD.unpack_from
 _pack_head = PAYLOAD_HEAD.pack
 
@@ -206,7 +206,8 @@ class Node:
     counter: itertools.count = field(default_factory=itertools.count)
     online: set[int] = field(default_factory=set)  # direct: local indexes connected
     worker_tallies: dict[str, Tally] = field(default_factory=dict)  # master only
-    progress: dict[str, tuple[int, int]] = field(default_factory=dict)  # master: (delivered, loss)
+    # master, for the progress line: worker id -> (delivered, loss) (loadtests/progress.py)
+    progress: dict[str, tuple[int, int]] = field(default_factory=dict)
     stop_reporting: bool = False  # worker: the master has what it needs
     finished: bool = False
     # Set once at init, kept across test starts:
@@ -551,9 +552,10 @@ def _on_test_start(environment, **_kw) -> None:
         gevent.spawn(_probe_loop_lag, NODE.tally)
     if getattr(environment.parsed_options, "compact", False):
         if isinstance(environment.runner, WorkerRunner):
-            gevent.spawn(_report_progress, environment, NODE.tally)
+            gevent.spawn(progress.report, environment, NODE, NODE.tally)
         else:
-            gevent.spawn(_print_progress, environment, NODE.tally)
+            distributed = isinstance(environment.runner, MasterRunner)
+            gevent.spawn(progress.show, environment, NODE, NODE.tally, distributed)
     if not isinstance(environment.runner, (MasterRunner, WorkerRunner)):
         cfg = NODE.cfg
         log.info(
@@ -577,49 +579,8 @@ def _probe_loop_lag(tally: Tally) -> None:
         hist[key] = hist.get(key, 0) + 1
 
 
-def _loss(tally: Tally) -> int:
-    return max(tally.gaps, 0) + tally.duplicates
-
-
-def _every(environment) -> float:
-    return max(0.1, float(getattr(environment.parsed_options, "progress_every", PROGRESS_S)))
-
-
-def _report_progress(environment, tally: Tally) -> None:
-    """Worker: tell the master its counts every few seconds, for the progress line."""
-    runner = environment.runner
-    while NODE.tally is tally and not NODE.drained:
-        gevent.sleep(_every(environment))
-        runner.send_message("mux_progress", [tally.delivered, _loss(tally)])
-
-
 def _on_worker_progress(environment, msg, **_kw) -> None:
     NODE.progress[msg.node_id] = tuple(msg.data)
-
-
-def _print_progress(environment, tally: Tally) -> None:
-    """Master or single process: one line every few seconds until the summary."""
-    total = float(getattr(environment.parsed_options, "run_time", 0) or 0)
-    distributed = isinstance(environment.runner, MasterRunner)
-    last, t_last = 0, time.monotonic()
-    while NODE.tally is tally and not NODE.finished:
-        gevent.sleep(_every(environment))
-        if NODE.tally is not tally or NODE.finished:
-            return
-        if distributed:
-            delivered = sum(d for d, _ in NODE.progress.values())
-            loss = sum(lost for _, lost in NODE.progress.values())
-        else:
-            delivered, loss = tally.delivered, _loss(tally)
-        now = time.monotonic()
-        rate = (delivered - last) / max(now - t_last, 1e-9)
-        last, t_last = delivered, now
-        elapsed = time.time() - tally.t_start
-        line = format_progress(
-            elapsed, total, environment.runner.user_count, rate, loss,
-            draining=not NODE.sending,
-        )  # fmt: skip
-        print(line, flush=True)
 
 
 def _mark_ramped() -> None:
