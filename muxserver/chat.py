@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import selectors
 import ssl
 import sys
@@ -78,6 +79,17 @@ RESET, BOLD, DIM, RED, GREEN, YELLOW, MAGENTA, CYAN = (
 )  # fmt: skip
 NICK_COLOURS = ("\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[34m", "\x1b[35m", "\x1b[36m")
 EVENT = "msg"  # the event name chat lines travel under
+
+
+# Terminal key sequences (arrows, Home, F-keys: CSI and SS3) that a line-mode
+# terminal hands over as typed text; nobody means to send them.
+_KEY_SEQUENCE = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|O[@-~])")
+
+
+def _typed(text: str) -> str:
+    """A typed line without terminal key sequences; tabs become spaces, other controls go."""
+    text = _KEY_SEQUENCE.sub("", text).replace("\t", " ")
+    return "".join(ch for ch in text if not (ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F))
 
 
 def _clean(text: str) -> str:
@@ -199,7 +211,7 @@ class Chat:
     # --------------------------------------------------------- commands
     def handle(self, raw: str) -> None:
         """One line typed by the user."""
-        text = raw.rstrip("\r\n")
+        text = _typed(raw.rstrip("\r\n"))
         if not text.strip():
             return
         try:

@@ -299,3 +299,17 @@ def test_token_needed_says_how(server_factory):
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert "connected to" in ok.stdout
+
+
+def test_arrow_keys_are_not_sent_as_text(server, chats):
+    """The line mode on a terminal (--plain): keys a terminal turns into escape codes."""
+    chat = chats(server, "--nick", "kay", "--room", "r", "--plain")
+    chat.expect(r"\* you joined #r")
+    with Client.connect(server.host, server.port, nick="reader", reconnect=False) as reader:
+        reader.join("r")
+        chat.expect(r"\* reader joined #r")
+        chat.say("up\x1b[A and\x1bOB\tdown")
+        got = reader.recv(10)
+        assert got.text == "up and down"
+    chat.say("/quit")
+    assert chat.finish() == 0
