@@ -10,8 +10,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install -qq --upgrade pip
+	$(PIP) install -qq -e '.[test]'  # -qq: errors only (no setuptools advice box)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
