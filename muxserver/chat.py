@@ -114,6 +114,10 @@ def want_colour(stream: TextIO, mode: str = "auto", environ: dict | None = None)
 class Chat:
     """One chat session: parses input lines, runs commands, prints what arrives."""
 
+    # The command tables, for Tab completion in muxserver/chatui.py.
+    commands, aliases = COMMANDS, ALIASES
+    room_commands, nick_commands, text_commands = ROOM_COMMANDS, NICK_COMMANDS, TEXT_COMMANDS
+
     def __init__(self, client: Client, out: TextIO, colour: bool) -> None:
         self.client = client
         self.out = out

@@ -25,8 +25,8 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -40,9 +40,35 @@ if TYPE_CHECKING:
     from prompt_toolkit.input import Input
     from prompt_toolkit.output import Output
 
-    from .chat import Chat
+    from .client import Client
 
 TICK = 0.2  # seconds between reconnect checks while disconnected
+
+
+class Chat(Protocol):
+    """What this module uses of :class:`muxserver.chat.Chat` (which imports us lazily).
+
+    A protocol rather than an import, so that chat.py and this module do not
+    import each other.
+    """
+
+    client: Client
+    out: TextIO
+    done: bool
+    room: str | None
+    commands: tuple[str, ...]  # command names, then their aliases and argument kinds
+    aliases: Mapping[str, str]
+    room_commands: frozenset[str]
+    nick_commands: frozenset[str]
+    text_commands: frozenset[str]
+
+    def prompt(self) -> str: ...
+
+    def known_nicks(self) -> set[str]: ...
+
+    def known_rooms(self) -> set[str]: ...
+
+    def handle(self, raw: str) -> None: ...
 
 
 class ChatCompleter(Completer):
@@ -52,23 +78,22 @@ class ChatCompleter(Completer):
         self.chat = chat
 
     def get_completions(self, document: Document, complete_event: CompleteEvent):
-        from .chat import ALIASES, COMMANDS, NICK_COMMANDS, ROOM_COMMANDS, TEXT_COMMANDS
-
+        chat = self.chat
         text = document.text_before_cursor
         if text.startswith("/") and " " not in text:
-            names = [*COMMANDS, *ALIASES]
+            names = [*chat.commands, *chat.aliases]
             yield from _matching((f"/{n}" for n in names), text, text)
             return
         word = document.get_word_before_cursor(WORD=True)
         if text.startswith("/"):
             cmd, *args = text[1:].split(" ")
-            cmd = ALIASES.get(cmd.lower(), cmd.lower())
+            cmd = chat.aliases.get(cmd.lower(), cmd.lower())
             first_arg = len(args) == 1  # completing the word right after the command
-            if first_arg and cmd in ROOM_COMMANDS:
-                yield from _matching(self.chat.known_rooms(), word.lstrip("#"), word)
+            if first_arg and cmd in chat.room_commands:
+                yield from _matching(chat.known_rooms(), word.lstrip("#"), word)
             elif first_arg and cmd == "rooms":
                 yield from _matching(["all"], word, word)
-            elif (first_arg and cmd in NICK_COMMANDS) or cmd in TEXT_COMMANDS:
+            elif (first_arg and cmd in chat.nick_commands) or cmd in chat.text_commands:
                 yield from _matching(self.chat.known_nicks(), word, word)
             return
         yield from _matching(self.chat.known_nicks(), word, word)  # "bob: ..." in a line

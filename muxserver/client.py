@@ -3,10 +3,9 @@
 Programs (bots, tests, the Locust users, ``muxchat``) should not hand-roll
 sockets and ``struct`` calls to talk to muxserver. This module reuses
 :mod:`muxserver.framing` and :mod:`muxserver.protocol`, so the project keeps
-one codec. What it shares with :mod:`muxserver.aio` -- errors, the Event and
-Presence types, Backoff, request bookkeeping -- lives in
-:mod:`muxserver.clientcore` and is re-exported here: import it all from
-``muxserver.client``.
+one codec. What it shares with :mod:`muxserver.aio` lives in
+:mod:`muxserver.clientcore` and :mod:`muxserver.clienttypes`, re-exported
+here: import it all from ``muxserver.client``.
 
 Decisions worth knowing:
 
@@ -17,8 +16,7 @@ Decisions worth knowing:
   inside a client call, so a program must call ``recv``/``poll``/
   ``run_forever`` (or make any request) at least once per ``ping_interval +
   ping_timeout`` (45 s by default) or the server cuts it with IDLE_TIMEOUT.
-  ``heartbeat=True`` lifts that with a thread that only writes PINGs
-  (muxserver/heartbeat.py).
+  ``heartbeat=True`` lifts that (muxserver/heartbeat.py).
 * One greenlet (or thread) may read while others send EMITs that wait for
   nothing (``ack=False``, or ``ack=True, wait=False``): the Locust users'
   pattern. Three things make that safe. The socket's timeout is set once, to
@@ -142,10 +140,8 @@ def _shutdown(sock: socket.socket) -> None:
 class Client(_Core):
     """A blocking muxserver client: ``Client.connect(...)``, or ``with Client(...) as c:``.
 
-    ``Client(...)`` takes the arguments of :meth:`connect` and does not
-    connect yet: register handlers (``on("connect")`` included), then call
-    :meth:`open` or enter a ``with`` block, which opens it.
-
+    ``Client(...)`` takes :meth:`connect`'s arguments and connects in
+    :meth:`open` or on entering ``with``, so handlers can be registered first.
     One thread or greenlet at a time reads: it calls ``recv``/``poll``/
     ``run_forever`` or any request that waits for its answer. Others may
     meanwhile call ``emit`` without ``ack`` or with ``ack=True, wait=False``
@@ -157,9 +153,7 @@ class Client(_Core):
         # Same arguments as connect() (documented there), kept in one place:
         # _Core.__init__.
         super().__init__(*args, **kwargs)
-        if not isinstance(heartbeat, (bool, int, float)) or heartbeat < 0:
-            raise ValueError(f"heartbeat must be True, False or seconds > 0, not {heartbeat!r}")
-        self._heartbeat = heartbeat
+        self._heartbeat = Heartbeat.check(heartbeat)
         self._hb: Heartbeat | None = None
         self._last_send = time.monotonic()  # read by the heartbeat
         self._opened = False
@@ -193,12 +187,10 @@ class Client(_Core):
     ) -> Client:
         """Connect and complete HELLO/WELCOME.
 
-        ``reconnect`` (on by default) re-establishes a lost connection with
-        ``backoff`` and re-joins the rooms; ``version`` is the protocol
-        version to ask for (2: payload types travel with each message);
-        ``heartbeat`` (True, or seconds between PINGs) keeps the connection
-        alive from a background thread while the program does not call the
-        client. A port outside 0..65535 raises ValueError.
+        ``reconnect`` re-establishes a lost connection with ``backoff``, rooms
+        re-joined; ``version`` is the protocol version to ask for; ``heartbeat``
+        (True, or seconds) keeps the connection alive from a background thread
+        (muxserver/heartbeat.py). A port outside 0..65535 raises ValueError.
 
         With ``tls`` (or ``ca``, a PEM file of CAs to trust instead of the
         system's) the connection is TLS and the server's certificate must be
@@ -217,17 +209,15 @@ class Client(_Core):
         return client
 
     def open(self) -> Client:
-        """Connect and complete HELLO/WELCOME (what :meth:`connect` does after building).
-
-        Calls the ``on("connect")`` handlers. Raises as :meth:`connect` does;
-        a client opens once (later connections are its reconnects).
-        """
+        """Connect as :meth:`connect` does, then call the ``on("connect")`` handlers; once."""
         if self._opened:
             raise RuntimeError("this client has been opened already")
         self._opened = True
         self._open()
         self._up = True
-        self._start_heartbeat()
+        if self._heartbeat:
+            self._hb = Heartbeat(self, self._heartbeat)
+            self._hb.start()
         for fn in list(self._connect_handlers):
             fn()
         return self
@@ -680,11 +670,6 @@ class Client(_Core):
             raise NotConnected("the client is closed")
         self._try_reconnect()
         return True
-
-    def _start_heartbeat(self) -> None:
-        if self._heartbeat and self._hb is None:
-            self._hb = Heartbeat(self, self._heartbeat)
-            self._hb.start()
 
     # I/O hooks for _Core.
     def _deliver(self, item: Event | Presence | Ack | MuxError) -> None:

@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from . import protocol as P
 from .clienttypes import ConnectionClosed, _why
-
-if TYPE_CHECKING:
-    from .client import Client
 
 NONCE_BIT = 1 << 63  # heartbeat PING nonces: never one of ping()'s
 
@@ -37,11 +34,19 @@ NONCE_BIT = 1 << 63  # heartbeat PING nonces: never one of ping()'s
 class Heartbeat:
     """Writes a PING whenever ``client`` wrote nothing for one period."""
 
-    def __init__(self, client: Client, every: bool | float) -> None:
+    def __init__(self, client: Any, every: bool | float) -> None:
+        # ``client`` is a muxserver.client.Client (not imported: client.py imports us).
         self.client = client
         self.every = every  # True: half the server's ping interval; else seconds
         self.count = 0
         self._stop = threading.Event()
+
+    @staticmethod
+    def check(every: bool | float) -> bool | float:
+        """``every`` if it is a heartbeat setting (True/False, or seconds > 0), else ValueError."""
+        if isinstance(every, bool) or (isinstance(every, (int, float)) and every > 0):
+            return every
+        raise ValueError(f"heartbeat must be True, False or seconds > 0, not {every!r}")
 
     def start(self) -> None:
         name = f"muxserver-heartbeat-{self.client.nick}"
