@@ -174,12 +174,13 @@ def test_reconnect_is_the_default_and_fires_connect(server_factory):
 
 
 def test_heartbeat_keeps_a_sleeping_client_alive(server_factory):
-    srv = server_factory("--ping-interval", "0.3", "--ping-timeout", "0.5")
+    # Silence is cut after 1.3 s; the heartbeat writes every 0.15 s.
+    srv = server_factory("--ping-interval", "0.3", "--ping-timeout", "1")
     with (
         Client.connect(srv.host, srv.port, nick="sleeper", heartbeat=True) as sleeper,
         Client.connect(srv.host, srv.port, nick="napper", reconnect=False) as napper,
     ):
-        time.sleep(2.0)  # no client call: only the heartbeat thread writes
+        time.sleep(2.5)  # no client call: only the heartbeat thread writes
         assert sleeper.emit("still", "here", broadcast=True, ack=True) == 0  # napper was cut
         assert sleeper.ping() >= 0
         with pytest.raises(ConnectionClosed) as info:
