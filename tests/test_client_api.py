@@ -10,6 +10,8 @@ checks in both constructors. Real servers on 127.0.0.1 (tests/conftest.py).
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
@@ -244,3 +246,21 @@ def test_v2_event_kind_is_masked_and_payload_decoded():
     got = [(ev.kind, ev.room, ev.data) for ev in c._inbox]
     expected_kinds = [("room", "r"), ("direct", None), ("broadcast", None)]
     assert got == [(k, r, {"a": 1}) for k, r in expected_kinds]
+
+
+def test_heartbeat_under_gevent(server_factory):
+    """Monkey-patched, the heartbeat is a greenlet: it runs while the program sleeps."""
+    srv = server_factory("--ping-interval", "0.3", "--ping-timeout", "1")
+    script = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "import gevent, sys\n"
+        "from muxserver.client import Client\n"
+        f"c = Client.connect('127.0.0.1', {srv.port}, nick='g', heartbeat=True)\n"
+        "c.join('r')\n"
+        "gevent.sleep(2.5)\n"
+        "print('recipients', c.emit('x', 'y', room='r', echo=True, ack=True))\n"
+        "c.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "recipients 1\n"
