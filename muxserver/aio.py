@@ -21,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,12 +30,8 @@ from . import protocol as P
 from .clientcore import (
     _UNSET,
     CLOSE_LINGER,
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    DEFAULT_VERSION,
     RECV_SIZE,
     Ack,
-    Backoff,
     ConnectionClosed,
     Event,
     Listing,
@@ -77,29 +71,14 @@ class AsyncClient(_Core):
         self._opened = False
 
     @classmethod
-    async def connect(
-        cls,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
-        nick: str | None = None,
-        namespace: str = "/",
-        token: str | None = None,
-        timeout: float = 10.0,
-        *,
-        reconnect: bool = True,
-        backoff: Backoff | None = None,
-        tls: bool | ssl.SSLContext = False,
-        ca: str | os.PathLike | None = None,
-        version: int = DEFAULT_VERSION,
-    ) -> AsyncClient:
-        """Connect and complete HELLO/WELCOME; arguments and errors as for ``Client.connect``.
+    async def connect(cls, *args, **kwargs) -> AsyncClient:
+        """Connect and complete HELLO/WELCOME: ``await AsyncClient(*args, **kwargs).open()``.
 
-        (No ``heartbeat``: the reader task answers server PINGs all along.)
+        Arguments and errors as for ``Client.connect`` (the one list is
+        ``_Core.__init__``). No ``heartbeat``: the reader task answers server
+        PINGs all along.
         """
-        client = cls(
-            host, port, nick, namespace, token, timeout,
-            reconnect=reconnect, backoff=backoff, tls=tls, ca=ca, version=version,
-        )  # fmt: skip
+        client = cls(*args, **kwargs)
         return await client.open()
 
     async def open(self) -> AsyncClient:

@@ -41,7 +41,6 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import socket
 import ssl
@@ -54,9 +53,6 @@ from . import protocol as P
 from .clientcore import (
     _UNSET,
     CLOSE_LINGER,
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    DEFAULT_VERSION,
     ERRORS,  # noqa: F401 (re-exported: importable from here as before the split)
     PERMANENT,  # noqa: F401
     RECV_SIZE,
@@ -169,23 +165,13 @@ class Client(_Core):
         self._broken: ConnectionClosed | None = None
 
     @classmethod
-    def connect(
-        cls,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
-        nick: str | None = None,
-        namespace: str = "/",
-        token: str | None = None,
-        timeout: float = 10.0,
-        *,
-        reconnect: bool = True,
-        backoff: Backoff | None = None,
-        tls: bool | ssl.SSLContext = False,
-        ca: str | os.PathLike | None = None,
-        version: int = DEFAULT_VERSION,
-        heartbeat: bool | float = False,
-    ) -> Client:
-        """Connect and complete HELLO/WELCOME.
+    def connect(cls, *args, **kwargs) -> Client:
+        """Connect and complete HELLO/WELCOME: ``Client(*args, **kwargs).open()``.
+
+        Arguments (one list, kept in ``_Core.__init__``): ``host``, ``port``,
+        ``nick``, ``namespace``, ``token``, ``timeout``; keywords
+        ``reconnect=True``, ``backoff``, ``tls``, ``ca``, ``version`` and,
+        for this client, ``heartbeat``.
 
         ``reconnect`` re-establishes a lost connection with ``backoff``, rooms
         re-joined; ``version`` is the protocol version to ask for; ``heartbeat``
@@ -200,11 +186,7 @@ class Client(_Core):
         (e.g. NickTaken, AuthFailed). The first connection is never retried,
         even with ``reconnect=True``.
         """
-        client = cls(
-            host, port, nick, namespace, token, timeout,
-            reconnect=reconnect, backoff=backoff, tls=tls, ca=ca, version=version,
-            heartbeat=heartbeat,
-        )  # fmt: skip
+        client = cls(*args, **kwargs)
         client.open()
         return client
 
