@@ -360,8 +360,10 @@ class HttpFront:
         headers = {}
         for name, value in req.headers:
             headers.setdefault(name, value)
+        if req.http_version not in (b"1.0", b"1.1"):
+            return _text(400, f"bad request: HTTP/{req.http_version.decode('ascii', 'replace')}")
         upgrade = headers.get(b"upgrade", b"").lower() == b"websocket"
-        if path == WS_PATH and req.method == b"GET" and upgrade:
+        if path == WS_PATH and req.http_version == b"1.1" and req.method == b"GET" and upgrade:
             return None
         if self.full:
             return _text(503, "server full: too many connections")
