@@ -124,6 +124,11 @@ export class ChatState {
     this.current = null; // the room whose messages are shown
     this.joined = new Map(); // room -> {messages: [], members: [], unread: 0}
     this.directory = new Map(); // every room of the namespace -> member count
+    this.home = []; // what is said while no room is open (welcome, whispers)
+  }
+
+  messagesOf(name) {
+    return name === null ? this.home : this.room(name).messages;
   }
 
   room(name) {
@@ -137,11 +142,10 @@ export class ChatState {
 
   addMessage(roomName, msg, limit = 500) {
     const target = roomName ?? this.current;
-    if (target === null) return null;
-    const r = this.room(target);
-    r.messages.push(msg);
-    if (r.messages.length > limit) r.messages.splice(0, r.messages.length - limit);
-    if (target !== this.current) r.unread += 1;
+    const list = this.messagesOf(target);
+    list.push(msg);
+    if (list.length > limit) list.splice(0, list.length - limit);
+    if (target !== null && target !== this.current) this.room(target).unread += 1;
     return target;
   }
 
@@ -235,7 +239,7 @@ export function boot(doc, win) {
 
   function note(text, kind = "note", room = null) {
     const target = state.addMessage(room, { kind, time: new Date(), text });
-    if (target === state.current) appendMessage(state.room(target).messages.at(-1));
+    if (target === state.current) appendMessage(state.messagesOf(target).at(-1));
     renderRooms();
   }
 
@@ -262,7 +266,7 @@ export function boot(doc, win) {
     $("room-sub").textContent = room ? "" : "Join a room from the list, or create one below.";
     $("leave-button").hidden = !room;
     const list = $("message-list");
-    list.replaceChildren(...(room ? state.room(room).messages.map((m) => renderMessage(doc, m)) : []));
+    list.replaceChildren(...state.messagesOf(room).map((m) => renderMessage(doc, m)));
     list.scrollTop = list.scrollHeight;
     renderMembers();
     renderRooms();

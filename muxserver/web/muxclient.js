@@ -334,7 +334,11 @@ export class MuxClient {
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this._random = options.random ?? Math.random;
     this._backoff = { initial: 500, max: 30000, ...(options.backoff ?? {}) };
-    this._timers = { set: options.setTimeout ?? globalThis.setTimeout, clear: options.clearTimeout ?? globalThis.clearTimeout };
+    // Wrapped: a browser's setTimeout throws "Illegal invocation" when called
+    // as a method of another object.
+    const setT = options.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms));
+    const clearT = options.clearTimeout ?? ((t) => globalThis.clearTimeout(t));
+    this._timers = { set: setT, clear: clearT };
     this.nick = options.nick ?? "";
     if (this.nick) requireName(this.nick, "nick");
     requireName(this.namespace, "namespace");

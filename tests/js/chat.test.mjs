@@ -85,6 +85,11 @@ test("ChatState: messages, unread counts, presence, room list", () => {
   s.addMessage("b", { text: "2" });
   s.addMessage(null, { text: "whisper" });
   assert.equal(s.room("a").messages.length, 2);
+  s.current = null;
+  s.addMessage(null, { text: "welcome" });
+  assert.deepEqual(s.home, [{ text: "welcome" }]);
+  assert.equal(s.joined.has(null), false);
+  s.current = "a";
   assert.equal(s.room("a").unread, 0);
   assert.equal(s.room("b").unread, 1);
   s.presence({ kind: "join", room: "a", nick: "bob" });

@@ -404,3 +404,22 @@ test("no reconnect after AUTH_FAILED", async () => {
   assert.equal(FakeWebSocket.all.length, 1);
   assert.equal(c.connected, false);
 });
+
+test("timers are called as plain functions (a browser throws 'Illegal invocation' otherwise)", async () => {
+  const real = globalThis.setTimeout;
+  let calls = 0;
+  globalThis.setTimeout = function strictSetTimeout(fn, ms) {
+    if (this !== undefined && this !== globalThis) throw new TypeError("Illegal invocation");
+    calls += 1;
+    return real(fn, ms);
+  };
+  try {
+    const { c, ws } = await connected();
+    const p = c.who("lobby");
+    ws.push(replyOk(ws.last().r.u32(), new Writer().u32(0).u16(0).frame(0).subarray(5)));
+    assert.deepEqual(await p, { total: 0, nicks: [] });
+    assert.ok(calls >= 2);
+  } finally {
+    globalThis.setTimeout = real;
+  }
+});
