@@ -81,6 +81,7 @@ def http_answer(decision) -> tuple[h11.Response, bytes]:
             break
     headers = {k.lower(): v for k, v in resp.headers}
     assert headers[b"connection"] == b"close"
+    assert headers[b"x-content-type-options"] == b"nosniff"
     assert resp.status_code == decision.status
     return resp, body
 
@@ -201,6 +202,10 @@ def test_bad_version_is_426() -> None:
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         # plain GET of the WebSocket path
         b"GET /ws HTTP/1.1\r\nHost: h\r\n\r\n",
+        # an upgrade with a body
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Content-Length: 1000000\r\n\r\n",
     ],
 )
 def test_broken_upgrade_is_400(req: bytes) -> None:

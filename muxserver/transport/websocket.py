@@ -166,7 +166,6 @@ STATIC = {
 # rendering bug could not pull in or run someone else's script.
 _PAGE_HEADERS = [
     (b"Cache-Control", b"no-cache"),
-    (b"X-Content-Type-Options", b"nosniff"),
     (
         b"Content-Security-Policy",
         b"default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
@@ -215,6 +214,9 @@ def http_response(
         b"Content-Type: " + content_type,
         b"Content-Length: %d" % len(body),
         b"Connection: close",
+        # Error bodies quote the request (path, origin): never let a browser
+        # sniff them into HTML.
+        b"X-Content-Type-Options: nosniff",
     ]
     for name, value in headers or ():
         lines.append(name + b": " + value)
@@ -364,6 +366,10 @@ class HttpFront:
             return _text(400, f"bad request: HTTP/{req.http_version.decode('ascii', 'replace')}")
         upgrade = headers.get(b"upgrade", b"").lower() == b"websocket"
         if path == WS_PATH and req.http_version == b"1.1" and req.method == b"GET" and upgrade:
+            if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+                # A body would keep the connection in HTTP for as long as the
+                # client likes, unbounded by the 16 KiB head rule.
+                return _text(400, "bad WebSocket upgrade: a request body is not allowed")
             return None
         if self.full:
             return _text(503, "server full: too many connections")
