@@ -423,3 +423,33 @@ test("timers are called as plain functions (a browser throws 'Illegal invocation
     globalThis.setTimeout = real;
   }
 });
+
+test("a silent server gets a PING, and is dropped when it stays silent", async () => {
+  const timers = [];
+  const setTimeout = (fn, ms) => { const t = { fn, ms, live: true }; timers.push(t); return t; };
+  const clearTimeout = (t) => { if (t) t.live = false; };
+  const fire = (ms) => {
+    const t = timers.findLast((x) => x.live && x.ms === ms);
+    assert.ok(t, `a live ${ms} ms timer`);
+    t.live = false;
+    t.fn();
+  };
+  FakeWebSocket.all = [];
+  const p = MuxClient.connect("ws://test/ws", { nick: "ann", WebSocket: FakeWebSocket, setTimeout, clearTimeout, random: () => 0.5 });
+  const ws = FakeWebSocket.all[0];
+  ws.accept();
+  ws.push(welcome("ann", { ping: 1000 }));
+  const c = await p;
+  const drops = [];
+  c.on("disconnect", (d) => drops.push(d.code));
+  fire(1000); // ping_interval of silence
+  assert.equal(ws.last().type, T.PING);
+  ws.push(new Writer().u64(1n).frame(T.SERVER_PONG)); // an answer resets the watch
+  assert.equal(timers.filter((t) => t.live && t.ms === 10000).length, 0);
+  fire(1000);
+  fire(10000); // still silent 10 s after our PING
+  assert.equal(ws.closedWith, 4014);
+  assert.deepEqual(drops, [4014]);
+  assert.equal(c.connected, false);
+  assert.ok(timers.some((t) => t.live && t.ms === 500), "a reconnect is scheduled after 0.5 s");
+});
