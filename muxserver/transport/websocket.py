@@ -1,50 +1,56 @@
-"""WebSocket transport, sans-I/O: HTTP front door, inbound messages, outbound headers.
+"""WebSocket: the inbound codec, outbound headers, and the transport behind the seam.
 
 Browsers reach the server on its own port (protocol.md section 11). A new
-connection whose first four bytes look like an HTTP request line goes to
-:class:`HttpFront`, which parses the request with h11 and decides once:
-a static file or an error status (:class:`Respond`: send, then close), or
-the RFC 6455 upgrade (:class:`Upgraded`: send the 101, then hand the
-leftover bytes to :class:`WsInbound`). Nothing here touches a socket.
+connection whose first four bytes look like an HTTP request line becomes a
+:class:`WebSocketTransport`: first its HTTP phase (``http.HttpFront``, h11:
+static files, error statuses, the RFC 6455 upgrade), then WebSocket
+messages (:class:`WsInbound`, wsproto), each binary message fed to the same
+``FrameDecoder`` a TCP connection uses.
 
 Decisions worth knowing about:
 
-* The handshake itself (key check, 101 headers, subprotocol) is wsproto's
-  ``H11Handshake``, fed the request our own h11 parser already produced
-  (``initiate_upgrade_connection``), so the head is parsed once and bounded
-  once: 16 KiB, checked on the complete head too (h11 only bounds an
-  incomplete one).
-* Inbound frames are wsproto's ``Connection``. It hands out message data as
-  it arrives (partial frames), and :class:`WsInbound` counts those bytes, so
-  a message over ``max_message`` is refused while at most one read past the
-  cap is held, never the declared length.
+* Inbound frames are wsproto's ``Connection`` (sans-I/O, pairs with h11; its
+  pure-Python unmasking was not worth ``websockets``' C speed-up here: a
+  browser's input is chat-sized). It hands out message data as it arrives
+  (partial frames), and :class:`WsInbound` counts those bytes, so a message
+  over ``max_message`` is refused while at most one read past the cap is
+  held, never the declared length.
 * Outbound frames are built here by hand (:func:`binary_header`): a server
   frame is unmasked, so the header is two to ten bytes in front of the
   payload, and one shared payload ``bytes`` can go to every member with
   ``sendmsg([header, payload])`` instead of one wsproto call (and copy) per
   recipient. permessage-deflate is never negotiated, for the same reason.
+* The transport never talks to the session itself: what it needs from its
+  host (flush a Pong, close without an ERROR, an ERROR LIMIT after the
+  upgrade) is left in ``wants`` for the server to act on after the read.
 """
 
 from __future__ import annotations
 
-import re
+import socket
 import struct
-from importlib import resources
+from collections import deque
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
-import h11
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    TextMessage,
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+from .. import protocol as P
+from ..framing import LENGTH, FrameError
+from ..loop import EVENT_WRITE
+from .http import (  # noqa: F401  (re-exported: the HTTP front door lives in http.py)
+    MAX_HEAD,
+    SERVER_NAME,
+    SUBPROTOCOL,
+    WS_PATH,
+    HttpFront,
+    Respond,
+    Upgraded,
+    http_response,
+    origin_allowed,
+    static_file,
 )
-from wsproto.events import Request as WsRequest
-from wsproto.handshake import H11Handshake
-from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
+from .stream import WOULD_BLOCK, StreamTransport
 
 __all__ = [
     "Binary",
@@ -58,17 +64,13 @@ __all__ = [
     "Text",
     "Upgraded",
     "WS_PATH",
+    "WebSocketTransport",
     "WsInbound",
     "binary_header",
     "close_frame",
     "frame_header",
     "looks_like_http",
 ]
-
-MAX_HEAD = 16 * 1024  # request line + headers (section 11: over it is 431)
-SUBPROTOCOL = "muxserver"
-WS_PATH = "/ws"
-SERVER_NAME = b"muxserver"
 
 # Close codes (RFC 6455 section 7.4.1) the codec itself produces.
 CLOSE_NORMAL = 1000
@@ -87,9 +89,6 @@ OP_PONG = 0xA
 _U16 = struct.Struct(">BBH")
 _U64 = struct.Struct(">BBQ")
 _CODE = struct.Struct(">H")
-
-# h11 accepts bare LF line endings too; the head ends at the first blank line.
-_HEAD_END = re.compile(rb"\n\r?\n")
 
 
 # ============================================================== sniffing
@@ -131,293 +130,6 @@ def close_frame(code: int, reason: str = "") -> bytes:
     raw = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
     payload = _CODE.pack(code) + raw
     return frame_header(OP_CLOSE, len(payload)) + payload
-
-
-# ========================================================= HTTP front
-class Respond(NamedTuple):
-    """Send ``data`` (a whole HTTP response), then close the connection."""
-
-    data: bytes
-    status: int
-
-
-class Upgraded(NamedTuple):
-    """Send ``data`` (the 101), then feed ``leftover`` to a :class:`WsInbound`."""
-
-    data: bytes
-    leftover: bytes
-    subprotocol: str | None = None
-
-
-class _Static(NamedTuple):
-    name: str
-    content_type: bytes
-
-
-STATIC = {
-    "/": _Static("index.html", b"text/html; charset=utf-8"),
-    "/index.html": _Static("index.html", b"text/html; charset=utf-8"),
-    "/chat.css": _Static("chat.css", b"text/css; charset=utf-8"),
-    "/chat.js": _Static("chat.js", b"text/javascript; charset=utf-8"),
-    "/muxclient.js": _Static("muxclient.js", b"text/javascript; charset=utf-8"),
-}
-
-# The page loads only its own files and talks only to its own /ws, so even a
-# rendering bug could not pull in or run someone else's script.
-_PAGE_HEADERS = [
-    (b"Cache-Control", b"no-cache"),
-    (
-        b"Content-Security-Policy",
-        b"default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
-        b"base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
-    ),
-]
-
-_static_cache: dict[str, bytes] = {}
-
-
-def static_file(name: str) -> bytes:
-    """Bytes of one file of ``muxserver/web`` (read once, then kept)."""
-    data = _static_cache.get(name)
-    if data is None:
-        data = resources.files("muxserver.web").joinpath(name).read_bytes()
-        _static_cache[name] = data
-    return data
-
-
-_REASONS = {
-    200: b"OK",
-    400: b"Bad Request",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    426: b"Upgrade Required",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
-
-
-def http_response(
-    status: int,
-    body: bytes,
-    content_type: bytes = b"text/plain; charset=utf-8",
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> Respond:
-    """A whole HTTP/1.1 response that ends the connection.
-
-    Built by hand rather than through h11: after a parse error h11's state
-    machine refuses to send anything, and every answer here is one shot.
-    """
-    lines = [
-        b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Error")),
-        b"Server: " + SERVER_NAME,
-        b"Content-Type: " + content_type,
-        b"Content-Length: %d" % len(body),
-        b"Connection: close",
-        # Error bodies quote the request (path, origin): never let a browser
-        # sniff them into HTML.
-        b"X-Content-Type-Options: nosniff",
-    ]
-    for name, value in headers or ():
-        lines.append(name + b": " + value)
-    return Respond(b"\r\n".join(lines) + b"\r\n\r\n" + body, status)
-
-
-def _text(status: int, message: str, headers=None) -> Respond:
-    return http_response(status, message.encode("utf-8") + b"\n", headers=headers)
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
-
-def _origin_key(origin: str) -> tuple[str, str, int] | None:
-    """``scheme://host[:port]`` -> (scheme, host, port) with the default port filled in."""
-    try:
-        parts = urlsplit(origin.strip())
-        scheme = parts.scheme.lower()
-        host = (parts.hostname or "").lower()
-        port = parts.port or _DEFAULT_PORTS.get(scheme)
-    except ValueError:
-        return None
-    if not scheme or not host or port is None:
-        return None
-    return scheme, host, port
-
-
-def origin_allowed(origin: str | None, host: str | None, tls: bool, allowed) -> bool:
-    """The Origin rule of section 11.
-
-    No Origin (not a browser): allowed. Otherwise allowed when it is the
-    server's own origin (scheme from ``tls``, host and port from the request's
-    Host header) or listed in ``allowed`` (``*``: any).
-    """
-    if origin is None:
-        return True
-    if "*" in allowed:
-        return True
-    key = _origin_key(origin)
-    if key is None:
-        return False
-    scheme = "https" if tls else "http"
-    if host is not None:
-        own = _origin_key(f"{scheme}://{host}")
-        if own is not None and own == key:
-            return True
-    return any(_origin_key(entry) == key for entry in allowed)
-
-
-class HttpFront:
-    """The HTTP side of one connection sniffed as HTTP: ``feed(data)`` until it decides.
-
-    ``feed`` returns None while more bytes are needed, then one
-    :class:`Respond` or :class:`Upgraded`; later calls return None.
-    ``feed(b"")`` means the peer closed (EOF): an unfinished request gets
-    400, an empty connection ``Respond(b"", 0)`` (just close).
-
-    ``tls``: the listener's scheme, for the own-origin check. ``allowed_origins``:
-    extra origins (``*``: any). ``web``: serve the chat page and
-    muxclient.js (off: those 404, /ws still upgrades). ``full``: the server is
-    over max_connections: plain HTTP gets 503, an upgrade is still accepted so
-    the caller can send ERROR LIMIT and Close 4011 where a browser can see them.
-    """
-
-    __slots__ = (
-        "tls", "allowed_origins", "web", "full", "max_head",
-        "_http", "_head", "_request", "done",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        *,
-        tls: bool = False,
-        allowed_origins: list[str] | tuple[str, ...] = (),
-        web: bool = True,
-        full: bool = False,
-        max_head: int = MAX_HEAD,
-    ) -> None:
-        self.tls = tls
-        self.allowed_origins = tuple(o.strip() for o in allowed_origins if o.strip())
-        self.web = web
-        self.full = full
-        self.max_head = max_head
-        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
-        # Raw bytes until the head is complete (then None): h11 bounds only
-        # an incomplete head, so a whole 20 KiB head in one read is ours to catch.
-        self._head: bytearray | None = bytearray()
-        self._request: h11.Request | None = None
-        self.done = False
-
-    def feed(self, data: bytes) -> Respond | Upgraded | None:
-        """Bytes from the peer (``b""``: EOF) -> a decision, or None for "need more"."""
-        if self.done:
-            return None
-        decision = self._feed(bytes(data))
-        if decision is not None:
-            self.done = True
-            self._head = None
-        return decision
-
-    def _feed(self, data: bytes) -> Respond | Upgraded | None:
-        http = self._http
-        if not data:
-            if self._head is not None and not self._head:
-                return Respond(b"", 0)  # connected and left without a byte
-        elif self._head is not None:
-            head = self._head
-            start = max(0, len(head) - 2)
-            head += data
-            m = _HEAD_END.search(head, start)
-            end = len(head) if m is None else m.end()
-            if end > self.max_head:
-                return _text(431, f"request head over {self.max_head} bytes")
-            if m is not None:
-                self._head = None
-        http.receive_data(data)
-        while True:
-            try:
-                event = http.next_event()
-            except h11.RemoteProtocolError as exc:
-                status = 431 if exc.error_status_hint == 431 else 400
-                return _text(status, f"bad request: {exc}")
-            if event is h11.PAUSED:
-                return self._upgrade_ready()
-            if event is h11.NEED_DATA:
-                if not data:
-                    return _text(400, "bad request: connection closed mid-request")
-                return None
-            if isinstance(event, h11.ConnectionClosed):
-                return _text(400, "bad request: connection closed mid-request")
-            if isinstance(event, h11.Request):
-                decision = self._route(event)
-                if decision is not None:
-                    return decision
-                self._request = event
-            # Data / EndOfMessage of an upgrade request: go on until PAUSED.
-
-    # ---------------------------------------------------------- routing
-    def _route(self, req: h11.Request) -> Respond | None:
-        """Answer a request at once, or None for an upgrade (decided once it is whole)."""
-        target = req.target.decode("ascii", "replace")
-        path = target.split("?", 1)[0]
-        headers = {}
-        for name, value in req.headers:
-            headers.setdefault(name, value)
-        if req.http_version not in (b"1.0", b"1.1"):
-            return _text(400, f"bad request: HTTP/{req.http_version.decode('ascii', 'replace')}")
-        upgrade = headers.get(b"upgrade", b"").lower() == b"websocket"
-        if path == WS_PATH and req.http_version == b"1.1" and req.method == b"GET" and upgrade:
-            if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
-                # A body would keep the connection in HTTP for as long as the
-                # client likes, unbounded by the 16 KiB head rule.
-                return _text(400, "bad WebSocket upgrade: a request body is not allowed")
-            return None
-        if self.full:
-            return _text(503, "server full: too many connections")
-        if req.method != b"GET":
-            return _text(
-                405,
-                f"method {req.method.decode('ascii', 'replace')} not allowed",
-                [(b"Allow", b"GET")],
-            )
-        if path == WS_PATH:
-            return _text(400, "expected a WebSocket upgrade (Upgrade: websocket)")
-        static = STATIC.get(path) if self.web else None
-        if static is None:
-            return _text(404, f"not found: {path}")
-        return http_response(200, static_file(static.name), static.content_type, _PAGE_HEADERS)
-
-    def _upgrade_ready(self) -> Respond | Upgraded:
-        req = self._request
-        shake = H11Handshake(ConnectionType.SERVER)
-        try:
-            shake.initiate_upgrade_connection(list(req.headers), req.target)
-            ws_request = next(shake.events(), None)
-        except WsRemoteProtocolError as exc:
-            hint = exc.event_hint
-            status = getattr(hint, "status_code", 400)
-            extra = list(getattr(hint, "headers", []) or [])
-            if status == 426:
-                return _text(426, "unsupported WebSocket version (need 13)", extra)
-            return _text(400, f"bad WebSocket upgrade: {exc}")
-        except (UnicodeError, ValueError) as exc:
-            return _text(400, f"bad WebSocket upgrade: {exc}")
-        if not isinstance(ws_request, WsRequest):
-            return _text(400, "bad WebSocket upgrade")
-        origin = None
-        host = None
-        for name, value in req.headers:
-            if name == b"origin" and origin is None:
-                origin = value.decode("latin-1")
-            elif name == b"host" and host is None:
-                host = value.decode("latin-1")
-        if not origin_allowed(origin, host, self.tls, self.allowed_origins):
-            return _text(403, f"origin not allowed: {origin}")
-        subprotocol = SUBPROTOCOL if SUBPROTOCOL in ws_request.subprotocols else None
-        data = shake.send(
-            AcceptConnection(subprotocol=subprotocol, extra_headers=[(b"Server", SERVER_NAME)])
-        )
-        leftover, _closed = self._http.trailing_data
-        return Upgraded(bytes(data), bytes(leftover), subprotocol)
 
 
 # ============================================================ inbound
@@ -553,3 +265,310 @@ class WsInbound:
         self._size = 0
         out.append(Fail(code, reason, error))
         return out
+
+
+# ============================================================ transport
+# What a WebSocketTransport asks of its host after a read (``wants``):
+FLUSH = 1  # bytes of its own are queued (the 101, a Pong): flush this turn
+END = 2  # close once the queued output is out, without an ERROR frame
+# ... or (code, message): a fatal ERROR (LIMIT after an upgrade over max_connections).
+
+MAX_MESSAGE_OUT = (
+    1 << 20
+)  # section 11: a server message is at most 1 MiB, unless one frame is larger
+_IOV_BATCH = 64
+_ERROR_CODE = struct.Struct(">H")
+
+
+def split_frames(data, limit: int = MAX_MESSAGE_OUT) -> list:
+    """Cut ``data`` (whole frames) on frame boundaries into pieces of at most ``limit`` bytes.
+
+    A single frame larger than ``limit`` is a piece of its own. The pieces
+    are memoryviews of ``data``: nothing is copied.
+    """
+    view = memoryview(data)
+    n = len(data)
+    parts = []
+    pos = 0
+    unpack = LENGTH.unpack_from
+    while pos < n:
+        end = pos
+        while end < n:
+            nxt = end + 4 + unpack(data, end)[0]
+            if nxt - pos > limit and end > pos:
+                break
+            end = nxt
+        parts.append(view[pos:end])
+        pos = end
+    return parts
+
+
+def _close_for(out: list) -> tuple[int, str]:
+    """Close code and reason after the session's last frame: 4000 + an ERROR's code, else 1000."""
+    last = out[-1] if out else b""
+    if len(last) >= 7 and last[4] == P.ERROR:
+        code = _ERROR_CODE.unpack_from(last, 5)[0]
+        return CLOSE_ERROR_BASE + code, P.STATUS_NAMES.get(code, str(code))
+    return CLOSE_NORMAL, "BYE"
+
+
+class WebSocketTransport(StreamTransport):
+    """A connection sniffed as HTTP: HTTP phase, then our frames in binary messages.
+
+    Same seam as :class:`StreamTransport` (``out``, ``receive``, ``flush``,
+    ``on_writable``, ``discard_unsent``...), plus what a WebSocket needs:
+
+    * ``ctrl``: whole wire frames of our own (the 101, an HTTP response, a
+      Pong) sent before the next message; ``last``: our Close, sent after
+      everything the session queued.
+    * ``flush(loop, data)`` sends ``[binary_header(len(data)), data]`` with
+      one ``sendmsg`` (TLS: one send of the joined bytes), so ``data`` is the
+      very object every TCP member of the room sends too.
+    * The backlog keeps its pieces apart (``ends`` says which piece finishes
+      a wire unit: a message or a control frame), so ``discard_unsent`` can
+      finish the message being sent and keep the message stream whole.
+    """
+
+    __slots__ = ("front", "inbound", "wants", "ctrl", "last", "ends", "midunit", "full")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        max_frame: int,
+        *,
+        allowed_origins=(),
+        web: bool = True,
+        full: bool = False,
+    ) -> None:
+        super().__init__(sock, max_frame)
+        self.full = full
+        self.front: HttpFront | None = HttpFront(
+            tls=self.tls, allowed_origins=allowed_origins, web=web, full=full
+        )
+        self.inbound: WsInbound | None = None
+        self.wants = None
+        self.ctrl: list = []
+        self.last = b""
+        self.ends: deque | None = None
+        self.midunit = False  # bytes of the unit at chunks[0] were sent already
+
+    @classmethod
+    def take_over(cls, stream: StreamTransport, **options) -> WebSocketTransport:
+        """Replace a just-sniffed StreamTransport: same socket, interest, callback and ``out``."""
+        ws = cls(stream.sock, stream.decoder.max_frame, **options)
+        ws.interest = stream.interest
+        ws.callback = stream.callback
+        ws.out = stream.out  # the session holds this very list
+        ws.bytes_in, ws.bytes_out = stream.bytes_in, stream.bytes_out
+        ws.handshaking = stream.handshaking
+        stream.callback = None
+        return ws
+
+    # ------------------------------------------------------------ input
+    def receive(self, data) -> list[tuple[int, bytes]]:
+        """Frames carried by the complete binary messages in ``data``; raises FrameError."""
+        inbound = self.inbound
+        if inbound is None:
+            return self._http(data)
+        frames: list = []
+        decoder = self.decoder
+        for event in inbound.feed(data):
+            kind = type(event)
+            if kind is Binary:
+                try:
+                    frames += decoder.feed(event.data)
+                except FrameError as exc:
+                    exc.frames = frames + exc.frames
+                    raise
+                if decoder.buffered:
+                    # Section 11: a message carries whole frames, never part of one.
+                    raise FrameError(
+                        P.BAD_FRAME, "a WebSocket message ended inside a frame", frames
+                    )
+            elif kind is Send:
+                self.ctrl.append(event.data)
+                if self.wants is None:
+                    self.wants = FLUSH
+            elif kind is Closed:
+                # The close handshake is complete once our echo is out:
+                # close TCP then, like after EOF.
+                self.eof = True
+                self.wants = END
+            elif kind is Fail:
+                if event.error is not None:
+                    raise FrameError(
+                        event.error, f"WebSocket message over {inbound.max_message} bytes", frames
+                    )
+                self.last = close_frame(event.close_code, event.reason)
+                self.wants = END
+        return frames
+
+    def _http(self, data) -> list:
+        decision = self.front.feed(data)
+        if decision is None:
+            return []
+        if type(decision) is Respond:
+            if decision.data:
+                self.ctrl.append(decision.data)
+            self.wants = END
+            return []
+        self.ctrl.append(decision.data)
+        self.inbound = WsInbound(self.decoder.max_frame + 4)
+        self.front = None
+        if self.full:
+            # Section 11: a browser cannot read a refused upgrade's status, but
+            # it can read ERROR LIMIT and Close 4011.
+            self.wants = (P.LIMIT, "server is full (max_connections)")
+            return []
+        self.wants = FLUSH
+        return self.receive(decision.leftover) if decision.leftover else []
+
+    def drained(self, data) -> bool:
+        """DRAINING after our Close: True once the peer's Close (or anything, after a failure) came."""
+        inbound = self.inbound
+        if inbound is None:
+            return False
+        if inbound.done:
+            return True
+        return any(type(e) in (Closed, Fail) for e in inbound.feed(data))
+
+    # ------------------------------------------------------------- output
+    def closing(self) -> None:
+        """The session queued its last frame (BYE or a fatal ERROR): add the Close that ends it."""
+        inbound = self.inbound
+        if inbound is None:
+            if self.front is not None and not self.front.done:
+                # Still in HTTP: a timeout or a shutdown answers in HTTP.
+                code, _ = _close_for(self.out)
+                status = 408 if code == CLOSE_ERROR_BASE + P.IDLE_TIMEOUT else 503
+                self.ctrl.append(http_response(status, b"closing\n").data)
+                self.front.done = True
+            self.out.clear()
+            return
+        if not inbound.close_sent and not self.last:
+            self.last = inbound.close(*_close_for(self.out))
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.wbytes + sum(map(len, self.out)) + sum(map(len, self.ctrl))
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.out or self.chunks or self.ctrl or self.last)
+
+    def flush(self, loop, data=None) -> int:
+        """Send our frames, then ``out`` as binary messages, then our Close; return the backlog."""
+        out = self.out
+        pieces: list = []
+        ends: list = []
+        if self.ctrl:
+            pieces += self.ctrl
+            ends += [True] * len(self.ctrl)
+            self.ctrl = []
+        if out:
+            if self.inbound is None:
+                out.clear()  # HTTP phase: protocol frames have no way out
+            else:
+                if data is None:
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                if len(data) <= MAX_MESSAGE_OUT:
+                    pieces += (binary_header(len(data)), data)
+                    ends += (False, True)
+                else:
+                    for part in split_frames(data):
+                        pieces += (binary_header(len(part)), part)
+                        ends += (False, True)
+        if self.last:
+            pieces.append(self.last)
+            ends.append(True)
+            self.last = b""
+        if not pieces:
+            return self.wbytes
+        total = sum(map(len, pieces))
+        if self.chunks is not None:
+            # Kernel buffer was full last time: queue behind the backlog.
+            self.chunks.extend(pieces)
+            self.ends.extend(ends)
+            self.wbytes += total
+            return self.wbytes
+        try:
+            if self.tls:  # SSLSocket has no sendmsg; one record for header and data
+                sent = self.sock.send(b"".join(pieces))
+            else:
+                sent = self.sock.sendmsg(pieces)
+        except WOULD_BLOCK:
+            sent = 0
+        self.bytes_out += sent
+        if sent == total:
+            return 0
+        self.chunks = deque(pieces)
+        self.ends = deque(ends)
+        self.woff = 0
+        self.midunit = False
+        self.wbytes = total
+        self._consumed(sent)
+        self.set_interest(loop, self.interest | EVENT_WRITE)
+        return self.wbytes
+
+    def _consumed(self, sent: int) -> None:
+        """``sent`` more bytes of the backlog reached the kernel."""
+        chunks, ends = self.chunks, self.ends
+        self.wbytes -= sent
+        sent += self.woff
+        while chunks and sent >= len(chunks[0]):
+            sent -= len(chunks.popleft())
+            self.midunit = not ends.popleft()
+        self.woff = sent
+        if sent:
+            self.midunit = True
+
+    def on_writable(self, loop) -> int:
+        chunks = self.chunks
+        while chunks:
+            head = memoryview(chunks[0])[self.woff :]
+            try:
+                if self.tls:
+                    sent = self.sock.send(head)
+                else:
+                    bufs = [head]
+                    bufs.extend(chunks[i] for i in range(1, min(len(chunks), _IOV_BATCH)))
+                    sent = self.sock.sendmsg(bufs)
+            except WOULD_BLOCK:
+                break
+            self.bytes_out += sent
+            before = len(chunks)
+            self._consumed(sent)
+            if self.woff or len(chunks) == before:
+                break  # partial: the kernel buffer is full again
+        if not chunks:
+            self.chunks = self.ends = None
+            self.woff = 0
+            self.midunit = False
+            self.set_interest(loop, self.interest & ~EVENT_WRITE)
+        return self.wbytes
+
+    def discard_unsent(self) -> int:
+        """Drop queued output, keeping the rest of a partly-sent message (the stream stays whole)."""
+        dropped = sum(map(len, self.out))
+        self.out.clear()
+        chunks = self.chunks
+        if chunks:
+            keep = 0
+            if self.midunit:
+                for i, end in enumerate(self.ends):
+                    if end:
+                        keep = i + 1
+                        break
+            kept = [chunks[i] for i in range(keep)]
+            kept_ends = [self.ends[i] for i in range(keep)]
+            left = sum(map(len, kept)) - self.woff if kept else 0
+            dropped += self.wbytes - left
+            chunks.clear()
+            chunks.extend(kept)
+            self.ends = deque(kept_ends)
+            self.wbytes = left
+            if not kept:
+                self.woff = 0
+                self.midunit = False
+        return dropped
