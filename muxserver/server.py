@@ -113,8 +113,7 @@ class Server:
         self.stats["accepted"] += 1
         if self._live >= self.config.max_connections or self.shutting_down:
             self.stats["refused_limit"] += 1
-            if transport.first is None or self.shutting_down:  # else: sniffing.first_bytes
-                self.protocol.fatal(sess, P.LIMIT, "server is full (max_connections)")
+            sniffing.refuse(self, sess)  # ERROR LIMIT in its own transport (section 11)
             return sess
         # Counted until its socket is closed: a closing connection still
         # holds a file descriptor.

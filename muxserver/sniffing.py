@@ -9,15 +9,36 @@ server calls :func:`first_bytes` while ``transport.first`` is set and
 
 A connection over max_connections is refused in its own transport, so the
 decision waits for these bytes: raw gets ERROR LIMIT, an HTTP request 503,
-a WebSocket upgrade the 101 and then ERROR LIMIT with Close 4011.
+a WebSocket upgrade the 101 and then ERROR LIMIT with Close 4011. It waits
+:data:`REFUSE_WAIT` at most: a client that sends nothing gets the raw ERROR
+LIMIT then, so a flood of silent connections past the limit holds its file
+descriptors for half a second, not for the HELLO timeout.
 """
 
 from __future__ import annotations
 
 from . import protocol as P
 from .listener import RAW, sniff
-from .session import OPEN
+from .session import HELLO_WAIT, OPEN
 from .transport.websocket import END, WebSocketTransport
+
+REFUSE_WAIT = 0.5  # seconds an over-the-limit connection has to show its transport
+
+_FULL = "server is full (max_connections)"
+
+
+def refuse(server, sess) -> None:
+    """Over max_connections: ERROR LIMIT now, or once the first bytes show the transport."""
+    if sess.transport.first is None or server.shutting_down:
+        server.protocol.fatal(sess, P.LIMIT, _FULL)
+        return
+    wait = min(REFUSE_WAIT, server.config.hello_timeout)
+    server.loop.call_later(wait, _refuse_silent, server, sess)
+
+
+def _refuse_silent(server, sess) -> None:
+    if sess.state == HELLO_WAIT and sess.transport.first is not None:
+        server.protocol.fatal(sess, P.LIMIT, _FULL)  # nothing came: the raw protocol
 
 
 def first_bytes(server, sess, data):
@@ -30,7 +51,7 @@ def first_bytes(server, sess, data):
     data, transport.first = bytes(transport.first), None
     if kind == RAW:
         if not sess.counted:  # over max_connections (Server.attach)
-            server.protocol.fatal(sess, P.LIMIT, "server is full (max_connections)")
+            server.protocol.fatal(sess, P.LIMIT, _FULL)
             return transport, None
         return transport, data
     cfg = server.config
