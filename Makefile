@@ -34,8 +34,8 @@ format: $(STAMP)
 
 # ---- benchmarks (docs/benchmarks.md) ------------------------------------
 # The bench extra on top of the test one, plus redis-server and nats-server
-# from apt when we are root and they are missing (a peer that is still
-# missing is reported as "not installed", never left out silently).
+# from apt when we are root and they are missing, socket.io from npm (a peer
+# that is still missing is reported as "not installed", never left out silently).
 # BENCH_ARGS go to bench.run (e.g. --systems muxserver,redis --workloads 1-1),
 # MICRO_ARGS to pytest (e.g. --benchmark-compare).
 BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
@@ -58,6 +58,12 @@ bench-deps: $(BENCH_STAMP)
 	      >/dev/null 2>&1 || echo "bench: could not install $$pkg: it will be reported as not installed"; \
 	  else echo "bench: $$pkg is missing (not root or no apt-get): it will be reported as not installed"; fi; \
 	done
+	@# socket.io 4 on Node, the WebSocket peer, into the ignored .bench-node/ folder.
+	@if command -v node >/dev/null && command -v npm >/dev/null; then \
+	  test -d .bench-node/node_modules/socket.io || { echo "bench: npm install socket.io@4"; \
+	    npm install --silent --no-audit --no-fund --prefix .bench-node socket.io@4 >/dev/null 2>&1 \
+	      || echo "bench: npm could not install socket.io: it will be reported as not installed"; }; \
+	else echo "bench: node or npm is missing: socket.io will be reported as not installed"; fi
 
 bench: bench-deps
 	mkdir -p reports

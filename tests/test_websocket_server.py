@@ -464,12 +464,15 @@ def test_server_messages_are_at_most_1_mib_unless_one_frame_is_larger():
     assert b"".join(got) == data and got == parts
 
 
-def test_shared_bytes_go_out_unchanged_behind_a_header():
+@pytest.mark.parametrize("size", [10, 200, 70_000])  # 7-bit, 16-bit and 64-bit lengths
+def test_shared_bytes_go_out_unchanged_behind_a_header(size):
     t = MemoryWs(1 << 20)
-    data = b"".join(frame(10) for _ in range(3))
-    t.out.extend([data])
+    parts = [frame(size) for _ in range(3)]
+    data = b"".join(parts)
+    t.out.extend(parts)
     assert t.flush(None, data) == 0
     assert bytes(t.sock.sent) == binary_header(len(data)) + data
+    assert messages(bytes(t.sock.sent)) == [data]
 
 
 def test_backlog_counts_headers_and_discard_keeps_the_message_whole():

@@ -278,6 +278,7 @@ MAX_MESSAGE_OUT = (
 )  # section 11: a server message is at most 1 MiB, unless one frame is larger
 _IOV_BATCH = 64
 _ERROR_CODE = struct.Struct(">H")
+_SHORT_HEADERS = tuple(bytes((0x80 | OP_BINARY, n)) for n in range(126))
 
 
 def split_frames(data, limit: int = MAX_MESSAGE_OUT) -> list:
@@ -459,6 +460,23 @@ class WebSocketTransport(StreamTransport):
     def flush(self, loop, data=None) -> int:
         """Send our frames, then ``out`` as binary messages, then our Close; return the backlog."""
         out = self.out
+        if out and self.chunks is None and not self.ctrl and not self.last and not self.tls:
+            # The fan-out path: one message, one sendmsg of [header, shared data].
+            if self.inbound is not None:
+                if data is None:
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                n = len(data)
+                if n <= MAX_MESSAGE_OUT:
+                    out.clear()
+                    head = _SHORT_HEADERS[n] if n < 126 else binary_header(n)
+                    try:
+                        sent = self.sock.sendmsg((head, data))
+                    except WOULD_BLOCK:
+                        sent = 0
+                    self.bytes_out += sent
+                    if sent == n + len(head):
+                        return 0
+                    return self._blocked(loop, [head, data], [False, True], sent)
         pieces: list = []
         ends: list = []
         if self.ctrl:
@@ -502,11 +520,15 @@ class WebSocketTransport(StreamTransport):
         self.bytes_out += sent
         if sent == total:
             return 0
+        return self._blocked(loop, pieces, ends, sent)
+
+    def _blocked(self, loop, pieces: list, ends: list, sent: int) -> int:
+        """The kernel took ``sent`` bytes of ``pieces``: keep the rest, wait for EVENT_WRITE."""
         self.chunks = deque(pieces)
         self.ends = deque(ends)
         self.woff = 0
         self.midunit = False
-        self.wbytes = total
+        self.wbytes = sum(map(len, pieces))
         self._consumed(sent)
         self.set_interest(loop, self.interest | EVENT_WRITE)
         return self.wbytes
