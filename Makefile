@@ -81,12 +81,14 @@ bench-quick: bench-deps
 # DURATION, reports in reports/loadtest-<scenario>*; exits non-zero on any
 # failure or loss. e.g.
 #   make loadtest USERS=2000 RATE=5 DURATION=60s SCENARIO=broadcast PROCESSES=2
+#   make loadtest TRANSPORT=ws   (the users speak WebSocket, as browsers do)
 # LOADTEST_ARGS go to loadtests/run.py (e.g. --rooms 10 --size 512 -- --loglevel DEBUG).
 USERS ?= 200
 DURATION ?= 30s
 SCENARIO ?= chat
 RATE ?= 1
 PROCESSES ?= 1
+TRANSPORT ?= tcp
 LOADTEST_STAMP := $(VENV)/.loadtest-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: loadtest
@@ -98,7 +100,7 @@ $(LOADTEST_STAMP): $(STAMP)
 
 loadtest: $(LOADTEST_STAMP)
 	$(PY) loadtests/run.py --scenario $(SCENARIO) --users $(USERS) --duration $(DURATION) \
-	  --rate $(RATE) --processes $(PROCESSES) $(LOADTEST_ARGS)
+	  --rate $(RATE) --processes $(PROCESSES) --transport $(TRANSPORT) $(LOADTEST_ARGS)
 
 # ---- hardening harnesses (docs/security.md) --------------------------------
 # Each starts its own server on a free loopback port, is bounded in time,

@@ -14,7 +14,9 @@ import json
 import socket
 import ssl
 import struct
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import RawClient, WsRawClient, reply_count
@@ -516,3 +518,25 @@ def connect_ws(server):
     yield make
     for c in clients:
         c.close()
+
+
+def test_load_test_client_over_websocket(server):
+    """loadtests/wsclient.py: the blocking Client, unchanged above a WebSocket socket."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from loadtests.wsclient import WsClient
+
+    a = WsClient.connect(*server.address, nick="alice")
+    b = WsClient.connect(*server.address, nick="bob")
+    try:
+        assert hasattr(a.sock, "_ws_in")  # the upgraded socket, not a raw one
+        a.join("r")
+        b.join("r")
+        assert a.emit("m", b"over ws", room="r", ack=True) == 1
+        event = b.recv(timeout=10)
+        assert (event.sender, event.payload) == ("alice", b"over ws")
+        assert sorted(b.who("r")) == ["alice", "bob"]
+    finally:
+        a.close()
+        b.close()
