@@ -22,7 +22,8 @@ import functools
 import socket
 import sys
 
-from muxserver.loop import EVENT_READ, EVENT_WRITE, EventLoop, listening_socket
+from muxserver.listener import listening_socket
+from muxserver.loop import EVENT_READ, EVENT_WRITE, EventLoop
 from muxserver.transport.websocket import (
     OP_TEXT,
     Binary,
