@@ -224,6 +224,24 @@ def test_unfinished_request_times_out_with_408(server_factory):
     assert data.startswith(b"HTTP/1.1 408 ")
 
 
+def test_permessage_deflate_is_never_negotiated(server):
+    request = upgrade_request(server.address).replace(
+        b"\r\n\r\n",
+        b"\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+    )
+    status, headers, _ = http(server.address, request)
+    assert status == 101 and "sec-websocket-extensions" not in headers
+
+
+def test_options_from_the_environment(server_factory):
+    srv = server_factory(
+        env={"MUXSERVER_NO_WEB": "1", "MUXSERVER_ALLOWED_ORIGINS": "http://app.example"}
+    )
+    assert get(srv.address, "/")[0] == 404
+    assert http(srv.address, upgrade_request(srv.address, "http://app.example"))[0] == 101
+    assert http(srv.address, upgrade_request(srv.address, "http://other.example"))[0] == 403
+
+
 # ------------------------------------------------------------ Origin rule
 
 
@@ -322,6 +340,31 @@ def test_bye_closes_with_1000(connect_ws):
     assert a.recv() == P.ServerPong(5)
     a.expect_closed()
     assert (a.close_code, a.close_reason) == (1000, "BYE")
+
+
+def test_server_closes_tcp_once_the_close_handshake_is_done(server_factory, connect_ws):
+    srv = server_factory("--drain-timeout", "30")
+    a = connect_ws("a", srv=srv)
+    started = time.monotonic()
+    a.send(P.Bye())
+    a.expect_closed()  # our client answers the server's Close at once
+    assert a.close_code == 1000
+    assert time.monotonic() - started < 5  # not the 30 s drain timeout
+
+
+def test_server_close_then_fin_even_if_the_client_never_answers(server_factory):
+    srv = server_factory("--drain-timeout", "0.5")
+    c = WsRawClient(srv.address)
+    c.hello("mute")
+    c.send(P.Bye())
+    c.sock.settimeout(10)
+    started = time.monotonic()
+    data = b""
+    while chunk := c.sock.recv(65536):  # read raw: never answer the Close
+        data += chunk
+    assert data.startswith(b"\x88")  # the server's Close came first, then EOF
+    assert time.monotonic() - started < 5
+    c.close()
 
 
 def test_client_close_ends_the_session_like_eof(connect_ws):
