@@ -441,8 +441,11 @@ class WebSocketTransport(StreamTransport):
             if self.front is not None and not self.front.done:
                 # Still in HTTP: a timeout or a shutdown answers in HTTP.
                 code, _ = _close_for(self.out)
-                status = 408 if code == CLOSE_ERROR_BASE + P.IDLE_TIMEOUT else 503
-                self.ctrl.append(http_response(status, b"closing\n").data)
+                if code == CLOSE_ERROR_BASE + P.IDLE_TIMEOUT:
+                    answer = http_response(408, b"request not complete in time\n")
+                else:
+                    answer = http_response(503, b"server shutting down\n")
+                self.ctrl.append(answer.data)
                 self.front.done = True
             self.out.clear()
             return
