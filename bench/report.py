@@ -24,6 +24,11 @@ TARGETS = [
     ("1-1000", "redis", 2.5),
     ("50-50", "redis", 1.6),
 ]
+# WebSocket (issue 11): (workload, system, peer, minimum system / peer ratio), same run.
+WS_TARGETS = [
+    ("1-100", "muxserver-ws", "socketio", 30.0),
+    ("1-100", "muxserver-ws", "muxserver", 0.7),
+]
 FIXED = "1-100"  # workload of the fixed-rate latency comparison
 LATENCY_TARGET = ("redis", 0.5)  # muxserver p99 at the fixed rate <= 0.5 x redis's
 LOADGEN_BOUND = 0.9  # load generator CPU share above which a figure is only a lower bound
@@ -34,9 +39,11 @@ def _ok(res: dict | None) -> bool:
     return bool(res) and res.get("status") == "ok"
 
 
-def ratio(results: dict, wl: str, peer: str, key: str = "deliveries_per_s") -> float | None:
-    """muxserver's ``key`` (deliveries/s) over ``peer``'s in workload ``wl``."""
-    mine, theirs = results.get(wl, {}).get("muxserver"), results.get(wl, {}).get(peer)
+def ratio(
+    results: dict, wl: str, peer: str, key: str = "deliveries_per_s", mine: str = "muxserver"
+) -> float | None:
+    """``mine``'s (muxserver's) ``key`` (deliveries/s) over ``peer``'s in workload ``wl``."""
+    mine, theirs = results.get(wl, {}).get(mine), results.get(wl, {}).get(peer)
     if not (_ok(mine) and _ok(theirs)) or not mine.get(key) or not theirs.get(key):
         return None
     return mine[key] / theirs[key]
@@ -134,6 +141,23 @@ def check_targets(results: dict) -> list[dict]:
                 # the same ratio per CPU-second of the server: what to trust if noisy
                 "got_per_cpu_s": ratio(results, wl, peer, "deliveries_per_server_cpu_s"),
                 "noisy": noisy(results[wl]["muxserver"]) or noisy(results[wl][peer]),
+            }
+        )
+    for wl, system, peer, want in WS_TARGETS:
+        cells = results.get(wl, {})
+        if system not in cells or peer not in cells:
+            continue
+        got = ratio(results, wl, peer, mine=system)
+        checks.append(
+            {
+                "what": f"{WORKLOADS[wl].title}: {system} / {peer} >= {want}x",
+                "target": want,
+                "got": got,
+                "met": None if got is None else got >= want,
+                "got_per_cpu_s": ratio(
+                    results, wl, peer, "deliveries_per_server_cpu_s", mine=system
+                ),
+                "noisy": noisy(cells[system]) or noisy(cells[peer]),
             }
         )
     peer, factor = LATENCY_TARGET

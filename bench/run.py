@@ -43,6 +43,9 @@ from pathlib import Path
 
 from . import report, systems
 from .loadgen import ADAPTERS, WORKLOADS, LoadError, LoadGen
+from .wsload import SocketIoAdapter, WsMuxAdapter
+
+ADAPTERS = {**ADAPTERS, "ws": WsMuxAdapter, "sio": SocketIoAdapter}
 
 FIXED_RATE = 40_000  # messages/s into the 100-member room, for every system
 FIXED_RATE_WORKLOAD = "1-100"
@@ -94,6 +97,9 @@ def measure(name: str, wl_key: str, timings: dict, cpu, profile_dir, quiet_wait:
     why = systems.unavailable(name)
     if why:
         return {"status": why}
+    only = systems.WORKLOADS_OF.get(name)
+    if only and wl_key not in only:
+        return {"status": "n/a (not a WebSocket workload)"}
     profile = None
     if profile_dir is not None and name == "muxserver":
         profile = str(profile_dir / f"profile-{wl_key}.pstats")

@@ -65,6 +65,7 @@ from loadtests.tally import (  # noqa: E402
     padding,
     summary_dict,
 )
+from loadtests.wsclient import WsClient  # noqa: E402
 from muxserver.client import Ack, Client, Event, MuxError  # noqa: E402
 
 log = logging.getLogger("muxload")
@@ -110,6 +111,10 @@ def _add_options(parser) -> None:
     )  # fmt: skip
     parser.add_argument("--namespace", default="/loadtest", help="namespace the users live in")
     parser.add_argument(
+        "--transport", choices=("tcp", "ws"), default="tcp",
+        help="tcp: the raw protocol; ws: the same frames over WebSocket (/ws), as browsers",
+    )  # fmt: skip
+    parser.add_argument(
         "--drain-timeout", type=float, default=10.0,
         help="at stop, give up waiting for outstanding acks and deliveries after this many "
         f"seconds without a new one (a drain takes {DRAIN_CAP_S:g} s at most)",
@@ -140,6 +145,7 @@ class Config:
     sample: int = 1
     acks: bool = True
     namespace: str = "/loadtest"
+    transport: str = "tcp"  # or "ws": loadtests/wsclient.py
     drain_timeout: float = 10.0
     summary_file: str = ""
     host: str = DEFAULT_ADDRESS[0]
@@ -330,7 +336,8 @@ class MuxUser(User):
         try:
             # No reconnect: a load user that loses its connection is counted as
             # lost, never quietly restarted.
-            client = Client.connect(
+            cls = WsClient if cfg.transport == "ws" else Client
+            client = cls.connect(
                 cfg.host, cfg.port, nick=nick, namespace=cfg.namespace, reconnect=False
             )
         except (OSError, MuxError) as exc:
@@ -512,6 +519,7 @@ def _resolve(environment) -> Config:
         sample=max(resolved["sample"], 1),
         acks=not opts.no_ack,
         namespace=opts.namespace,
+        transport=opts.transport,
         drain_timeout=opts.drain_timeout,
         summary_file=opts.summary_file,
         host=host,

@@ -73,6 +73,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--deliver-sample", type=int, default=None)
     p.add_argument("--no-ack", action="store_true")
     p.add_argument(
+        "--transport", choices=("tcp", "ws"), default="tcp",
+        help="ws: the Locust users speak WebSocket (/ws), the path browsers use",
+    )  # fmt: skip
+    p.add_argument(
         "--drain-timeout", type=float, default=10.0,
         help="at stop, seconds without progress before giving up on outstanding deliveries",
     )  # fmt: skip
@@ -147,6 +151,8 @@ def locust_command(args, port: int, prefix: Path, extra: list[str]) -> list[str]
             cmd += [f"--{name.replace('_', '-')}", f"{value:g}" if name == "rate" else str(value)]
     if args.no_ack:
         cmd.append("--no-ack")
+    if args.transport != "tcp":
+        cmd += ["--transport", args.transport]
     return cmd + extra
 
 

@@ -119,6 +119,12 @@ OPTIONS = [
     ("rate-burst", _count, 0, "EMITs a connection may save up (0: same as --rate-limit)"),
     ("tls-cert", str, "", "PEM certificate chain: serve TLS"),
     ("tls-key", str, "", "PEM private key for --tls-cert (if not in the same file)"),
+    (
+        "allowed-origins",
+        str,
+        "",
+        "comma-separated origins a WebSocket upgrade may come from besides the server's own; * any",
+    ),
     ("log-level", _log_level, "INFO", "debug, info, warning, error"),
     ("log-format", _log_format, "text", "text, or json: one JSON object per line"),
     ("stats-interval", _non_negative, 60.0, "seconds between summary log lines (0: off)"),
@@ -130,6 +136,14 @@ OPTIONS = [
     ),
     ("metrics-host", str, "127.0.0.1", "address of the monitoring port"),
 ]
+
+
+# On/off switches: ``--no-web`` on the command line, MUXSERVER_NO_WEB=1 in the environment.
+FLAGS = [
+    ("no-web", "do not serve the web chat page and muxclient.js (the /ws endpoint stays)"),
+]
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 
 
 def env_name(option: str) -> str:
@@ -183,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=option.split("-")[-1].upper(),
             help=f"{help_text} (default {default}; env {env_name(option)})",
         )
+    for option, help_text in FLAGS:
+        parser.add_argument(
+            f"--{option}", action="store_const", const=True, default=None,
+            help=f"{help_text} (env {env_name(option)}=1)",
+        )  # fmt: skip
     return parser
 
 
@@ -211,6 +230,19 @@ def resolve(argv: list[str] | None = None, environ=None, sources: dict | None = 
                 why = explain(raw, exc)
                 parser.exit(2, f"muxserver: error: environment {env_name(option)}: {why}\n")
         values[key] = default if value is None else value
+    for option, _ in FLAGS:
+        key = option.replace("-", "_")
+        value = getattr(args, key)
+        if sources is not None:
+            sources[key] = "command line" if value else "default"
+        if value is None and env_name(option) in environ:
+            raw = environ[env_name(option)]
+            if raw.strip().lower() not in _TRUE + _FALSE:
+                parser.exit(2, f"muxserver: error: {env_name(option)}={raw!r}: must be 1 or 0\n")
+            value = raw.strip().lower() in _TRUE
+            if sources is not None:
+                sources[key] = f"env {env_name(option)}"
+        values[key] = bool(value)
     return values
 
 
@@ -264,7 +296,7 @@ def check_config(argv: list[str]) -> int:
     sources: dict = {}
     values = resolve(argv, sources=sources)
     print(f"# muxserver {__version__}: effective configuration (option, value, source)")
-    for option, _, _, _ in OPTIONS:
+    for option in [o[0] for o in OPTIONS] + [f[0] for f in FLAGS]:
         key = option.replace("-", "_")
         value = values[key]
         if key == "token" and value:
@@ -308,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"muxserver: {problem}", file=sys.stderr)
             return 1
+    values["web"] = not values.pop("no_web")
     config = Config(**values)
     try:
         server = Server(config)

@@ -52,6 +52,8 @@ RUNS = {
     "churn": ["--scenario", "churn"],
     # Workers report their counters to the master: the summary must still add up.
     "chat-distributed": ["--scenario", "chat", "--processes", "2"],
+    # make loadtest TRANSPORT=ws: the same users and rows over WebSocket (/ws).
+    "chat-ws": ["--scenario", "chat", "--transport", "ws"],
 }
 TIMEOUT = 180  # far beyond a healthy run (~10 s); only a hang gets here
 
