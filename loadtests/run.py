@@ -25,6 +25,7 @@ import re
 import resource
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,13 @@ class Server:
         return rc
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def locust_command(args, port: int, prefix: Path, extra: list[str]) -> list[str]:
     spawn = args.spawn_rate or max(10.0, args.users / 5)
     cmd = [
@@ -144,7 +152,12 @@ def locust_command(args, port: int, prefix: Path, extra: list[str]) -> list[str]
         # and say what the progress lines already do.
         cmd += ["--loglevel", "WARNING"]
     if args.processes > 1:
+        # Master and workers meet on a free port, not Locust's fixed 5557: on a
+        # shared machine another run's workers would otherwise join this master.
+        port = free_port()
         cmd += ["--processes", str(args.processes)]
+        cmd += ["--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)]
+        cmd += ["--master-host", "127.0.0.1", "--master-port", str(port)]
     for name in ("rate", "rooms", "size", "publishers", "deliver_sample"):
         value = getattr(args, name)
         if value is not None:
