@@ -6,19 +6,37 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format clean
+.PHONY: run test lint format clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install -qq --upgrade pip
+	$(PIP) install -qq -e '.[test]'  # -qq: errors only (no setuptools advice box)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 venv: $(STAMP)
 
-run: $(STAMP)
-	$(VENV)/bin/muxserver $(ARGS)
+# `make run` needs the package only (h11), not the test tools: one quiet
+# `pip install -e .` on first use (-qq: errors only, so neither pip's notices
+# nor setuptools' editable-install advice box). A venv made for `make test`
+# already has it.
+RUN_STAMP := $(VENV)/.run-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+$(RUN_STAMP): pyproject.toml
+	@if [ -e $(STAMP) ]; then touch $@; exit 0; fi; \
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || exit 1; \
+	echo "make run: installing muxserver into $(VENV) (first run only)"; \
+	$(PIP) install -qq --disable-pip-version-check -e . || exit 1; \
+	rm -f $(VENV)/.run-*; touch $@
+
+# Exit status 1 is "could not start" (port in use, unreadable TLS file...):
+# say how options reach the server through make.
+run: $(RUN_STAMP)
+	@$(VENV)/bin/muxserver $(ARGS); status=$$?; \
+	if [ $$status -eq 1 ]; then \
+	  echo 'make run: pass options with ARGS, e.g. make run ARGS="--port 7879"' >&2; \
+	fi; exit $$status
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check muxserver tests loadtests tools bench

@@ -10,7 +10,7 @@ servers it measures:
   Only the one sampled receiver of a latency phase looks inside frames, to
   read the send timestamp in the first 8 bytes of each payload.
 * Publishers send batches (one ``send`` per batch; one message per send in
-  the mesh workload, as the issue asks) and stay within ``window`` messages of
+  the mesh workload) and stay within ``window`` messages of
   the *slowest* receiver, so a figure is a rate the server sustained, not the
   speed at which kernel buffers and server queues filled up.
 

@@ -490,7 +490,8 @@ def test_port_in_use_exits_1_with_one_line(server):
         timeout=30,
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"muxserver: port {server.port} is already in use"
+    assert proc.stderr.startswith(f"muxserver: port {server.port} is already in use (pick another")
+    assert proc.stderr.count("\n") == 1
     assert proc.stdout == ""
 
 
