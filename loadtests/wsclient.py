@@ -55,18 +55,18 @@ def _socket_class():
             self._ws_ready = bytearray()  # payload parsed, not yet returned
             self._ws_closed = False
 
-        def send(self, data, flags: int = 0) -> int:
-            self._raw_sendall(_client_frame(bytes(data)), flags)
+        def _wire(self, data: bytes) -> None:
+            # base.send, never base.sendall: gevent's sendall calls self.send,
+            # which is the framing send below.
+            view = memoryview(data)
+            while view:
+                view = view[base.send(self, view) :]
+
+        def send(self, data, flags: int = 0, **_kw) -> int:
+            self._wire(_client_frame(bytes(data)))
             return len(data)
 
-        def _raw_sendall(self, frame: bytes, flags: int = 0) -> None:
-            # Never base.sendall: gevent's calls self.send (ours, which frames
-            # again) with a timeout keyword.
-            view = memoryview(frame)
-            while view:
-                view = view[base.send(self, view, flags) :]
-
-        def sendall(self, data, flags: int = 0) -> None:
+        def sendall(self, data, flags: int = 0, **_kw) -> None:
             self.send(data, flags)
 
         def recv(self, bufsize: int, flags: int = 0) -> bytes:
@@ -90,13 +90,19 @@ def _socket_class():
             while len(buf) >= 2:
                 b1 = buf[1] & 0x7F
                 size = 2 if b1 < 126 else (4 if b1 == 126 else 10)
-                n = b1 if b1 < 126 else int.from_bytes(buf[2:size], "big") if len(buf) >= size else -1
+                n = (
+                    b1
+                    if b1 < 126
+                    else int.from_bytes(buf[2:size], "big")
+                    if len(buf) >= size
+                    else -1
+                )
                 if n < 0 or len(buf) < size + n:
                     return
                 opcode = buf[0] & 0x0F
                 if opcode == 0x8:  # the server's Close: answer it, then end of stream
                     try:
-                        self._raw_sendall(b"\x88\x82\x00\x00\x00\x00" + bytes(buf[size : size + 2]))
+                        self._wire(b"\x88\x82\x00\x00\x00\x00" + bytes(buf[size : size + 2]))
                     except OSError:
                         pass
                     self._ws_closed = True

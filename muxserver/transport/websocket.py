@@ -9,12 +9,17 @@ messages (:class:`WsInbound`, wsproto), each binary message fed to the same
 
 Decisions worth knowing about:
 
-* Inbound frames are wsproto's ``Connection`` (sans-I/O, pairs with h11; its
-  pure-Python unmasking was not worth ``websockets``' C speed-up here: a
-  browser's input is chat-sized). It hands out message data as it arrives
-  (partial frames), and :class:`WsInbound` counts those bytes, so a message
-  over ``max_message`` is refused while at most one read past the cap is
-  held, never the declared length.
+* Inbound frames are wsproto's ``Connection`` (sans-I/O, pairs with h11,
+  Autobahn-clean here). Measured against the sans-I/O ``Protocol`` of
+  ``websockets`` (C unmasking): about 20 us vs 6 us per small message, 40
+  vs 10 us per 6 KB masked message. That matters only where clients send
+  one tiny message at a time at full speed (the 50 <-> 50 benchmark); a
+  browser's input is chat-sized and the fan-out (outbound, below) is where
+  a busy server spends its time, so wsproto stays until that changes.
+  wsproto hands out message data as it arrives (partial frames), and
+  :class:`WsInbound` counts those bytes, so a message over ``max_message``
+  is refused while at most one read past the cap is held, never the
+  declared length.
 * Outbound frames are built here by hand (:func:`binary_header`): a server
   frame is unmasked, so the header is two to ten bytes in front of the
   payload, and one shared payload ``bytes`` can go to every member with
@@ -304,6 +309,18 @@ def split_frames(data, limit: int = MAX_MESSAGE_OUT) -> list:
     return parts
 
 
+# The last split: members of a room flush the very same joined bytes one
+# after another, so the frame walk is done once per turn, not per member
+# (it keeps that one bytes object alive until the next split).
+_last_split: list = [None, ()]
+
+
+def _split_shared(data) -> list:
+    if _last_split[0] is not data:
+        _last_split[:] = [data, split_frames(data)]
+    return _last_split[1]
+
+
 def _close_for(out: list) -> tuple[int, str]:
     """Close code and reason after the session's last frame: 4000 + an ERROR's code, else 1000."""
     last = out[-1] if out else b""
@@ -497,7 +514,7 @@ class WebSocketTransport(StreamTransport):
                     pieces += (binary_header(len(data)), data)
                     ends += (False, True)
                 else:
-                    for part in split_frames(data):
+                    for part in _split_shared(data):
                         pieces += (binary_header(len(part)), part)
                         ends += (False, True)
         if self.last:
