@@ -27,3 +27,5 @@ class Config:
     rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
     tls_cert: str = ""
     tls_key: str = ""
+    max_input_memory: int = 256 * 1024 * 1024  # bytes in incomplete frames, all connections
+    frame_timeout: float = 30.0  # seconds a started frame has to complete

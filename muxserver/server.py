@@ -29,6 +29,7 @@ from . import protocol as P
 from .config import Config
 from .framing import FrameError
 from .hub import Hub
+from .limits import InputLimits
 from .listener import Listener
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop
 from .router import Router
@@ -49,6 +50,7 @@ class Server:
         self.router = Router()
         self.stats = new_counters()  # plain ints, read when scraped
         self.protocol = SessionProtocol(config, self.hub, self.router, self.loop, self, self.stats)
+        self.limits = InputLimits(config, self.protocol, self.stats)
         self.sessions: dict[int, Session] = {}  # conn id -> session
         self.listeners: list[Listener] = []
         self.address: tuple[str, int] | None = None
@@ -73,8 +75,10 @@ class Server:
         self.address = listener.address
         listener.start()
         self._sweep_interval = max(
-            0.01, min(1.0, cfg.ping_interval / 4, cfg.ping_timeout / 4, cfg.hello_timeout / 4)
-        )
+            0.01,
+            min(1.0, cfg.ping_interval / 4, cfg.ping_timeout / 4, cfg.hello_timeout / 4,
+                cfg.frame_timeout / 4),
+        )  # fmt: skip
         self.loop.call_later(self._sweep_interval, self._sweep)
         return self.address
 
@@ -83,11 +87,13 @@ class Server:
 
     def snapshot(self) -> Snapshot:
         loop = self.loop
+        budget = self.limits.budget
         return Snapshot(
             self.config.name, self.shutting_down, list(self.sessions.values()),
             self.hub.namespaces, self.stats, self.router.deliveries,
             self.protocol.frames_in_by_type, self.router.frames_out_by_type,
             tuple(self.closed_totals), loop.turn_counts, loop.turn_seconds, loop.time(),
+            budget.total, len(budget.held), budget.limit,
         )  # fmt: skip
 
     # ============================================================== accept
@@ -227,6 +233,9 @@ class Server:
             except FrameError as exc:
                 frames, error = exc.frames, exc
             self.protocol.receive(sess, frames, error)
+            if transport.held or sess in self.limits.budget.held:
+                # Rare: a read ended inside a frame (input memory bound).
+                self.limits.after_read(sess, bool(frames), self.loop.now)
         except Exception:
             self._internal_error(sess, "handling its input")
 
@@ -295,6 +304,7 @@ class Server:
     # ============================================================= closing
     def closing(self, sess: Session) -> None:
         """SessionProtocol's host hook: its last frame is queued; close once it is sent."""
+        self.limits.closed(sess)  # its input is thrown away from now on
         timeout = self.config.drain_timeout
         if self.shutting_down:
             timeout = max(0.0, self._shutdown_deadline - self.loop.time())
@@ -326,6 +336,7 @@ class Server:
             sess.close_timer = None
         transport = sess.transport
         transport.close(self.loop)
+        self.limits.closed(sess)
         self.sessions.pop(sess.id, None)
         closed = self.closed_totals
         closed[0] += sess.frames_in
@@ -340,7 +351,9 @@ class Server:
     # ============================================================ liveness
     def _sweep(self) -> None:
         """Periodic timer: heartbeats, idle timeouts, HELLO timeouts (session.py's rules)."""
-        self.protocol.sweep(list(self.sessions.values()), self.loop.time())
+        now = self.loop.time()
+        self.protocol.sweep(list(self.sessions.values()), now)
+        self.limits.sweep(now)
         if not self.shutting_down:
             self.loop.call_later(self._sweep_interval, self._sweep)
 

@@ -79,6 +79,15 @@ class StreamTransport:
         """Complete frames in ``data`` (plus what was buffered); raises FrameError."""
         return self.decoder.feed(data)
 
+    @property
+    def held(self) -> int:
+        """Bytes of the incomplete frame waiting for the rest (input memory accounting)."""
+        return self.decoder.buffered
+
+    def discard_input(self) -> None:
+        """Free the incomplete frame: this connection's input is no longer read."""
+        self.decoder.clear()
+
     def more_buffered(self) -> bool:
         """TLS: decrypted bytes waiting in the SSL object raise no readiness event."""
         return self.tls and self.sock.pending() > 0
