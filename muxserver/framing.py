@@ -172,6 +172,17 @@ class FrameDecoder:
         self._buf = None
         self._need = self.buffered = 0
 
+    def detach(self) -> FrameDecoder:
+        """A new decoder holding this one's partial frame; this one is left empty.
+
+        Lets many connections share one idle decoder and take a decoder of
+        their own only while a read has ended inside a frame (transport/stream.py).
+        """
+        other = FrameDecoder(self.max_frame)
+        other._buf, other._need, other.buffered = self._buf, self._need, self.buffered
+        self.clear()
+        return other
+
     def feed(self, data) -> list[tuple[int, bytes]]:
         """Decode ``data`` (bytes-like) together with anything buffered."""
         frames: list[tuple[int, bytes]] = []

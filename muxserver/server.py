@@ -20,7 +20,6 @@ that connection closed; the loop and everyone else carry on.
 
 from __future__ import annotations
 
-import functools
 import logging
 import socket
 import ssl
@@ -65,6 +64,7 @@ class Server:
         # out), so totals never go down.
         self.closed_totals = [0, 0, 0, 0]
         self.loop.add_before_sleep(self.flush)
+        self._on_event_shared = self._on_event  # one bound method for every transport
 
     # =============================================================== start
     def start(self) -> tuple[str, int]:
@@ -112,7 +112,8 @@ class Server:
         """A new session over ``transport`` (a socket's, or an in-memory one in tests)."""
         self._next_id += 1
         sess = Session(self._next_id, transport, peer, self.loop.now)
-        transport.callback = functools.partial(self._on_event, sess)
+        transport.callback = self._on_event_shared
+        transport.owner = sess
         transport.set_interest(self.loop, EVENT_READ)
         self.sessions[sess.id] = sess
         self.stats["accepted"] += 1
