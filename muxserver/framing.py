@@ -200,20 +200,21 @@ class FrameDecoder:
         unpack = LENGTH.unpack_from
         max_frame = self.max_frame
         length = 0
+        append = frames.append
         while end - pos >= 4:
             (length,) = unpack(data, pos)
-            if length > max_frame:
-                raise FrameError(
-                    _TOO_LARGE,
-                    f"frame length {length} exceeds max_frame {max_frame}",
-                    frames,
-                )
-            if length == 0:
+            if not 0 < length <= max_frame:  # one test per frame for both errors
+                if length:
+                    raise FrameError(
+                        _TOO_LARGE,
+                        f"frame length {length} exceeds max_frame {max_frame}",
+                        frames,
+                    )
                 raise FrameError(_BAD_FRAME, "frame length 0 (no type byte)", frames)
             stop = pos + 4 + length
             if stop > end:
                 break
-            frames.append((data[pos + 4], data[pos + 5 : stop]))
+            append((data[pos + 4], data[pos + 5 : stop]))
             pos = stop
         if pos < end:
             self._buf = bytearray(memoryview(data)[pos:])

@@ -48,6 +48,7 @@ _ECHO = P.EMIT_ECHO
 _TYPE_MASK = P.EMIT_TYPE_MASK
 _ROOM_TAIL = P.EMIT_TAIL_OFFSET  # the EMIT body from here on is the EVENT tail
 _DELTA = P.EVENT_LENGTH_DELTA  # EVENT length = len(prefix) + len(EMIT body) - this
+_NO_REQ = P.REQ.pack(0)  # an EMIT's req field when no ack is asked
 
 
 def liveness(now: float, last_rx: float, last_ping: float, interval: float, timeout: float) -> int:
@@ -215,7 +216,18 @@ class SessionProtocol:
         run_echo = run_type = 0
         parts: list[bytes] = []  # [length, prefix, tail] per EMIT of the run
         acks = sess.out
+        # req 0 + run_head: one startswith() takes an unacked EMIT of the run;
+        # an empty tuple of prefixes matches nothing (no run yet).
+        run_key: bytes | tuple = ()
+        last_n, last_len = -1, b""
         for ftype, body in frames:
+            if ftype == emit_type and body.startswith(run_key):
+                by_type[emit_type] += 1
+                if len(body) != last_n:  # runs are mostly of one size: reuse its length prefix
+                    last_n = len(body)
+                    last_len = pack_len(plen + last_n)
+                parts += (last_len, prefix, body[tail_at:])
+                continue
             if ftype == emit_type and run_head is not None and body.startswith(run_head, 4):
                 # Same flags, room and event as the run so far: every check
                 # those passed holds for this EMIT too.
@@ -247,6 +259,8 @@ class SessionProtocol:
                             run_room = rooms.get(name) if name else None
                             if run_room is not None:
                                 run_head = body[4:eend]
+                                run_key = _NO_REQ + run_head
+                                last_n = -1
                                 run_echo = flags & _ECHO
                                 run_type = ptype
                                 prefix = sess.prefix_room
@@ -264,6 +278,7 @@ class SessionProtocol:
                 self._end_run(sess, run_room, parts, run_echo, run_type)
                 parts = []
             run_head = run_room = None
+            run_key = ()
             state = sess.state
             if state == OPEN:
                 handler = handlers.get(ftype)

@@ -283,6 +283,7 @@ def broadcast(server, pipes, held, count, timeout, failures) -> list[float]:
             pipe.send(("go", k))
         time.sleep(0.2)  # the workers are in select() before the broadcast starts
         payload = b"x" * 64
+        cpu_before = server_cpu_ns(server.pid)
         t_send = time.monotonic()
         sender.send(P.Emit(k + 1, P.TARGET_ROOM, ROOM, f"b{k}", payload))
         reply = sender.recv_type(P.Reply, timeout)
@@ -301,6 +302,7 @@ def broadcast(server, pipes, held, count, timeout, failures) -> list[float]:
                     first, last = min(first, msg[2]), max(last, msg[3])
                 for text in msg[5]:
                     failures.add(f"worker: {text}")
+        cpu_ms = (server_cpu_ns(server.pid) - cpu_before) / 1e6
         if got != held:
             failures.add(f"broadcast {k}: {got} of {held} clients received it")
         if got:
@@ -308,12 +310,22 @@ def broadcast(server, pipes, held, count, timeout, failures) -> list[float]:
             print(
                 f"broadcast {k + 1}: {got}/{held} received; send -> first delivery "
                 f"{(first - t_send) * 1000:.0f} ms, -> last {(last - t_send) * 1000:.0f} ms "
-                f"(server's ack after {(t_ack - t_send) * 1000:.0f} ms)",
+                f"(server's ack after {(t_ack - t_send) * 1000:.0f} ms); "
+                f"server CPU {cpu_ms:.0f} ms",
                 flush=True,
             )
     sender.send(P.Bye())
     sender.close()
     return times
+
+
+def server_cpu_ns(pid: int) -> int:
+    """CPU time the server has run, in ns (schedstat: not rounded to clock ticks)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def receive(pipe, timeout: float, failures: Failures):
