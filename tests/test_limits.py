@@ -219,3 +219,17 @@ def test_slow_body_gets_idle_timeout(server_factory):
     err = c.expect_error(P.IDLE_TIMEOUT, timeout=5)
     assert err.message == "frame not complete after 0.5 s"
     assert 0.4 < time.monotonic() - t0 < 3
+
+
+# ------------------------------------------------- memory per connection
+def test_an_idle_connection_costs_about_1_kib():
+    """tracemalloc over 2,000 idle clients (HELLO v1 + JOIN): main before issue 15 had 1,900+."""
+    from tools.connmem import measure
+
+    m = measure(2000)
+    top = ", ".join(
+        f"{s.traceback[0].filename.rsplit('/', 1)[-1]}:{s.traceback[0].lineno} "
+        f"{s.size_diff / 2000:.0f}"
+        for s in m["lines"][:8]
+    )
+    assert m["traced"] < 1100, f"{m['traced']:.0f} B per connection; biggest: {top}"

@@ -108,60 +108,76 @@ def sizes(server: Server) -> list[tuple[str, int]]:
     return parts
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.connmem", description=__doc__)
-    parser.add_argument("--clients", type=int, default=4000)
-    parser.add_argument("--version", type=int, default=1, help="protocol version (clients: 1)")
-    parser.add_argument("--top", type=int, default=14, help="source lines to show")
-    args = parser.parse_args(argv)
+def measure(clients: int, version: int = 1) -> dict:
+    """Build the server and the clients; RSS and tracemalloc figures per connection."""
     harness.raise_nofile()
     cfg = Config(
-        max_connections=2 * args.clients + 1000,
+        max_connections=2 * clients + 1000,
         ping_interval=3600,
         ping_timeout=3600,
         hello_timeout=3600,
     )
     server = Server(cfg, EventLoop())
     fds: list[int] = []
-    connect(server, 200, fds, args.version)  # warm up: caches, the namespace, the room
-    gc.collect()
+    try:
+        connect(server, 200, fds, version)  # warm up: caches, the namespace, the room
+        gc.collect()
+        # RSS first, without tracemalloc (its own traces would be counted).
+        rss_before = rss()
+        connect(server, clients, fds, version)
+        gc.collect()
+        rss_after = rss()
+        tracemalloc.start(1)
+        before = tracemalloc.take_snapshot()
+        connect(server, clients, fds, version)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        # Not the server's: this tool's own objects, and the client ends' fd ints.
+        lines, first = inspect.getsourcelines(socket.socket.detach)
+        detach = first + next(i for i, ln in enumerate(lines) if ln.strip().startswith("return"))
+        mine = [
+            tracemalloc.Filter(False, __file__),
+            tracemalloc.Filter(False, socket.__file__, detach),
+        ]
+        stats = after.filter_traces(mine).compare_to(before.filter_traces(mine), "lineno")
+        return {
+            "traced": sum(s.size_diff for s in stats) / clients,
+            "rss": (rss_after - rss_before) / clients,
+            "lines": stats,
+            "sizes": sizes(server),
+        }
+    finally:
+        server.close()
+        server.loop.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.connmem", description=__doc__)
+    parser.add_argument("--clients", type=int, default=4000)
+    parser.add_argument("--version", type=int, default=1, help="protocol version (clients: 1)")
+    parser.add_argument("--top", type=int, default=14, help="source lines to show")
+    args = parser.parse_args(argv)
     n = args.clients
-    # RSS first, without tracemalloc (its own traces would be counted).
-    rss_before = rss()
-    connect(server, n, fds, args.version)
-    gc.collect()
-    rss_after = rss()
-    tracemalloc.start(1)
-    before = tracemalloc.take_snapshot()
-    connect(server, n, fds, args.version)
-    gc.collect()
-    after = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    # Not the server's: this tool's own objects, and the client ends' fd ints.
-    lines, first = inspect.getsourcelines(socket.socket.detach)
-    detach = first + next(i for i, line in enumerate(lines) if line.strip().startswith("return"))
-    mine = [tracemalloc.Filter(False, __file__), tracemalloc.Filter(False, socket.__file__, detach)]
-    stats = after.filter_traces(mine).compare_to(before.filter_traces(mine), "lineno")
-    total = sum(s.size_diff for s in stats)
+    m = measure(n, args.version)
     print(f"{n} idle connections (HELLO v{args.version} + JOIN of one room), one server process")
-    print(f"tracemalloc: {total / n:.0f} B per connection; VmRSS: {(rss_after - rss_before) / n:.0f}"
-          " B per connection")  # fmt: skip
+    print(
+        f"tracemalloc: {m['traced']:.0f} B per connection; VmRSS: {m['rss']:.0f} B per connection"
+    )
     print("\nper connection, by allocating line:")
-    for s in stats[: args.top]:
+    for s in m["lines"][: args.top]:
         frame = s.traceback[0]
         where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
         code = linecache.getline(frame.filename, frame.lineno).strip()[:60]
         if s.size_diff / n >= 1:
             print(f"  {s.size_diff / n:6.1f} B {s.count_diff / n:5.2f} blocks  {where:18} {code}")
     print("\nsys.getsizeof of one connection's objects:")
-    parts = sizes(server)
+    parts = m["sizes"]
     for name, size in parts:
         print(f"  {size:5d} B  {name}")
     print(f"  {sum(size for _, size in parts):5d} B  sum (dict and set slots come on top)")
-    server.close()
-    server.loop.close()
-    for fd in fds:
-        os.close(fd)
     return 0
 
 
