@@ -107,6 +107,8 @@ class InputLimits:
         """A read was handled; ``fresh`` if it produced a complete frame."""
         budget = self.budget
         transport = sess.transport
+        if not transport.held and sess not in budget.held:
+            return  # the common case: the read ended on a frame boundary
         if sess.state > OPEN:  # closing: its input is thrown away from now on
             transport.discard_input()
             budget.release(sess)
@@ -128,8 +130,16 @@ class InputLimits:
         """From the server's sweep timer: frames that took too long to arrive."""
         timeout = self.frame_timeout
         for sess in self.budget.expired(now, timeout):
+            if sess.state > OPEN:  # closed for another reason since: input not read
+                self.closed(sess)
+                continue
             self.stats["frame_timeouts"] += 1
             self._cut(sess, P.IDLE_TIMEOUT, f"frame not complete after {timeout:g} s")
+
+    def figures(self) -> tuple[int, int, int]:
+        """For Server.snapshot: bytes held, connections holding, the bound."""
+        budget = self.budget
+        return budget.total, len(budget.held), budget.limit
 
     def closed(self, sess) -> None:
         """``sess`` is closing: its input is not read any more, so free what it holds."""

@@ -25,6 +25,7 @@ import socket
 import ssl
 
 from . import protocol as P
+from . import sniffing
 from .config import Config
 from .framing import FrameError
 from .hub import Hub
@@ -33,7 +34,7 @@ from .listener import Listener
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop
 from .router import Router
 from .session import CLOSED, CLOSING, DRAINING, HELLO_WAIT, OPEN, Session, SessionProtocol
-from .stats import Snapshot, new_counters, waiting_for
+from .stats import Snapshot, new_counters, take_snapshot, waiting_for
 from .transport.stream import WOULD_BLOCK, StreamTransport, server_tls_context
 
 log = logging.getLogger("muxserver")
@@ -60,8 +61,7 @@ class Server:
         self._rview = memoryview(self._rbuf)
         self._tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         self._shutdown_deadline = 0.0
-        # Closed connections' counters (frames in, frames out, bytes in, bytes
-        # out), so totals never go down.
+        # Closed connections' frames in/out, bytes in/out: totals never go down.
         self.closed_totals = [0, 0, 0, 0]
         self.loop.add_before_sleep(self.flush)
         self._on_event_shared = self._on_event  # one bound method for every transport
@@ -75,10 +75,8 @@ class Server:
         self.address = listener.address
         listener.start()
         self._sweep_interval = max(
-            0.01,
-            min(1.0, cfg.ping_interval / 4, cfg.ping_timeout / 4, cfg.hello_timeout / 4,
-                cfg.frame_timeout / 4),
-        )  # fmt: skip
+            0.01, min(1.0, cfg.ping_interval / 4, cfg.ping_timeout / 4, cfg.hello_timeout / 4)
+        )
         self.loop.call_later(self._sweep_interval, self._sweep)
         return self.address
 
@@ -86,15 +84,7 @@ class Server:
         self.loop.run()
 
     def snapshot(self) -> Snapshot:
-        loop = self.loop
-        budget = self.limits.budget
-        return Snapshot(
-            self.config.name, self.shutting_down, list(self.sessions.values()),
-            self.hub.namespaces, self.stats, self.router.deliveries,
-            self.protocol.frames_in_by_type, self.router.frames_out_by_type,
-            tuple(self.closed_totals), loop.turn_counts, loop.turn_seconds, loop.time(),
-            budget.total, len(budget.held), budget.limit,
-        )  # fmt: skip
+        return take_snapshot(self)
 
     # ============================================================== accept
     def adopt(self, sock: socket.socket, peer=None) -> Session:
@@ -106,20 +96,20 @@ class Server:
             # The handshake runs on the loop like any other I/O (see
             # _handshake); the accept path never blocks on a slow client.
             sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return self.attach(StreamTransport(sock, self.config.max_frame), peer)
+        # sniff: raw or HTTP, the first bytes decide (sniffing.py)
+        return self.attach(StreamTransport(sock, self.config.max_frame, sniff=True), peer)
 
     def attach(self, transport, peer=None) -> Session:
         """A new session over ``transport`` (a socket's, or an in-memory one in tests)."""
         self._next_id += 1
         sess = Session(self._next_id, transport, peer, self.loop.now)
-        transport.callback = self._on_event_shared
-        transport.owner = sess
+        transport.callback, transport.owner = self._on_event_shared, sess
         transport.set_interest(self.loop, EVENT_READ)
         self.sessions[sess.id] = sess
         self.stats["accepted"] += 1
         if self._live >= self.config.max_connections or self.shutting_down:
             self.stats["refused_limit"] += 1
-            self.protocol.fatal(sess, P.LIMIT, "server is full (max_connections)")
+            sniffing.refuse(self, sess)  # ERROR LIMIT in its own transport (section 11)
             return sess
         # Counted until its socket is closed: a closing connection still
         # holds a file descriptor.
@@ -179,15 +169,13 @@ class Server:
         """Advance a non-blocking TLS handshake by whatever the socket allows."""
         transport = sess.transport
         if sess.state != HELLO_WAIT:
-            # Refused (LIMIT) or timed out before the handshake finished:
-            # there is no TLS session to send the ERROR through.
+            # Refused or timed out mid-handshake: no TLS session to send an ERROR in.
             self._close(sess)
             return
         try:
             wanted = transport.handshake()
         except (ssl.SSLError, OSError) as exc:
-            # A plain-TCP client, a wrong certificate, a scanner: close this
-            # one quietly and carry on with everyone else.
+            # A plain-TCP client, a wrong certificate, a scanner: close it quietly.
             self.stats["refused_tls_handshake"] += 1
             log.info(
                 "TLS handshake failed for #%d from %s: %s", sess.id, sess.peer, exc,
@@ -226,17 +214,24 @@ class Server:
         transport.bytes_in += len(data)
         sess.last_rx = self.loop.now
         if sess.state > OPEN:
-            return  # CLOSING / DRAINING: input is read and thrown away
+            # CLOSING / DRAINING: input is thrown away (a WebSocket's Close ends the drain).
+            if sess.state == DRAINING and transport.drained(data):
+                self._close(sess)
+            return
         try:
+            if transport.first is not None:  # sniffing may make it a WebSocket
+                transport, data = sniffing.first_bytes(self, sess, data)
+                if data is None:
+                    return
             try:
                 frames = transport.receive(data)
                 error = None
             except FrameError as exc:
                 frames, error = exc.frames, exc
             self.protocol.receive(sess, frames, error)
-            if transport.held or sess in self.limits.budget.held:
-                # Rare: a read ended inside a frame (input memory bound).
-                self.limits.after_read(sess, bool(frames), self.loop.now)
+            if transport.wants is not None:
+                sniffing.transport_wants(self, sess, transport)
+            self.limits.after_read(sess, bool(frames), self.loop.now)
         except Exception:
             self._internal_error(sess, "handling its input")
 
@@ -305,7 +300,7 @@ class Server:
     # ============================================================= closing
     def closing(self, sess: Session) -> None:
         """SessionProtocol's host hook: its last frame is queued; close once it is sent."""
-        self.limits.closed(sess)  # its input is thrown away from now on
+        sess.transport.closing()
         timeout = self.config.drain_timeout
         if self.shutting_down:
             timeout = max(0.0, self._shutdown_deadline - self.loop.time())
@@ -352,8 +347,7 @@ class Server:
     # ============================================================ liveness
     def _sweep(self) -> None:
         """Periodic timer: heartbeats, idle timeouts, HELLO timeouts (session.py's rules)."""
-        now = self.loop.time()
-        self.protocol.sweep(list(self.sessions.values()), now)
+        self.protocol.sweep(list(self.sessions.values()), (now := self.loop.time()))
         self.limits.sweep(now)
         if not self.shutting_down:
             self.loop.call_later(self._sweep_interval, self._sweep)

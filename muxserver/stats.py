@@ -91,6 +91,18 @@ class Snapshot(NamedTuple):
     input_limit: int = 0
 
 
+def take_snapshot(server) -> Snapshot:
+    """``Server.snapshot()``: what monitoring reads, between two loop turns."""
+    loop = server.loop
+    return Snapshot(
+        server.config.name, server.shutting_down, list(server.sessions.values()),
+        server.hub.namespaces, server.stats, server.router.deliveries,
+        server.protocol.frames_in_by_type, server.router.frames_out_by_type,
+        tuple(server.closed_totals), loop.turn_counts, loop.turn_seconds, loop.time(),
+        *server.limits.figures(),
+    )  # fmt: skip
+
+
 def new_counters() -> dict:
     """The server's counters; features add their own ``refused_<reason>`` keys."""
     return {

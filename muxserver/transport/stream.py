@@ -77,22 +77,16 @@ def server_tls_context(cert: str, key: str = "") -> ssl.SSLContext:
 
 
 class StreamTransport:
-    """Plain TCP (and the base of TLS, :class:`TLSTransport`, chosen by ``__new__``)."""
+    """Plain TCP and TLS (and the base of websocket.py's transport)."""
 
     __slots__ = (
         "sock", "decoder", "interest", "callback", "owner", "out", "chunks", "woff", "wbytes",
-        "eof", "closed", "bytes_in", "bytes_out",
+        "eof", "tls", "handshaking", "closed", "bytes_in", "bytes_out", "first",
     )  # fmt: skip
-    # Class attributes, not slots: 16 bytes less per plain-TCP connection.
-    tls = False
-    handshaking = False  # TLS handshake still to finish (TLSTransport's own slot)
+    # Set by a transport that needs its host after a read (websocket.py); never here.
+    wants = None
 
-    def __new__(cls, sock=None, *args, **kwargs):
-        if cls is StreamTransport and isinstance(sock, ssl.SSLSocket):
-            cls = TLSTransport
-        return object.__new__(cls)
-
-    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+    def __init__(self, sock: socket.socket, max_frame: int, sniff: bool = False) -> None:
         self.sock = sock
         self.decoder: FrameDecoder = shared_decoder(max_frame)
         self.interest = 0
@@ -106,8 +100,13 @@ class StreamTransport:
         self.woff = 0  # bytes of chunks[0] already sent
         self.wbytes = 0  # unsent bytes in chunks
         self.eof = False  # the peer closed its side
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.handshaking = self.tls  # TLS handshake still to finish
         self.closed = False
         self.bytes_in = self.bytes_out = 0
+        # The first bytes while a new socket's protocol is undecided (the
+        # server's sniff, protocol section 11); None once decided.
+        self.first: bytearray | None = bytearray() if sniff else None
 
     @property
     def fd(self) -> int:
@@ -138,6 +137,10 @@ class StreamTransport:
         """Free the incomplete frame: this connection's input is no longer read."""
         if type(self.decoder) is not SharedDecoder:
             self.decoder = shared_decoder(self.decoder.max_frame)
+
+    def drained(self, data) -> bool:
+        """DRAINING: does this input end the connection? (A raw stream waits for EOF.)"""
+        return False
 
     def more_buffered(self) -> bool:
         """TLS: decrypted bytes waiting in the SSL object raise no readiness event."""
@@ -269,6 +272,9 @@ class StreamTransport:
         return dropped
 
     # -------------------------------------------------------------- close
+    def closing(self) -> None:
+        """The session queued its last frame; a raw stream adds nothing (WebSocket: its Close)."""
+
     def half_close(self) -> None:
         """Send FIN after the last byte, keep reading (protocol section 6)."""
         try:
@@ -291,14 +297,3 @@ class StreamTransport:
             self.sock.close()
         except OSError:
             pass
-
-
-class TLSTransport(StreamTransport):
-    """TLS: the handshake runs on the loop, and SSLSocket has no sendmsg."""
-
-    __slots__ = ("handshaking",)
-    tls = True
-
-    def __init__(self, sock: ssl.SSLSocket, max_frame: int) -> None:
-        super().__init__(sock, max_frame)
-        self.handshaking = True
