@@ -56,11 +56,15 @@ def _socket_class():
             self._ws_closed = False
 
         def send(self, data, flags: int = 0) -> int:
-            frame = _client_frame(bytes(data))
+            self._raw_sendall(_client_frame(bytes(data)), flags)
+            return len(data)
+
+        def _raw_sendall(self, frame: bytes, flags: int = 0) -> None:
+            # Never base.sendall: gevent's calls self.send (ours, which frames
+            # again) with a timeout keyword.
             view = memoryview(frame)
             while view:
                 view = view[base.send(self, view, flags) :]
-            return len(data)
 
         def sendall(self, data, flags: int = 0) -> None:
             self.send(data, flags)
@@ -92,7 +96,7 @@ def _socket_class():
                 opcode = buf[0] & 0x0F
                 if opcode == 0x8:  # the server's Close: answer it, then end of stream
                     try:
-                        base.sendall(self, b"\x88\x82\x00\x00\x00\x00" + bytes(buf[size : size + 2]))
+                        self._raw_sendall(b"\x88\x82\x00\x00\x00\x00" + bytes(buf[size : size + 2]))
                     except OSError:
                         pass
                     self._ws_closed = True
