@@ -233,3 +233,28 @@ def test_an_idle_connection_costs_about_1_kib():
         for s in m["lines"][:8]
     )
     assert m["traced"] < 1100, f"{m['traced']:.0f} B per connection; biggest: {top}"
+
+
+def test_unfinished_websocket_messages_count_against_the_bound(server_factory):
+    """The bound covers incomplete WebSocket messages too (transport.held)."""
+    from conftest import WsRawClient
+    from wsproto.events import Message
+
+    srv = server_factory("--max-input-memory", "300000", "--log-level", "warning")
+    small, big, receiver = (
+        WsRawClient(srv.address),
+        WsRawClient(srv.address),
+        _joined(srv.address, "receiver"),
+    )
+    for c, nick in ((small, "small"), (big, "big")):
+        c.hello(nick)
+        assert c.request(P.Join(c.next_req(), "r")).status == P.OK
+    frame = P.encode(P.Emit(0, P.TARGET_ROOM, "r", "m", b"s" * 250_000))
+    small.sock.sendall(small.ws.send(Message(data=frame[:150_000], message_finished=False)))
+    time.sleep(0.2)
+    big.sock.sendall(big.ws.send(Message(data=b"\0" * 200_000, message_finished=False)))
+    err = big.expect_error(P.LIMIT)  # 350,000 > 300,000: big holds the most
+    assert err.message == "server input memory full"
+    small.sock.sendall(small.ws.send(Message(data=frame[150_000:], message_finished=True)))
+    event = receiver.recv_type(P.Event)
+    assert (event.sender, len(event.payload)) == ("small", 250_000)
