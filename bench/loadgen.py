@@ -67,6 +67,7 @@ class Workload:
     mesh: bool = False  # every member publishes and receives everything
     window: int = 1024  # messages in flight past the slowest receiver
     batch: int = 64  # messages per send
+    rooms: int = 1  # mesh members are spread over this many rooms, member i in i % rooms
 
     @property
     def receivers(self) -> int:
@@ -75,7 +76,14 @@ class Workload:
     @property
     def fanout(self) -> int:
         """Deliveries per published message."""
-        return self.receivers
+        return self.receivers // self.rooms
+
+    def room_name(self, r: int) -> str:
+        """Room r's name; every name of a workload has the same length (fixed frame sizes)."""
+        return ROOM if self.rooms == 1 else f"{ROOM}{r:03d}"
+
+    def room_of(self, idx: int) -> int:
+        return idx % self.rooms if self.mesh else 0
 
 
 # Windows and batches were sized by measurement (docs/benchmarks.md): at
@@ -95,6 +103,13 @@ WORKLOADS = {
         Workload("50-50", "50 <-> 50", 50, 0, mesh=True, window=2000, batch=1),
     )
 }
+# Many small rooms (issue 15): 2,000 members in 200 rooms of 10, every member
+# publishes to its room one message per send and gets everything of its room
+# (its own included, as in 50 <-> 50). Run at a fixed offered rate by
+# bench/rooms.py, which reports the server's CPU per delivery.
+ROOMS_WORKLOAD = Workload(
+    "rooms", "2,000 in 200 rooms", 2000, 0, mesh=True, window=4000, batch=1, rooms=200
+)
 
 
 # ================================================================ adapters
@@ -114,9 +129,16 @@ class MuxAdapter:
             raise ValueError("acks are counted on publisher-only connections")
         self.ack = ack
         self.flags = P.EMIT_ECHO if workload.mesh else 0
-        template = P.encode(P.Emit(0, P.TARGET_ROOM, ROOM, EVENT, bytes(PAYLOAD_SIZE), self.flags))
-        self._head = template[:-PAYLOAD_SIZE]
-        event = P.Event(P.TARGET_ROOM, self.nick(0), ROOM, EVENT, bytes(PAYLOAD_SIZE))
+        self.workload = workload
+        names = [workload.room_name(r) for r in range(workload.rooms)]
+        self._heads = [
+            P.encode(P.Emit(0, P.TARGET_ROOM, name, EVENT, bytes(PAYLOAD_SIZE), self.flags))[
+                :-PAYLOAD_SIZE
+            ]
+            for name in names
+        ]
+        self._head = self._heads[0]
+        event = P.Event(P.TARGET_ROOM, self.nick(0), names[0], EVENT, bytes(PAYLOAD_SIZE))
         self.frame_size = len(P.encode(event))
         self.ts_offset = self.frame_size - PAYLOAD_SIZE
         self._req = 0
@@ -129,8 +151,9 @@ class MuxAdapter:
         return f"lg{idx:06d}"  # fixed length: every EVENT has the same size
 
     def handshake(self, role: str, idx: int):
+        room = self.workload.room_name(self.workload.room_of(idx))
         data = P.encode(P.Hello(P.PROTOCOL_VERSION, "/", self.nick(idx), "")) + P.encode(
-            P.Join(1, ROOM, 0)
+            P.Join(1, room, 0)
         )
         decoder = FrameDecoder(1 << 20)
         seen: list = []
@@ -145,15 +168,16 @@ class MuxAdapter:
 
         return data, done
 
-    def batch(self, n: int, ts: int) -> bytes:
+    def batch(self, n: int, ts: int, room: int = 0) -> bytes:
         if self.ack:
             out = []
+            name = self.workload.room_name(room)
             for _ in range(n):
                 self._req = self._req % 0xFFFFFFFF + 1  # never 0: 0 means "no ack"
                 payload = TS.pack(ts) + FILLER
-                out.append(P.encode(P.Emit(self._req, P.TARGET_ROOM, ROOM, EVENT, payload)))
+                out.append(P.encode(P.Emit(self._req, P.TARGET_ROOM, name, EVENT, payload)))
             return b"".join(out)
-        return (self._head + TS.pack(ts) + FILLER) * n
+        return (self._heads[room] + TS.pack(ts) + FILLER) * n
 
     def on_publisher_data(self, idx: int, data: bytes) -> bytes:
         decoder = self._decoders.setdefault(idx, FrameDecoder(1 << 20))
@@ -183,19 +207,25 @@ class RespAdapter:
     settle = None
 
     def __init__(self, workload: Workload, ack: bool = False) -> None:
-        room = ROOM.encode()
-        cmd = resp_command(b"PUBLISH", room, bytes(PAYLOAD_SIZE))
-        self._head, self._tail = cmd[: -PAYLOAD_SIZE - 2], cmd[-2:]
+        self.workload = workload
+        rooms = [workload.room_name(r).encode() for r in range(workload.rooms)]
+        room = rooms[0]
+        self._heads = [resp_command(b"PUBLISH", r, bytes(PAYLOAD_SIZE))[: -PAYLOAD_SIZE - 2]
+                       for r in rooms]  # fmt: skip
+        self._head, self._tail = self._heads[0], b"\r\n"
         msg = b"*3\r\n" + b"".join(
             b"$%d\r\n%s\r\n" % (len(a), a) for a in (b"message", room, bytes(PAYLOAD_SIZE))
         )
         self.frame_size = len(msg)
         self.ts_offset = self.frame_size - PAYLOAD_SIZE - 2
-        self._subscribed = b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(room), room)
-        self._subscribe = resp_command(b"SUBSCRIBE", room)
+        self._subscribed = [
+            b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(r), r) for r in rooms
+        ]
+        self._subscribe = [resp_command(b"SUBSCRIBE", r) for r in rooms]
 
     def handshake(self, role: str, idx: int):
-        expect = self._subscribed if role == "sub" else b"+PONG\r\n"
+        r = self.workload.room_of(idx)
+        expect = self._subscribed[r] if role == "sub" else b"+PONG\r\n"
         got = bytearray()
 
         def done(chunk: bytes) -> bool:
@@ -204,10 +234,10 @@ class RespAdapter:
                 raise LoadError(f"redis refused: {bytes(got)!r}")
             return len(got) >= len(expect)
 
-        return (self._subscribe if role == "sub" else resp_command(b"PING")), done
+        return (self._subscribe[r] if role == "sub" else resp_command(b"PING")), done
 
-    def batch(self, n: int, ts: int) -> bytes:
-        return (self._head + TS.pack(ts) + FILLER + self._tail) * n
+    def batch(self, n: int, ts: int, room: int = 0) -> bytes:
+        return (self._heads[room] + TS.pack(ts) + FILLER + self._tail) * n
 
     def on_publisher_data(self, idx: int, data: bytes) -> bytes:
         # ":<receivers>\r\n" per PUBLISH; only an error is worth a look.
@@ -234,14 +264,18 @@ class NatsAdapter:
     CONNECT = b'CONNECT {"verbose":false,"pedantic":false,"name":"muxbench"}\r\n'
 
     def __init__(self, workload: Workload, ack: bool = False) -> None:
-        subj = ROOM.encode()
-        self._head = b"PUB %s %d\r\n" % (subj, PAYLOAD_SIZE)
+        self.workload = workload
+        subjects = [workload.room_name(r).encode() for r in range(workload.rooms)]
+        subj = subjects[0]
+        self._heads = [b"PUB %s %d\r\n" % (s, PAYLOAD_SIZE) for s in subjects]
+        self._head = self._heads[0]
         self.frame_size = len(b"MSG %s 1 %d\r\n" % (subj, PAYLOAD_SIZE)) + PAYLOAD_SIZE + 2
         self.ts_offset = self.frame_size - PAYLOAD_SIZE - 2
-        self._sub = b"SUB %s 1\r\n" % subj
+        self._subs = [b"SUB %s 1\r\n" % s for s in subjects]
 
     def handshake(self, role: str, idx: int):
-        data = self.CONNECT + (b"" if role == "pub" else self._sub) + b"PING\r\n"
+        sub = self._subs[self.workload.room_of(idx)]
+        data = self.CONNECT + (b"" if role == "pub" else sub) + b"PING\r\n"
         got = bytearray()
 
         def done(chunk: bytes) -> bool:
@@ -252,8 +286,8 @@ class NatsAdapter:
 
         return data, done
 
-    def batch(self, n: int, ts: int) -> bytes:
-        return (self._head + TS.pack(ts) + FILLER + b"\r\n") * n
+    def batch(self, n: int, ts: int, room: int = 0) -> bytes:
+        return (self._heads[room] + TS.pack(ts) + FILLER + b"\r\n") * n
 
     def on_publisher_data(self, idx: int, data: bytes) -> bytes:
         if b"-ERR" in data:
@@ -307,6 +341,9 @@ class LoadGen:
         self._buf = bytearray(RECV_CHUNK)
         self._all: list[socket.socket] = []
         self._stamped = False  # the sampled receiver gets kernel receive timestamps
+        # Many rooms: messages published per room; receiver i and publisher j
+        # are member i / j, in room i % rooms (Workload.room_of).
+        self.pub_room = [0] * workload.rooms
         # WebSocket adapters: per receiver, a counter of payload bytes (wsload.py).
         self._counters = None
 
@@ -404,7 +441,8 @@ class LoadGen:
         if sample:
             unpack = getattr(self.adapter, "ts_unpack", None)
             self._sampler = _Sampler(self.fs, self.adapter.ts_offset, rx[sample_i], unpack)
-        pub0, low = self.published, min(rx) // fs
+        pub0 = self.published
+        pub_at, lag = self.published, self._lag()  # lag: published, not yet read by the slowest
         rx0 = sum(rx)
         cpu0, t0 = time.process_time(), time.perf_counter()
         t0_ns = clock_ns()
@@ -413,10 +451,10 @@ class LoadGen:
             now = time.perf_counter()
             if now >= deadline:
                 break
-            room = window - (self.published - low)
+            room = window - (lag + self.published - pub_at)
             if room < batch:
-                low = min(rx) // fs  # O(receivers): only when the window looks spent
-                room = window - (self.published - low)
+                pub_at, lag = self.published, self._lag()  # O(receivers): only when spent
+                room = window - lag
             limited_by_rate = False
             if rate is not None:
                 due = int(rate * (now - t0)) + 1 - (self.published - pub0)
@@ -457,6 +495,20 @@ class LoadGen:
             latencies_ns=lat,
         )
 
+    def _lag(self) -> int:
+        """Messages published and not yet counted by the slowest receiver (of its room)."""
+        fs = self.fs
+        if self.workload.rooms == 1:
+            return self.published - min(self.rx) // fs
+        room_of, pub_room = self.workload.room_of, self.pub_room
+        return max(pub_room[room_of(i)] - n // fs for i, n in enumerate(self.rx))
+
+    def _expected(self, i: int) -> int:
+        """Bytes receiver ``i`` should hold: every message published to its room."""
+        if self.workload.rooms == 1:
+            return self.published * self.fs
+        return self.pub_room[self.workload.room_of(i)] * self.fs
+
     def _recv_stamped(self, buf: bytearray) -> tuple[int, int]:
         """recv on the sampled receiver: (bytes, when the last of them arrived)."""
         sock = self.rsocks[-1]
@@ -478,6 +530,7 @@ class LoadGen:
         start = self._rr
         self._rr = (start + 1) % count
         built_n, data = 0, b""
+        rooms = self.workload.rooms
         for k in range(count):
             j = (start + k) % count
             if backlog[j]:
@@ -487,7 +540,11 @@ class LoadGen:
             n = min(room - sent_msgs, batch)
             if n <= 0:
                 break
-            if n != built_n:  # publishers of one turn share the bytes (the mesh's 50)
+            if rooms > 1:
+                r = j % rooms
+                data = self.adapter.batch(n, ts, r)
+                self.pub_room[r] += n
+            elif n != built_n:  # publishers of one turn share the bytes (the mesh's 50)
                 built_n, data = n, self.adapter.batch(n, ts)
             self._send(j, data)
             sent_msgs += n
@@ -521,15 +578,15 @@ class LoadGen:
 
         Raises LoadError if a receiver got bytes that are not whole deliveries.
         """
-        if not self.pump(lambda: min(self.rx) >= self.published * self.fs, timeout):
+        expected = self._expected
+        if not self.pump(lambda: all(n >= expected(i) for i, n in enumerate(self.rx)), timeout):
             return False
-        want = self.published * self.fs
-        odd = [i for i, n in enumerate(self.rx) if n != want]
+        odd = [i for i, n in enumerate(self.rx) if n != expected(i)]
         if odd:
             # More bytes than messages, or a partial message: something other
             # than deliveries reached a receiver, so the counts would lie.
             raise LoadError(
-                f"receiver {odd[0]} got {self.rx[odd[0]]} bytes, expected {want}: "
+                f"receiver {odd[0]} got {self.rx[odd[0]]} bytes, expected {expected(odd[0])}: "
                 "the server sent something other than the published messages"
             )
         return True

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import report, systems
+from . import report, rooms, systems
 from .loadgen import ADAPTERS, WORKLOADS, LoadError, LoadGen
 from .wsload import SocketIoAdapter, WsMuxAdapter
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", dest="mode", action="store_const", const="quick", default="full")
     parser.add_argument("--systems", default=",".join(n for n, _ in systems.SYSTEMS))
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join([*WORKLOADS, "rooms"]))
     parser.add_argument("--out", default="reports", help="directory for bench.json / bench.png")
     parser.add_argument(
         "--no-pin", action="store_true", help="do not pin server and load generator"
@@ -255,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         if n not in systems.ADAPTER_OF:
             parser.error(f"unknown system {n!r}; choose from {', '.join(systems.ADAPTER_OF)}")
+    # "rooms" (bench/rooms.py) runs at a fixed rate after the others, its own table.
+    with_rooms = "rooms" in wl_keys
+    wl_keys = [w for w in wl_keys if w != "rooms"]
     for w in wl_keys:
         if w not in WORKLOADS:
-            parser.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+            parser.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}, rooms")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -310,10 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
     }
+    if with_rooms:
+        doc["rooms"] = rooms.run_all(names, cpu_server, quick=args.mode == "quick")
     doc["targets"] = report.check_targets(results)
     doc["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)
     (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
     text = report.table(doc)
+    if doc.get("rooms"):
+        text += "\n\n" + rooms.table(doc["rooms"])
     (out / "bench.md").write_text(text + "\n")  # for quoting in docs/benchmarks.md
     print()
     print(report.console_summary(doc, str(out / "bench.md")))

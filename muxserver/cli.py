@@ -108,6 +108,13 @@ OPTIONS = [
     ("max-connections", _positive_int, 10000, "connections beyond this get ERROR LIMIT"),
     ("max-output", _positive_int, 8388608, "unsent bytes per connection before SLOW_CONSUMER"),
     ("max-rooms", _positive_int, 1000, "rooms one connection may be in"),
+    (
+        "max-input-memory",
+        _positive_int,
+        268435456,
+        "bytes in incomplete frames over all connections; past it the largest is cut",
+    ),
+    ("frame-timeout", _seconds, 30.0, "seconds a frame that has started has to complete"),
     ("ping-interval", _seconds, 25.0, "seconds of client silence before the server PINGs"),
     ("ping-timeout", _seconds, 20.0, "further silence before IDLE_TIMEOUT"),
     ("drain-timeout", _seconds, 5.0, "grace period for closing connections and shutdown"),

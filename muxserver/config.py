@@ -27,5 +27,7 @@ class Config:
     rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
     tls_cert: str = ""
     tls_key: str = ""
+    max_input_memory: int = 256 * 1024 * 1024  # bytes in incomplete frames, all connections
+    frame_timeout: float = 30.0  # seconds a started frame has to complete
     allowed_origins: str = ""  # comma-separated origins WebSocket upgrades may come from; * any
     web: bool = True  # serve the chat page and muxclient.js (the /ws endpoint stays either way)

@@ -152,52 +152,107 @@ class FrameDecoder:
     Raises :class:`FrameError` (code TOO_LARGE or BAD_FRAME) as soon as a
     length prefix is bad; after that the decoder is unusable, as is the
     connection.
+
+    ``buffered`` is a plain attribute (read once per read by the server's
+    input-memory accounting): the bytes of the one incomplete frame held.
     """
 
-    __slots__ = ("max_frame", "_buf")
+    __slots__ = ("max_frame", "_buf", "_need", "buffered")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         # Only allocated while a partial frame is waiting for more bytes, so
         # thousands of idle connections cost no buffer memory.
         self._buf: bytearray | None = None
+        self._need = 0  # 4 + length of the held frame; 0 while its prefix is incomplete
+        self.buffered = 0
 
-    @property
-    def buffered(self) -> int:
-        """Bytes held back waiting for the rest of a frame."""
-        return len(self._buf) if self._buf is not None else 0
+    def clear(self) -> None:
+        """Forget the held partial frame (its connection is closing)."""
+        self._buf = None
+        self._need = self.buffered = 0
+
+    def detach(self) -> FrameDecoder:
+        """A new decoder holding this one's partial frame; this one is left empty.
+
+        Lets many connections share one idle decoder and take a decoder of
+        their own only while a read has ended inside a frame (transport/stream.py).
+        """
+        other = FrameDecoder(self.max_frame)
+        other._buf, other._need, other.buffered = self._buf, self._need, self.buffered
+        self.clear()
+        return other
 
     def feed(self, data) -> list[tuple[int, bytes]]:
         """Decode ``data`` (bytes-like) together with anything buffered."""
+        frames: list[tuple[int, bytes]] = []
         if self._buf is not None:
-            self._buf += data
-            data = bytes(self._buf)
-            self._buf = None
+            data = self._continue(data, frames)
+            if data is None:
+                return frames
         elif type(data) is not bytes:
             # One copy of the whole read (a memoryview of the caller's reused
             # buffer, say) makes every body below a plain bytes slice: one
             # allocation each, and nothing points into the caller's buffer.
             data = bytes(data)
-        frames: list[tuple[int, bytes]] = []
         end = len(data)
         pos = 0
         unpack = LENGTH.unpack_from
         max_frame = self.max_frame
+        length = 0
+        append = frames.append
         while end - pos >= 4:
             (length,) = unpack(data, pos)
-            if length > max_frame:
-                raise FrameError(
-                    _TOO_LARGE,
-                    f"frame length {length} exceeds max_frame {max_frame}",
-                    frames,
-                )
-            if length == 0:
+            if not 0 < length <= max_frame:  # one test per frame for both errors
+                if length:
+                    raise FrameError(
+                        _TOO_LARGE,
+                        f"frame length {length} exceeds max_frame {max_frame}",
+                        frames,
+                    )
                 raise FrameError(_BAD_FRAME, "frame length 0 (no type byte)", frames)
             stop = pos + 4 + length
             if stop > end:
                 break
-            frames.append((data[pos + 4], data[pos + 5 : stop]))
+            append((data[pos + 4], data[pos + 5 : stop]))
             pos = stop
         if pos < end:
-            self._buf = bytearray(data[pos:])
+            self._buf = bytearray(memoryview(data)[pos:])
+            self._need = 4 + length if end - pos >= 4 else 0
+            self.buffered = end - pos
         return frames
+
+    def _continue(self, data, frames: list):
+        """Grow the held partial frame by ``data``; what is left of ``data`` after it.
+
+        The partial frame grows in place (a bytearray's amortised append), so
+        a frame arriving in many reads is copied a constant number of times,
+        not once per read; None means all of ``data`` went into it.
+        """
+        buf = self._buf
+        if not self._need:
+            # Fewer than four bytes held: complete the length prefix first.
+            take = 4 - len(buf)
+            buf += data[:take]
+            if len(buf) < 4:
+                self.buffered = len(buf)
+                return None
+            data = memoryview(data)[take:]
+            (length,) = LENGTH.unpack_from(buf)
+            if length > self.max_frame:
+                raise FrameError(
+                    _TOO_LARGE, f"frame length {length} exceeds max_frame {self.max_frame}"
+                )
+            if length == 0:
+                raise FrameError(_BAD_FRAME, "frame length 0 (no type byte)")
+            self._need = 4 + length
+        missing = self._need - len(buf)
+        if len(data) < missing:
+            buf += data
+            self.buffered = len(buf)
+            return None
+        buf += data[:missing]
+        frames.append((buf[4], bytes(memoryview(buf)[5:])))
+        self._buf = None
+        self._need = self.buffered = 0
+        return bytes(memoryview(data)[missing:])

@@ -14,9 +14,11 @@ broadcast is one loop over it, with no extra hop per recipient.
 Rooms keep insertion-ordered dicts: all members (join order is WHO's
 order), the *watchers* that asked for PRESENCE (a join then costs work in
 proportion to the watchers, not the room: 19,000 joins to one room would
-otherwise be quadratic), and the members that speak protocol version 1
-(``legacy``; usually empty), so that the router builds a second encoding of a
-message only when someone needs it. Namespaces keep the same ``legacy`` split.
+otherwise be quadratic), and how many members speak protocol version 1
+(``legacy``, a count; usually 0), so that the router builds a second encoding
+of a message only when someone needs it and then asks each member its
+``version``. Namespaces keep the same count. (A count, not a second dict of
+those members: that was two dict slots per version-1 connection.)
 
 Nicks are unique per namespace without regard to case (protocol section 1):
 ``Namespace.nicks`` is keyed by :func:`nick_key`, the NFKC-normalised,
@@ -58,7 +60,9 @@ class Change(NamedTuple):
 
 def nick_key(nick: str) -> str:
     """The form two nicks are compared in: ``Bob``, ``BOB`` and ``ｂｏｂ`` are one nick."""
-    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
+    key = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
+    # Most nicks are their own key: keep one string, not two, per member.
+    return nick if key == nick else key
 
 
 class Member:
@@ -83,7 +87,7 @@ class Room:
         self.name = name
         self.members: dict = {}  # member -> None, in join order
         self.watchers: dict = {}  # members who asked for PRESENCE
-        self.legacy: dict = {}  # members speaking protocol version 1
+        self.legacy = 0  # members speaking protocol version 1
 
     def __len__(self) -> int:
         return len(self.members)
@@ -97,7 +101,7 @@ class Namespace:
         self.members: dict = {}  # member -> None, in arrival order
         self.nicks: dict = {}  # nick_key(nick) -> member
         self.rooms: dict[str, Room] = {}
-        self.legacy: dict = {}  # members speaking protocol version 1
+        self.legacy = 0  # members speaking protocol version 1
 
 
 class Hub:
@@ -129,7 +133,7 @@ class Hub:
         member.rooms = {}
         ns.members[member] = None
         if member.version < 2:
-            ns.legacy[member] = None
+            ns.legacy += 1
         ns.nicks[key] = member
         return ns
 
@@ -139,8 +143,8 @@ class Hub:
         if ns is None:
             return []
         changes = [c for name in list(member.rooms) for c in self.leave(member, name)]
-        ns.members.pop(member, None)
-        ns.legacy.pop(member, None)
+        if ns.members.pop(member, 0) is None and member.version < 2:  # it was there
+            ns.legacy -= 1
         key = nick_key(member.nick)
         if ns.nicks.get(key) is member:
             del ns.nicks[key]
@@ -175,10 +179,10 @@ class Hub:
             )
         room.members[member] = None
         if member.version < 2:
-            room.legacy[member] = None
+            room.legacy += 1
         if presence:
             room.watchers[member] = None
-        member.rooms[room_name] = room
+        member.rooms[room.name] = room  # one name string per room, not per member
         return changes
 
     def leave(self, member, room_name: str) -> list[Change]:
@@ -190,7 +194,8 @@ class Hub:
             return []  # not a member: idempotent
         del room.members[member]
         room.watchers.pop(member, None)
-        room.legacy.pop(member, None)
+        if member.version < 2:
+            room.legacy -= 1
         if not room.members:
             del member.ns.rooms[room_name]
             return []

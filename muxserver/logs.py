@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 import time
 
@@ -24,6 +25,26 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 }
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def pack_peer(peer):
+    """An IPv4 ``(host, port)`` as one int; anything else as it is.
+
+    A peer tuple with its port int costs 88 bytes per connection, the int 32;
+    :func:`unpack_peer` gives the tuple back when a log line or /connz wants it.
+    """
+    if type(peer) is tuple and len(peer) == 2 and type(peer[1]) is int:
+        try:
+            return int.from_bytes(socket.inet_pton(socket.AF_INET, peer[0]), "big") << 16 | peer[1]
+        except (OSError, TypeError):
+            pass
+    return peer
+
+
+def unpack_peer(peer):
+    if type(peer) is int:
+        return (socket.inet_ntop(socket.AF_INET, (peer >> 16).to_bytes(4, "big")), peer & 0xFFFF)
+    return peer
 
 
 def format_peer(peer) -> str:
@@ -39,11 +60,15 @@ def _tidy_peer(record: logging.LogRecord) -> None:
 
     The server passes the raw address (no formatting cost on a disabled
     debug line) both as an argument and as ``extra={"peer": ...}``; the one
-    that is the same object gets replaced here, when the line is emitted.
+    that is equal to it gets replaced here, when the line is emitted.
     """
     peer = record.__dict__.get("peer")
     if isinstance(peer, tuple) and isinstance(record.args, tuple):
-        record.args = tuple(format_peer(a) if a is peer else a for a in record.args)
+        # Equal, not only the same object: Session.peer unpacks a new tuple per read.
+        record.args = tuple(
+            format_peer(a) if a is peer or (type(a) is tuple and a == peer) else a
+            for a in record.args
+        )
 
 
 class TextFormatter(logging.Formatter):

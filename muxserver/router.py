@@ -9,8 +9,8 @@ marks it pending for the flush at the end of the loop turn.
 
 Two decisions on the hot path:
 
-* Encode once per *variant*, never per member. A room or namespace keeps its
-  version-1 members apart (``legacy``); a frame whose bytes differ for them
+* Encode once per *variant*, never per member. A room or namespace counts its
+  version-1 members (``legacy``); a frame whose bytes differ for them
   (a version-2 payload type in the EVENT's source_kind) comes with a
   ``legacy`` variant, and only a group that has such members pays for the
   per-member check.
@@ -54,9 +54,8 @@ class Router:
             for member in members:
                 member.out.append(data)
         else:
-            old = group.legacy
             for member in members:
-                member.out.append(legacy if member in old else data)
+                member.out.append(legacy if member.version < 2 else data)
         count = len(members)
         if not echo:
             sender.out.pop()  # it got its copy last: take it back

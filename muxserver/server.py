@@ -20,7 +20,6 @@ that connection closed; the loop and everyone else carry on.
 
 from __future__ import annotations
 
-import functools
 import logging
 import socket
 import ssl
@@ -30,11 +29,12 @@ from . import sniffing
 from .config import Config
 from .framing import FrameError
 from .hub import Hub
+from .limits import InputLimits
 from .listener import Listener
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop
 from .router import Router
 from .session import CLOSED, CLOSING, DRAINING, HELLO_WAIT, OPEN, Session, SessionProtocol
-from .stats import Snapshot, new_counters, waiting_for
+from .stats import Snapshot, new_counters, take_snapshot, waiting_for
 from .transport.stream import WOULD_BLOCK, StreamTransport, server_tls_context
 
 log = logging.getLogger("muxserver")
@@ -50,6 +50,7 @@ class Server:
         self.router = Router()
         self.stats = new_counters()  # plain ints, read when scraped
         self.protocol = SessionProtocol(config, self.hub, self.router, self.loop, self, self.stats)
+        self.limits = InputLimits(config, self.protocol, self.stats)
         self.sessions: dict[int, Session] = {}  # conn id -> session
         self.listeners: list[Listener] = []
         self.address: tuple[str, int] | None = None
@@ -63,6 +64,7 @@ class Server:
         # Closed connections' frames in/out, bytes in/out: totals never go down.
         self.closed_totals = [0, 0, 0, 0]
         self.loop.add_before_sleep(self.flush)
+        self._on_event_shared = self._on_event  # one bound method for every transport
 
     # =============================================================== start
     def start(self) -> tuple[str, int]:
@@ -82,13 +84,7 @@ class Server:
         self.loop.run()
 
     def snapshot(self) -> Snapshot:
-        loop = self.loop
-        return Snapshot(
-            self.config.name, self.shutting_down, list(self.sessions.values()),
-            self.hub.namespaces, self.stats, self.router.deliveries,
-            self.protocol.frames_in_by_type, self.router.frames_out_by_type,
-            tuple(self.closed_totals), loop.turn_counts, loop.turn_seconds, loop.time(),
-        )  # fmt: skip
+        return take_snapshot(self)
 
     # ============================================================== accept
     def adopt(self, sock: socket.socket, peer=None) -> Session:
@@ -107,7 +103,7 @@ class Server:
         """A new session over ``transport`` (a socket's, or an in-memory one in tests)."""
         self._next_id += 1
         sess = Session(self._next_id, transport, peer, self.loop.now)
-        transport.callback = functools.partial(self._on_event, sess)
+        transport.callback, transport.owner = self._on_event_shared, sess
         transport.set_interest(self.loop, EVENT_READ)
         self.sessions[sess.id] = sess
         self.stats["accepted"] += 1
@@ -235,6 +231,7 @@ class Server:
             self.protocol.receive(sess, frames, error)
             if transport.wants is not None:
                 sniffing.transport_wants(self, sess, transport)
+            self.limits.after_read(sess, bool(frames), self.loop.now)
         except Exception:
             self._internal_error(sess, "handling its input")
 
@@ -335,6 +332,7 @@ class Server:
             sess.close_timer = None
         transport = sess.transport
         transport.close(self.loop)
+        self.limits.closed(sess)
         self.sessions.pop(sess.id, None)
         closed = self.closed_totals
         closed[0] += sess.frames_in
@@ -349,7 +347,8 @@ class Server:
     # ============================================================ liveness
     def _sweep(self) -> None:
         """Periodic timer: heartbeats, idle timeouts, HELLO timeouts (session.py's rules)."""
-        self.protocol.sweep(list(self.sessions.values()), self.loop.time())
+        self.protocol.sweep(list(self.sessions.values()), (now := self.loop.time()))
+        self.limits.sweep(now)
         if not self.shutting_down:
             self.loop.call_later(self._sweep_interval, self._sweep)
 

@@ -27,6 +27,7 @@ import logging
 from . import protocol as P
 from .framing import LENGTH
 from .hub import HubError
+from .logs import pack_peer, unpack_peer
 
 log = logging.getLogger("muxserver")
 
@@ -47,6 +48,7 @@ _ECHO = P.EMIT_ECHO
 _TYPE_MASK = P.EMIT_TYPE_MASK
 _ROOM_TAIL = P.EMIT_TAIL_OFFSET  # the EMIT body from here on is the EVENT tail
 _DELTA = P.EVENT_LENGTH_DELTA  # EVENT length = len(prefix) + len(EMIT body) - this
+_NO_REQ = P.REQ.pack(0)  # an EMIT's req field when no ack is asked
 
 
 def liveness(now: float, last_rx: float, last_ping: float, interval: float, timeout: float) -> int:
@@ -68,15 +70,15 @@ class Session:
     """One client's protocol state; ``out`` is its transport's output list."""
 
     __slots__ = (
-        "id", "peer", "state", "version", "transport", "out",
-        "nick", "ns", "rooms", "prefix_room", "prefix_direct", "prefix_bcast",
-        "tokens", "tokens_at", "connected_at", "last_rx", "last_ping",
+        "id", "_peer", "state", "version", "transport", "out",
+        "nick", "ns", "rooms", "_prefix_room", "_prefix_direct", "_prefix_bcast",
+        "bucket", "connected_at", "last_rx", "last_ping",
         "counted", "close_timer", "frames_in", "frames_out",
     )  # fmt: skip
 
     def __init__(self, conn_id: int, transport, peer, now: float) -> None:
         self.id = conn_id
-        self.peer = peer
+        self._peer = pack_peer(peer)
         self.state = HELLO_WAIT
         self.version = 0  # set by HELLO
         self.transport = transport
@@ -84,9 +86,8 @@ class Session:
         self.nick = ""
         self.ns = None
         self.rooms: dict = {}
-        self.prefix_room = self.prefix_direct = self.prefix_bcast = b""
-        self.tokens = 0.0  # rate-limit bucket, filled at HELLO
-        self.tokens_at = now
+        self._prefix_room = self._prefix_direct = self._prefix_bcast = b""
+        self.bucket = None  # [tokens, when]: the rate-limit bucket, from HELLO, if limited
         self.connected_at = self.last_rx = self.last_ping = now
         self.counted = False  # held against max_connections
         self.close_timer = None
@@ -108,12 +109,36 @@ class Session:
     def pending_bytes(self) -> int:
         return self.transport.pending_bytes
 
+    @property
+    def peer(self):
+        """The peer address as the socket layer gave it (stored packed, see logs.pack_peer)."""
+        return unpack_peer(self._peer)
+
     def set_prefixes(self) -> None:
-        """The EVENT prefixes carrying this nick (payload type 0); redone on NICK."""
-        nick = self.nick.encode("utf-8")
-        self.prefix_room = P.event_prefix(P.TARGET_ROOM, nick)
-        self.prefix_direct = P.event_prefix(P.TARGET_DIRECT, nick)
-        self.prefix_bcast = P.event_prefix(P.TARGET_BROADCAST, nick)
+        """Forget the EVENT prefixes carrying the nick (after HELLO and NICK).
+
+        They are made on first use: an idle connection never needs one, and
+        the three cost 138 bytes.
+        """
+        self._prefix_room = self._prefix_direct = self._prefix_bcast = b""
+
+    @property
+    def prefix_room(self) -> bytes:
+        if not self._prefix_room:
+            self._prefix_room = P.event_prefix(P.TARGET_ROOM, self.nick.encode("utf-8"))
+        return self._prefix_room
+
+    @property
+    def prefix_direct(self) -> bytes:
+        if not self._prefix_direct:
+            self._prefix_direct = P.event_prefix(P.TARGET_DIRECT, self.nick.encode("utf-8"))
+        return self._prefix_direct
+
+    @property
+    def prefix_bcast(self) -> bytes:
+        if not self._prefix_bcast:
+            self._prefix_bcast = P.event_prefix(P.TARGET_BROADCAST, self.nick.encode("utf-8"))
+        return self._prefix_bcast
 
 
 def typed_prefix(prefix: bytes, ptype: int) -> bytes:
@@ -184,14 +209,25 @@ class SessionProtocol:
         v2 = sess.version >= 2
         ack = P.reply_count_seq0 if v2 else P.reply_count
         emit_type, tail_at = _EMIT, _ROOM_TAIL  # locals: read per frame
-        prefix = sess.prefix_room
-        plen = len(prefix) - _DELTA  # EVENT length = plen + len(EMIT body)
+        prefix = b""  # set with the run's first EMIT (prefix_room is made on first use)
+        plen = 0  # EVENT length = plen + len(EMIT body)
         run_head = None  # body[4:eend] of the run's EMITs: flags, kind, room, event
         run_room = None
         run_echo = run_type = 0
         parts: list[bytes] = []  # [length, prefix, tail] per EMIT of the run
         acks = sess.out
+        # req 0 + run_head: one startswith() takes an unacked EMIT of the run;
+        # an empty tuple of prefixes matches nothing (no run yet).
+        run_key: bytes | tuple = ()
+        last_n, last_len = -1, b""
         for ftype, body in frames:
+            if ftype == emit_type and body.startswith(run_key):
+                by_type[emit_type] += 1
+                if len(body) != last_n:  # runs are mostly of one size: reuse its length prefix
+                    last_n = len(body)
+                    last_len = pack_len(plen + last_n)
+                parts += (last_len, prefix, body[tail_at:])
+                continue
             if ftype == emit_type and run_head is not None and body.startswith(run_head, 4):
                 # Same flags, room and event as the run so far: every check
                 # those passed holds for this EMIT too.
@@ -223,6 +259,8 @@ class SessionProtocol:
                             run_room = rooms.get(name) if name else None
                             if run_room is not None:
                                 run_head = body[4:eend]
+                                run_key = _NO_REQ + run_head
+                                last_n = -1
                                 run_echo = flags & _ECHO
                                 run_type = ptype
                                 prefix = sess.prefix_room
@@ -240,6 +278,7 @@ class SessionProtocol:
                 self._end_run(sess, run_room, parts, run_echo, run_type)
                 parts = []
             run_head = run_room = None
+            run_key = ()
             state = sess.state
             if state == OPEN:
                 handler = handlers.get(ftype)
@@ -288,8 +327,8 @@ class SessionProtocol:
         except HubError as exc:
             raise P.ProtocolError(exc.status, exc.message) from None
         sess.state = OPEN
-        sess.tokens = self._burst
-        sess.tokens_at = self.clock.now
+        if self._rate:
+            sess.bucket = [self._burst, self.clock.now]
         sess.set_prefixes()
         cfg = self.config
         welcome = P.Welcome(
@@ -373,14 +412,15 @@ class SessionProtocol:
     def _take_token(self, sess: Session) -> bool:
         """Token bucket: ``rate_limit`` per second, up to ``rate_burst`` saved."""
         now = self.clock.now
-        tokens = sess.tokens + (now - sess.tokens_at) * self._rate
-        sess.tokens_at = now
+        bucket = sess.bucket
+        tokens = bucket[0] + (now - bucket[1]) * self._rate
+        bucket[1] = now
         if tokens > self._burst:
             tokens = self._burst
         if tokens < 1.0:
-            sess.tokens = tokens
+            bucket[0] = tokens
             return False
-        sess.tokens = tokens - 1.0
+        bucket[0] = tokens - 1.0
         return True
 
     # ============================================================ requests

@@ -85,6 +85,22 @@ class Snapshot(NamedTuple):
     turn_counts: list
     turn_seconds: float
     now: float
+    # Input memory bound (limits.py): bytes in incomplete frames, holders, limit.
+    input_held: int = 0
+    input_holders: int = 0
+    input_limit: int = 0
+
+
+def take_snapshot(server) -> Snapshot:
+    """``Server.snapshot()``: what monitoring reads, between two loop turns."""
+    loop = server.loop
+    return Snapshot(
+        server.config.name, server.shutting_down, list(server.sessions.values()),
+        server.hub.namespaces, server.stats, server.router.deliveries,
+        server.protocol.frames_in_by_type, server.router.frames_out_by_type,
+        tuple(server.closed_totals), loop.turn_counts, loop.turn_seconds, loop.time(),
+        *server.limits.figures(),
+    )  # fmt: skip
 
 
 def new_counters() -> dict:
@@ -293,6 +309,29 @@ def render_metrics(snap) -> str:
         "muxserver_internal_errors_total", "counter",
         "Exceptions in the server's own code; each closed one connection, nobody else noticed.",
         t["internal_errors"],
+    )  # fmt: skip
+    out.family(
+        "muxserver_input_held_bytes", "gauge",
+        "Bytes held in incomplete client frames, all connections (bounded by --max-input-memory).",
+        snap.input_held,
+    )  # fmt: skip
+    out.family(
+        "muxserver_input_held_connections", "gauge",
+        "Connections holding an incomplete frame.", snap.input_holders,
+    )  # fmt: skip
+    out.family(
+        "muxserver_input_memory_limit_bytes", "gauge",
+        "The --max-input-memory bound.", snap.input_limit,
+    )  # fmt: skip
+    out.family(
+        "muxserver_input_memory_cuts_total", "counter",
+        "Connections cut (ERROR LIMIT) for holding the largest incomplete frame past the bound.",
+        stats.get("input_memory_cuts", 0),
+    )  # fmt: skip
+    out.family(
+        "muxserver_frame_timeouts_total", "counter",
+        "Connections cut (ERROR IDLE_TIMEOUT) because a frame did not complete in --frame-timeout.",
+        stats.get("frame_timeouts", 0),
     )  # fmt: skip
     out.family(
         "muxserver_output_queued_bytes",

@@ -97,3 +97,34 @@ def test_round_trip_any_split(frames, data):
         out += dec.feed(stream[prev:cut])
         prev = cut
     assert out == frames
+
+
+def test_large_frame_in_many_reads_then_the_next_frame():
+    body = bytes(range(256)) * 4096  # 1 MiB
+    stream = encode_frame(0x05, body) + encode_frame(0x06, b"next")
+    dec = FrameDecoder(max_frame=2 << 20)
+    view = memoryview(bytearray(stream))
+    out = []
+    for i in range(0, len(stream), 65536):
+        out += dec.feed(view[i : i + 65536])
+        if not out:
+            assert dec.buffered == min(i + 65536, len(stream))
+    assert out == [(0x05, body), (0x06, b"next")]
+    assert dec.buffered == 0
+
+
+def test_prefix_split_over_reads_then_too_large():
+    dec = FrameDecoder(max_frame=100)
+    assert dec.feed(b"\x00") == []
+    with pytest.raises(FrameError) as err:
+        dec.feed(b"\x00\x00\x65rest")
+    assert err.value.code == 6
+
+
+def test_clear_forgets_the_partial_frame():
+    dec = FrameDecoder()
+    assert dec.feed(encode_frame(5, b"abcdef")[:6]) == []
+    assert dec.buffered == 6
+    dec.clear()
+    assert dec.buffered == 0
+    assert dec.feed(encode_frame(5, b"x")) == [(5, b"x")]

@@ -8,7 +8,7 @@ import socket
 
 from muxserver import protocol as P
 from muxserver.framing import FrameDecoder
-from muxserver.loop import EventLoop
+from muxserver.loop import EVENT_READ, EventLoop
 from muxserver.server import Config, Server
 from muxserver.session import ALIVE, CLOSED, SEND_PING, TIMED_OUT, liveness
 from muxserver.testing import FakeClock
@@ -147,3 +147,29 @@ def test_hello_timeout_on_fake_time():
     assert frames[0].code == P.IDLE_TIMEOUT and frames[-1] == "EOF"
     ours.close()
     server.close()
+
+
+def test_fd_callbacks_and_an_fd_reused_after_a_close_without_unregister():
+    loop = EventLoop()
+    seen = []
+    a, b = socket.socketpair()
+    loop.register(a, EVENT_READ, lambda mask: seen.append(("a", mask)))
+    b.send(b"x")
+    loop.run_once(timeout=1)
+    assert seen == [("a", EVENT_READ)] and loop.watched == 1
+    fd = a.fileno()
+    a.close()  # the kernel drops it from epoll; our table still has it
+    c, d = socket.socketpair()
+    assert fd in (c.fileno(), d.fileno())
+    reused = c if c.fileno() == fd else d
+    other = d if reused is c else c
+    loop.register(reused, EVENT_READ, lambda mask: seen.append(("reused", mask)))
+    assert loop.watched == 1
+    other.send(b"y")
+    loop.run_once(timeout=1)
+    assert seen[-1] == ("reused", EVENT_READ)
+    loop.unregister(reused)
+    assert loop.watched == 0
+    loop.close()
+    for s in (b, c, d):
+        s.close()

@@ -71,3 +71,17 @@ def test_pending_bytes_counts_backlog_and_queue():
     t.flush(None)
     t.out.append(b"abc")
     assert t.pending_bytes == len(CHUNK) - 5 + 3
+
+
+def test_idle_transports_share_one_decoder_and_take_their_own_mid_frame():
+    a, b = MemoryTransport(), MemoryTransport()
+    assert a.decoder is b.decoder  # nothing held: shared
+    frame = P.encode(P.Event(0, "n", "room", "e", b"x" * 100))
+    assert a.receive(frame[:10]) == [] and a.held == 10
+    assert a.decoder is not b.decoder and b.decoder.buffered == 0
+    assert b.receive(frame) == [(P.EVENT, frame[5:])]  # b is not disturbed by a's partial
+    assert a.receive(frame[10:] + frame) == [(P.EVENT, frame[5:])] * 2
+    assert a.decoder is b.decoder and a.held == 0
+    a.receive(frame[:10])
+    a.discard_input()
+    assert a.decoder is b.decoder and a.held == 0

@@ -47,6 +47,7 @@ from muxserver import protocol as P
 def _nick_key(nick: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", nick).casefold())
 
+
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")

@@ -13,5 +13,11 @@ upgrade, inbound messages, hand-built outbound headers; protocol.md section
   ``data`` is ``b"".join(out)``, shared between connections that queued the
   same frames; a transport that wraps its bytes (a WebSocket message header)
   adds its header here and still sends the shared bytes as they are;
-* ``on_writable``, ``discard_unsent``, ``half_close``, ``close``.
+* ``on_writable``, ``discard_unsent``, ``half_close``, ``close``;
+* ``held``: bytes of the incomplete frame (or message) it is holding, read
+  by the server after every read for the input memory bound (limits.py),
+  and ``discard_input()``, which frees them when the connection is cut;
+* ``__call__(mask)``: the loop calls the transport itself on readiness,
+  and it calls ``callback(owner, mask)`` (one bound method shared by every
+  connection, ``owner`` its session).
 """

@@ -41,7 +41,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from .. import protocol as P
-from ..framing import LENGTH, FrameError
+from ..framing import LENGTH, FrameDecoder, FrameError
 from ..loop import EVENT_WRITE
 from .http import (  # noqa: F401  (re-exported: the HTTP front door lives in http.py)
     MAX_HEAD,
@@ -203,6 +203,11 @@ class WsInbound:
         """Bytes of an unfinished message held so far."""
         return self._size
 
+    def discard(self) -> None:
+        """Forget the unfinished message held so far (its connection is being cut)."""
+        self._parts = []
+        self._size = 0
+
     def close(self, code: int, reason: str = "") -> bytes:
         """Our Close frame; later the peer's Close is just reported."""
         self.close_sent = True
@@ -359,6 +364,10 @@ class WebSocketTransport(StreamTransport):
         full: bool = False,
     ) -> None:
         super().__init__(sock, max_frame)
+        # A decoder of its own: a message ending inside a frame raises with
+        # the frame still held, which the idle connections' shared one must
+        # never be left holding (stream.SharedDecoder).
+        self.decoder = FrameDecoder(max_frame)
         self.full = full
         self.front: HttpFront | None = HttpFront(
             tls=self.tls, allowed_origins=allowed_origins, web=web, full=full
@@ -375,11 +384,12 @@ class WebSocketTransport(StreamTransport):
         """Replace a just-sniffed StreamTransport: same socket, interest, callback and ``out``."""
         ws = cls(stream.sock, stream.decoder.max_frame, **options)
         ws.interest = stream.interest
-        ws.callback = stream.callback
+        ws.callback, ws.owner = stream.callback, stream.owner
         ws.out = stream.out  # the session holds this very list
         ws.bytes_in, ws.bytes_out = stream.bytes_in, stream.bytes_out
         ws.handshaking = stream.handshaking
-        stream.callback = None
+        # The loop still calls ``stream`` until ws changes its interest; it
+        # forwards to the session, whose transport is ws by then.
         return ws
 
     # ------------------------------------------------------------ input
@@ -420,6 +430,17 @@ class WebSocketTransport(StreamTransport):
                 self.last = close_frame(event.close_code, event.reason)
                 self.wants = END
         return frames
+
+    @property
+    def held(self) -> int:
+        """Bytes of the unfinished message (input memory bound, limits.py)."""
+        inbound = self.inbound
+        return inbound.buffered if inbound is not None else 0
+
+    def discard_input(self) -> None:
+        """Free the unfinished message: the connection is being cut."""
+        if self.inbound is not None:
+            self.inbound.discard()
 
     def _http(self, data) -> list:
         decision = self.front.feed(data)
