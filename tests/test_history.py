@@ -567,7 +567,12 @@ class HistoryMachine(RuleBasedStateMachine):
             assert not r.msgs or r.in_heap
         in_heap = [id(room) for _, room in h._heap]
         assert len(in_heap) == len(set(in_heap))  # one entry per room, never more
+        assert {id(r) for r in rooms if r.msgs} <= set(in_heap)
+        for key, room in h._heap:
+            assert not room.msgs or key <= room.msgs[0][0]  # a key is a lower bound
         assert set(h._idle) == {r.key for r in rooms if r.members == 0}
+        idle = [r.idle_since for r in h._idle.values()]
+        assert idle == sorted(idle)  # what lets expire stop at the first young room
 
 
 TestHistoryMachine = HistoryMachine.TestCase
