@@ -77,13 +77,19 @@ class Member:
 
 
 class Room:
-    __slots__ = ("name", "members", "watchers", "legacy")
+    __slots__ = ("name", "key", "members", "watchers", "legacy", "seq", "held")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, key=None) -> None:
         self.name = name
+        self.key = key if key is not None else name  # (namespace, room): the history's key
         self.members: dict = {}  # member -> None, in join order
         self.watchers: dict = {}  # members who asked for PRESENCE
         self.legacy: dict = {}  # members speaking protocol version 1
+        # Version-2 SEQUENCED members (section 9), kept by muxserver.sequenced:
+        # ``seq`` get EVENT_SEQ live; ``held`` get nothing live (a replay is
+        # catching them up, or a resumed session has not re-joined yet).
+        self.seq: dict = {}
+        self.held: dict = {}
 
     def __len__(self) -> int:
         return len(self.members)
@@ -101,9 +107,12 @@ class Namespace:
 
 
 class Hub:
-    def __init__(self, max_rooms: int = 1000) -> None:
+    def __init__(self, max_rooms: int = 1000, on_members=None) -> None:
         self.max_rooms = max_rooms
         self.namespaces: dict[str, Namespace] = {}
+        # on_members(room_key, count): told after every change of a room's
+        # member count (the history keeps a room's numbering while it has any).
+        self.on_members = on_members
 
     # ------------------------------------------------------------ session
     def nick_taken(self, ns_name: str, nick: str) -> bool:
@@ -167,7 +176,7 @@ class Hub:
             raise HubError(LIMIT, f"already in {self.max_rooms} rooms (the limit)")
         room = ns.rooms.get(room_name)
         if room is None:
-            room = ns.rooms[room_name] = Room(room_name)
+            room = ns.rooms[room_name] = Room(room_name, (ns.name, room_name))
         changes = []
         if room.watchers:
             changes.append(
@@ -179,6 +188,8 @@ class Hub:
         if presence:
             room.watchers[member] = None
         member.rooms[room_name] = room
+        if self.on_members is not None:
+            self.on_members(room.key, len(room.members))
         return changes
 
     def leave(self, member, room_name: str) -> list[Change]:
@@ -191,6 +202,10 @@ class Hub:
         del room.members[member]
         room.watchers.pop(member, None)
         room.legacy.pop(member, None)
+        room.seq.pop(member, None)
+        room.held.pop(member, None)
+        if self.on_members is not None:
+            self.on_members(room.key, len(room.members))
         if not room.members:
             del member.ns.rooms[room_name]
             return []

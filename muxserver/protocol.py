@@ -671,6 +671,17 @@ def event_kind_byte(kind: int, payload_type: int) -> int:
     return kind | (payload_type << EVENT_TYPE_SHIFT)
 
 
+# An EVENT_SEQ is an EVENT with a u64 seq between its type byte and its body,
+# so its length is the EVENT's plus this.
+EVENT_SEQ_EXTRA = 8
+
+
+def event_seq_frame(seq: int, prefix: bytes, tail) -> bytes:
+    """EVENT_SEQ frame of the EVENT ``prefix`` + ``tail`` (prefix starts with the EVENT type byte)."""
+    head = SEQ_HEAD.pack(len(prefix) + EVENT_SEQ_EXTRA + len(tail), EVENT_SEQ, seq)
+    return head + prefix[1:] + tail
+
+
 def event_frame(prefix: bytes, tail) -> bytes:
     """EVENT frame = length + prefix (type byte included) + EMIT tail."""
     return LENGTH.pack(len(prefix) + len(tail)) + prefix + tail

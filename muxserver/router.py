@@ -68,6 +68,47 @@ class Router:
         self.deliveries += count * messages
         return count
 
+    def fanout_seq(
+        self, sender, room, data: bytes, legacy: bytes | None, seqdata: bytes, messages: int, echo
+    ) -> int:
+        """``fanout`` for a room with SEQUENCED members (protocol section 9).
+
+        ``seqdata`` (the EVENT_SEQ encoding) goes to ``room.seq``, nothing to
+        ``room.held`` (they catch up from the history), ``data`` / ``legacy``
+        to the rest. A room whose members are all live SEQUENCED pays no
+        per-member check.
+        """
+        members = room.members
+        seq = room.seq
+        held = room.held
+        if len(seq) == len(members):
+            for member in members:
+                member.out.append(seqdata)
+        else:
+            old = room.legacy
+            if legacy is None:
+                legacy = data
+            for member in members:
+                if member in seq:
+                    member.out.append(seqdata)
+                elif member in held:
+                    continue
+                elif member in old:
+                    member.out.append(legacy)
+                else:
+                    member.out.append(data)
+        count = len(members)
+        if not echo:
+            count -= 1
+            if sender not in held:
+                sender.out.pop()  # it got its copy last: take it back
+        queued = self._queued
+        if room not in queued:
+            queued.add(room)
+            self.pending.update(members)
+        self.deliveries += count * messages
+        return count
+
     def to_one(self, sender, target, data: bytes, legacy: bytes | None, echo) -> int:
         """A direct message; to oneself it follows the echo rule like any other."""
         if target is sender and not echo:
