@@ -118,7 +118,7 @@ OPTIONS = [
     ("rate-burst", _count, 0, "EMITs a connection may save up (0: same as --rate-limit)"),
     ("history-size", _count, 100, "messages of history per room (0: history off)"),
     ("history-bytes", _count, 1048576, "bytes of history per room"),
-    ("history-ttl", _non_negative, 120.0, "seconds a message (and an empty room's numbering) is kept"),
+    ("history-ttl", _non_negative, 120.0, "seconds a message (and an empty room numbering) lives"),
     ("history-memory", _count, 67108864, "bytes of history for all rooms together"),
     ("resume-window", _non_negative, 120.0, "seconds a lost session can be resumed (0: off)"),
     ("tls-cert", str, "", "PEM certificate chain: serve TLS"),

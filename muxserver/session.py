@@ -438,7 +438,9 @@ class SessionProtocol:
             if kind == P.TARGET_ROOM and (history.enabled or group.seq or group.held):
                 now = self.clock.now
                 seq = history.next_seq(group.key, now)
-                frame = P.event_seq_frame(seq, typed_prefix(prefix, ptype) if ptype else prefix, tail)
+                frame = P.event_seq_frame(
+                    seq, typed_prefix(prefix, ptype) if ptype else prefix, tail
+                )
                 history.append(group.key, frame, now)
                 if group.seq or group.held:
                     count = router.fanout_seq(sess, group, data, legacy, frame, 1, echo)
