@@ -213,6 +213,44 @@ class History:
             self._evict_memory()
         return seq
 
+    def extend(self, key: Hashable, items: list[bytes], now: float) -> int:
+        """``append`` each of ``items`` in order; return the last one's seq (0 when off).
+
+        For the server's runs of EMITs (muxserver.session): one call and one
+        room lookup per run, not per message.
+        """
+        room = self._rooms.get(key)
+        if room is None or room.members == 0 or len(items) == 1:
+            seq = 0
+            for item in items:
+                seq = self.append(key, item, now)
+            return seq
+        msgs = room.msgs
+        gid = self._gid
+        if not room.in_heap:
+            heappush(self._heap, (gid + 1, room))
+            room.in_heap = True
+        n = 0
+        for item in items:
+            gid += 1
+            msgs.append((gid, now, item))
+            n += len(item)
+        self._gid = gid
+        room.last += len(items)
+        size = self.size
+        while len(msgs) > size:
+            n -= len(msgs.popleft()[2])
+        room.bytes += n
+        self.bytes_held += n
+        if (
+            room.bytes > self.max_bytes
+            or now - msgs[0][1] >= self.ttl
+            or self.bytes_held > self.memory
+        ):
+            self._trim(room, now)
+            self._evict_memory()
+        return room.last
+
     def next_seq(self, key: Hashable, now: float) -> int:
         """The seq the next ``append`` to ``key`` will return (0 when off), for frames carrying it."""
         room = self._rooms.get(key)

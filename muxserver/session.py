@@ -208,7 +208,6 @@ class SessionProtocol:
         history = self.history
         keep = history.enabled  # every room EMIT gets a seq and is kept (section 9)
         step = 1 if keep else 0
-        remember = history.append
         now = self.clock.now
         rooms = sess.rooms
         v2 = sess.version >= 2
@@ -218,7 +217,6 @@ class SessionProtocol:
         plen = len(prefix) - _DELTA  # EVENT length = plen + len(EMIT body)
         sprefix = b""  # prefix of the run's EVENT_SEQ frames (after their u64 seq)
         splen = seq = 0  # EVENT_SEQ length = splen + len(EMIT body); seq of the last message
-        key = None
         run_head = None  # body[4:eend] of the run's EMITs: flags, kind, room, event
         run_room = None
         run_echo = run_type = 0
@@ -235,11 +233,10 @@ class SessionProtocol:
                     tail = body[tail_at:]
                     parts += (pack_len(plen + len(body)), prefix, tail)
                     if sparts is not None:
-                        # One pack and one append per message: its own seq and frame.
+                        # Its own seq and EVENT_SEQ frame: one pack per message;
+                        # the history takes the run's frames in one call (_end_run).
                         seq += step
-                        frame = pack_seq(splen + len(body), seq_type, seq) + sprefix + tail
-                        sparts.append(frame)
-                        remember(key, frame, now)
+                        sparts.append(pack_seq(splen + len(body), seq_type, seq) + sprefix + tail)
                     if req:
                         acks.append(ack(req, len(run_room.members) - 1, seq))
                         out_by_type[P.REPLY] += 1
@@ -274,14 +271,11 @@ class SessionProtocol:
                                 parts += (pack_len(plen + n), prefix, tail)
                                 seq = 0
                                 if keep or run_room.seq or run_room.held:
-                                    key = run_room.key
                                     if keep:
-                                        seq = history.next_seq(key, now)
+                                        seq = history.next_seq(run_room.key, now)
                                     sprefix = prefix[1:]
                                     splen = plen + _SEQ_EXTRA
-                                    frame = pack_seq(splen + n, seq_type, seq) + sprefix + tail
-                                    sparts = [frame]
-                                    remember(key, frame, now)
+                                    sparts = [pack_seq(splen + n, seq_type, seq) + sprefix + tail]
                                 else:
                                     sparts = None
                                 if req:
@@ -314,7 +308,9 @@ class SessionProtocol:
             self._end_run(sess, run_room, parts, run_echo, run_type, sparts)
 
     def _end_run(self, sess: Session, room, parts: list, echo: int, ptype: int, sparts) -> None:
-        """Hand a run of EVENTs (see handle) to the router, once for the room."""
+        """Hand a run of EVENTs (see handle) to the history and the router, once for the room."""
+        if sparts is not None and self.history.enabled:
+            self.history.extend(room.key, sparts, self.clock.now)
         legacy = None
         if ptype and room.legacy:
             # Version-1 members get the same frames without the payload type.
