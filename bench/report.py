@@ -22,6 +22,8 @@ TARGETS = [
     ("1-1000", "redis", 2.5),
     ("50-50", "redis", 1.6),
 ]
+# (sequenced workload, its plain twin, minimum ratio of muxserver's deliveries/s), issue 12.
+SEQUENCED_TARGETS = [("1-100-seq", "1-100", 0.85)]
 FIXED = "1-100"  # workload of the fixed-rate latency comparison
 LATENCY_TARGET = ("redis", 0.5)  # muxserver p99 at the fixed rate <= 0.5 x redis's
 LOADGEN_BOUND = 0.9  # load generator CPU share above which a figure is only a lower bound
@@ -86,6 +88,26 @@ def check_targets(results: dict) -> list[dict]:
                 # the same ratio per CPU-second of the server: what to trust if noisy
                 "got_per_cpu_s": ratio(results, wl, peer, "deliveries_per_server_cpu_s"),
                 "noisy": noisy(results[wl]["muxserver"]) or noisy(results[wl][peer]),
+            }
+        )
+    for seq_wl, plain_wl, want in SEQUENCED_TARGETS:
+        mine = results.get(seq_wl, {}).get("muxserver")
+        plain = results.get(plain_wl, {}).get("muxserver")
+        if mine is None or plain is None:
+            continue
+        got = per_cpu = None
+        if _ok(mine) and _ok(plain):
+            got = mine["deliveries_per_s"] / plain["deliveries_per_s"]
+            a, b = mine.get("deliveries_per_server_cpu_s"), plain.get("deliveries_per_server_cpu_s")
+            per_cpu = a / b if a and b else None
+        checks.append(
+            {
+                "what": f"{WORKLOADS[seq_wl].title} / {WORKLOADS[plain_wl].title} >= {want}x",
+                "target": want,
+                "got": got,
+                "met": None if got is None else got >= want,
+                "got_per_cpu_s": per_cpu,
+                "noisy": noisy(mine) or noisy(plain),
             }
         )
     peer, factor = LATENCY_TARGET

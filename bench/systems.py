@@ -166,8 +166,12 @@ class Running:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start(name: str, cpu: set[int] | None = None, profile: str | None = None) -> Running:
+def start(
+    name: str, cpu: set[int] | None = None, profile: str | None = None, extra: tuple = ()
+) -> Running:
     """Start system ``name`` on a free loopback port; returns once it accepts.
+
+    ``extra``: more command-line arguments (muxserver only).
 
     ``profile``: for muxserver only, a path to write cProfile stats to (the
     server is run under ``python -m cProfile``; stats are written when it
@@ -193,6 +197,7 @@ def start(name: str, cpu: set[int] | None = None, profile: str | None = None) ->
             "3600",
             "--log-level",
             "warning",
+            *extra,
         ]
         if profile:
             args = ["-m", "cProfile", "-o", profile, *args]

@@ -367,9 +367,13 @@ def _recovery_metrics(out: _Exposition, rec: dict, stats: dict) -> None:
         rec["parked"],
     )  # fmt: skip
     out.family(
-        "muxserver_parked_total", "counter", "Sessions parked, by outcome so far.",
-        [({"outcome": "expired"}, stats.get("parked_expired", 0)),
-         ({"outcome": "any"}, stats.get("parked_total", 0))],
+        "muxserver_parked_total", "counter", "Sessions parked (connection lost, resumable).",
+        stats.get("parked_total", 0),
+    )  # fmt: skip
+    out.family(
+        "muxserver_parked_expired_total", "counter",
+        "Parked sessions whose resume window ended (they left their rooms then).",
+        stats.get("parked_expired", 0),
     )  # fmt: skip
 
 
