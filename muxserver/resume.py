@@ -2,12 +2,12 @@
 
 A session is the hub member (nick, rooms, namespace); a connection is what
 carries it. Parking separates the two: the connection goes to a *shell*
-session (``host.split_connection``) that sends the ERROR, if any, and closes
+session (``handover.split_connection``) that sends the ERROR, if any, and closes
 like any other, while the session object stays in the hub with no
 connection, state PARKED, and an ``out`` that drops whatever is appended
-(:data:`SINK`): it keeps its nick and rooms, WHO and ROOMS count it, no
+(``handover.SINK``): it keeps its nick and rooms, WHO and ROOMS count it, no
 PRESENCE leave goes out, and nothing is queued for it. Resuming hands the new
-connection to the parked session (``host.join_connection``), so every room
+connection to the parked session (``handover.join_connection``), so every room
 and namespace dict keeps the same member object in the same join order, and
 no hub state is copied or rebuilt.
 
@@ -30,7 +30,9 @@ import hmac
 import logging
 import secrets
 
+from . import handover
 from . import protocol as P
+from .handover import SINK
 
 log = logging.getLogger("muxserver")
 
@@ -39,27 +41,6 @@ _OPEN, _CLOSED = 1, 4  # session.OPEN, session.CLOSED (session.py imports this m
 
 # The fatal codes that park a session instead of ending it.
 PARK_CODES = frozenset((P.IDLE_TIMEOUT, P.SLOW_CONSUMER))
-
-
-class _Sink:
-    """The ``out`` of a parked session: the router's appends are dropped (nothing is queued)."""
-
-    __slots__ = ()
-
-    def append(self, frame) -> None:
-        pass
-
-    def extend(self, frames) -> None:
-        pass
-
-    def clear(self) -> None:
-        pass
-
-    def __len__(self) -> int:
-        return 0
-
-
-SINK = _Sink()
 
 
 class Resumer:
@@ -126,7 +107,7 @@ class Resumer:
 
     def park(self, sess):
         """Keep ``sess`` in the hub without its connection; returns the shell now holding it."""
-        shell = self.host.split_connection(sess)
+        shell = handover.split_connection(self.host, sess)
         sess.state = PARKED
         sess.out = SINK
         self.sequencer.hold(sess)
@@ -159,7 +140,7 @@ class Resumer:
             return None
         if sess.state == _OPEN:
             # Still attached: the client saw the failure before we did.
-            shell = self.host.split_connection(sess)
+            shell = handover.split_connection(self.host, sess)
             self.fatal(shell, P.REPLACED, "this session was resumed elsewhere")
             self.stats["resumes_replaced"] += 1
         else:
@@ -167,7 +148,7 @@ class Resumer:
             if timer is None:
                 return None
             timer.cancel()
-        self.host.join_connection(new, sess)
+        handover.join_connection(self.host, new, sess)
         now = self.clock.now
         sess.state = _OPEN
         sess.last_rx = sess.last_ping = now

@@ -131,3 +131,34 @@ class Sequencer:
             if not cursors:
                 self.replaying.pop(sess, None)
         return queued
+
+    def pump_rounds(self, flush, loop) -> None:
+        """Before-sleep hook after the server's: pump, ``flush``, again while kernels take it all.
+
+        At most PUMP_ROUNDS rounds a turn; if replays could take more after
+        that, a zero-delay timer keeps the next select from sleeping.
+        """
+        if not self.replaying:
+            return
+        for _ in range(PUMP_ROUNDS):
+            if not self.pump():
+                return
+            flush()
+        if self.replaying:
+            loop.call_later(0, _nothing)
+
+
+def gauges(protocol) -> dict:
+    """History and resume figures for /metrics (Server.snapshot)."""
+    history = protocol.history
+    return {
+        "history_messages": history.messages_held,
+        "history_bytes": history.bytes_held,
+        "history_rooms": history.rooms_held,
+        "parked": protocol.resumer.parked_count,
+        "replaying": len(protocol.sequencer.replaying),
+    }
+
+
+def _nothing() -> None:
+    """A timer that only keeps the next select from sleeping (a replay has more to send)."""

@@ -31,9 +31,8 @@ from .framing import FrameError
 from .hub import Hub
 from .listener import Listener
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop
-from .resume import SINK
 from .router import Router
-from .sequenced import PUMP_ROUNDS
+from .sequenced import gauges
 from .session import CLOSED, CLOSING, DRAINING, HELLO_WAIT, OPEN, Session, SessionProtocol
 from .stats import Snapshot, new_counters, waiting_for
 from .transport.stream import WOULD_BLOCK, StreamTransport, server_tls_context
@@ -65,6 +64,8 @@ class Server:
         # out), so totals never go down.
         self.closed_totals = [0, 0, 0, 0]
         self.loop.add_before_sleep(self.flush)
+        replay = self.protocol.sequencer.pump_rounds  # then replay pages (sequenced.py)
+        self.loop.add_before_sleep(functools.partial(replay, self.flush, self.loop))
 
     # =============================================================== start
     def start(self) -> tuple[str, int]:
@@ -85,20 +86,12 @@ class Server:
 
     def snapshot(self) -> Snapshot:
         loop = self.loop
-        history = self.protocol.history
-        recovery = {
-            "history_messages": history.messages_held,
-            "history_bytes": history.bytes_held,
-            "history_rooms": history.rooms_held,
-            "parked": self.protocol.resumer.parked_count,
-            "replaying": len(self.protocol.sequencer.replaying),
-        }
         return Snapshot(
             self.config.name, self.shutting_down, list(self.sessions.values()),
             self.hub.namespaces, self.stats, self.router.deliveries,
             self.protocol.frames_in_by_type, self.router.frames_out_by_type,
             tuple(self.closed_totals), loop.turn_counts, loop.turn_seconds, loop.time(),
-            recovery,
+            gauges(self.protocol),
         )  # fmt: skip
 
     # ============================================================== accept
@@ -130,58 +123,6 @@ class Server:
         sess.counted = True
         self._live += 1
         log.debug("connect #%d from %s", sess.id, peer, extra={"conn": sess.id, "peer": peer})
-        return sess
-
-    # ================================================ connection hand-over
-    # Session resume (muxserver.resume) moves a connection between session
-    # objects: parking moves it to a new shell session that closes it, and a
-    # resume moves a new connection to the parked session.
-    def split_connection(self, sess: Session) -> Session:
-        """Move ``sess``'s connection to a new session outside the hub; returns it."""
-        self._next_id += 1
-        shell = Session(self._next_id, sess.transport, sess.peer, sess.connected_at)
-        shell.state, shell.version, shell.nick = sess.state, sess.version, sess.nick
-        shell.last_rx, shell.last_ping = sess.last_rx, sess.last_ping
-        shell.counted, sess.counted = sess.counted, False
-        shell.frames_in, shell.frames_out = sess.frames_in, sess.frames_out
-        sess.frames_in = sess.frames_out = 0
-        self._rebind(shell)
-        self.sessions.pop(sess.id, None)
-        self.sessions[shell.id] = shell
-        sess.transport = None
-        sess.out = SINK
-        return shell
-
-    def join_connection(self, new: Session, sess: Session) -> None:
-        """Give ``new``'s connection to ``sess`` (a resume); ``new`` is left empty."""
-        sess.transport, sess.out, sess.peer = new.transport, new.out, new.peer
-        sess.counted, new.counted = new.counted, False
-        sess.frames_in, sess.frames_out = new.frames_in, new.frames_out
-        sess.connected_at = new.connected_at
-        self._rebind(sess)
-        self.sessions.pop(new.id, None)
-        self.sessions[sess.id] = sess
-        new.state = CLOSED
-        new.successor = sess
-        new.transport = None
-        new.out = []
-
-    def _rebind(self, sess: Session) -> None:
-        """Point the transport's selector callback at ``sess``."""
-        transport = sess.transport
-        interest = transport.interest
-        transport.set_interest(self.loop, 0)
-        transport.callback = functools.partial(self._on_event, sess)
-        transport.set_interest(self.loop, interest)
-
-    def _release(self, sess: Session) -> Session:
-        """An open session's connection is gone: park it if it may be resumed, else detach it.
-
-        Returns the session that now holds the connection (to be closed).
-        """
-        if self.protocol.resumer.can_park(sess):
-            return self.protocol.resumer.park(sess)
-        self.protocol.detach(sess)
         return sess
 
     # ============================================================== events
@@ -305,7 +246,7 @@ class Server:
                 "disconnect #%d %s from %s", sess.id, sess.nick, sess.peer,
                 extra={"conn": sess.id, "peer": sess.peer, "nick": sess.nick, "reason": "peer closed"},
             )  # fmt: skip
-            sess = self._release(sess)
+            sess = self.protocol.release(sess)
         transport = sess.transport
         if sess.state == CLOSING and transport.blocked:
             # Peer half-closed but may still read: finish sending, then close.
@@ -316,25 +257,7 @@ class Server:
 
     # ======================================================= output, limits
     def flush(self) -> None:
-        """Before-sleep hook: one send per pending connection, then replays (section 9).
-
-        A replaying session is given pages while its output drains
-        (muxserver.sequenced); a kernel that takes everything at once gets
-        up to PUMP_ROUNDS pages a turn, then the loop comes round again
-        without sleeping.
-        """
-        self._flush_pending()
-        sequencer = self.protocol.sequencer
-        if sequencer.replaying:
-            for _ in range(PUMP_ROUNDS):
-                if not sequencer.pump():
-                    break
-                self._flush_pending()
-            else:
-                if sequencer.replaying:
-                    self.loop.call_later(0, _nothing)
-
-    def _flush_pending(self) -> None:
+        """Before-sleep hook: one send per pending connection."""
         max_output = self.config.max_output
         loop = self.loop
         router = self.router
@@ -400,10 +323,8 @@ class Server:
     def _close(self, sess: Session) -> None:
         if sess.state == CLOSED:
             return
-        if sess.state == OPEN:
-            sess = self._release(sess)
-        elif sess.state == HELLO_WAIT:
-            self.protocol.detach(sess)
+        if sess.state in (OPEN, HELLO_WAIT):
+            sess = self.protocol.release(sess)
         sess.state = CLOSED
         if sess.close_timer is not None:
             sess.close_timer.cancel()
@@ -425,7 +346,6 @@ class Server:
     def _sweep(self) -> None:
         """Periodic timer: heartbeats, idle timeouts, HELLO timeouts (session.py's rules)."""
         self.protocol.sweep(list(self.sessions.values()), self.loop.time())
-        self.protocol.history.expire(self.loop.time())
         if not self.shutting_down:
             self.loop.call_later(self._sweep_interval, self._sweep)
 
@@ -472,7 +392,3 @@ class Server:
         for listener in self.listeners:
             listener.close()
         self.listeners.clear()
-
-
-def _nothing() -> None:
-    """A timer that only keeps the next select from sleeping (a replay has more to send)."""

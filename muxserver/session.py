@@ -552,7 +552,8 @@ class SessionProtocol:
 
     # ============================================================ liveness
     def sweep(self, sessions, now: float) -> None:
-        """Heartbeats and timeouts of protocol section 7 (and the HELLO timeout)."""
+        """Heartbeats and timeouts of protocol section 7 (and the HELLO timeout); history ages."""
+        self.history.expire(now)
         cfg = self.config
         interval, timeout = cfg.ping_interval, cfg.ping_timeout
         for sess in sessions:
@@ -613,6 +614,13 @@ class SessionProtocol:
             },
         )  # fmt: skip
         self.fatal(sess, P.SLOW_CONSUMER, f"unsent output passed {self.config.max_output} bytes")
+
+    def release(self, sess: Session) -> Session:
+        """Its connection is gone: park it if it may resume, else detach; who holds it now."""
+        if self.resumer.can_park(sess):
+            return self.resumer.park(sess)
+        self.detach(sess)
+        return sess
 
     def detach(self, sess: Session) -> None:
         """Drop the session from the hub now, telling the watchers."""

@@ -145,8 +145,9 @@ class MemoryPair:
         self.send_raw(b"".join(self._P.encode(m) for m in msgs))
 
     def raw(self, limit: int | None = None) -> bytes:
-        """Flush the server, then take (up to ``limit``) bytes the client received."""
-        self.server.flush()
+        """Flush the server (every before-sleep hook), then take (up to ``limit``) received bytes."""
+        for hook in self.server.loop._before_sleep:
+            hook()
         sock = self.transport.sock
         n = len(sock.sent) if limit is None else min(limit, len(sock.sent))
         data = bytes(sock.sent[:n])
