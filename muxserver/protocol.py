@@ -16,6 +16,7 @@ broadcast forwards the EMIT's tail behind a new prefix without re-encoding.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple
 
@@ -674,6 +675,16 @@ def event_kind_byte(kind: int, payload_type: int) -> int:
 # An EVENT_SEQ is an EVENT with a u64 seq between its type byte and its body,
 # so its length is the EVENT's plus this.
 EVENT_SEQ_EXTRA = 8
+
+
+@functools.lru_cache(maxsize=64)
+def event_seq_head(sprefix_len: int) -> struct.Struct:
+    """EVENT_SEQ length, type, seq and the ``sprefix_len`` bytes of EVENT body before the tail.
+
+    ``sprefix`` is an EVENT prefix without its type byte (source_kind, str8
+    sender): one ``pack`` then builds a frame's head for the server's runs.
+    """
+    return struct.Struct(f">IBQ{sprefix_len}s")
 
 
 def event_seq_frame(seq: int, prefix: bytes, tail) -> bytes:

@@ -53,7 +53,6 @@ _ROOM_TAIL = P.EMIT_TAIL_OFFSET  # the EMIT body from here on is the EVENT tail
 _DELTA = P.EVENT_LENGTH_DELTA  # EVENT length = len(prefix) + len(EMIT body) - this
 _EVENT_SEQ = P.EVENT_SEQ
 _SEQ_EXTRA = P.EVENT_SEQ_EXTRA  # EVENT_SEQ length = EVENT length + this
-_SEQ_HEAD = P.SEQ_HEAD
 
 
 def _reply_count_v1(req: int, count: int, seq: int) -> bytes:
@@ -200,7 +199,7 @@ class SessionProtocol:
         head = P.EMIT_HEAD.unpack_from
         req_of = P.REQ.unpack_from
         pack_len = LENGTH.pack
-        pack_seq = _SEQ_HEAD.pack
+        pack_seq = None  # the run's EVENT_SEQ head: length, type, seq, sprefix
         events_ok = self._events.known
         rooms_ok = self._rooms.known
         router = self.router
@@ -236,7 +235,7 @@ class SessionProtocol:
                         # Its own seq and EVENT_SEQ frame: one pack per message;
                         # the history takes the run's frames in one call (_end_run).
                         seq += step
-                        sparts.append(pack_seq(splen + len(body), seq_type, seq) + sprefix + tail)
+                        sparts.append(pack_seq(splen + len(body), seq_type, seq, sprefix) + tail)
                     if req:
                         acks.append(ack(req, len(run_room.members) - 1, seq))
                         out_by_type[P.REPLY] += 1
@@ -275,7 +274,8 @@ class SessionProtocol:
                                         seq = history.next_seq(run_room.key, now)
                                     sprefix = prefix[1:]
                                     splen = plen + _SEQ_EXTRA
-                                    sparts = [pack_seq(splen + n, seq_type, seq) + sprefix + tail]
+                                    pack_seq = P.event_seq_head(len(sprefix)).pack
+                                    sparts = [pack_seq(splen + n, seq_type, seq, sprefix) + tail]
                                 else:
                                     sparts = None
                                 if req:
