@@ -18,6 +18,12 @@ otherwise be quadratic), and the members that speak protocol version 1
 (``legacy``; usually empty), so that the router builds a second encoding of a
 message only when someone needs it. Namespaces keep the same ``legacy`` split.
 
+Rooms also keep their version-2 SEQUENCED members apart (``seq``: EVENT_SEQ
+live; ``held``: nothing live while a replay catches them up or a resumed
+session has not re-joined), for muxserver.sequenced and the router, and tell
+``on_members`` every change of their member count (the history keeps a
+room's numbering while it has members; parked sessions are members).
+
 Nicks are unique per namespace without regard to case (protocol section 1):
 ``Namespace.nicks`` is keyed by :func:`nick_key`, the NFKC-normalised,
 case-folded form, and maps to the member, whose ``nick`` is shown as chosen.

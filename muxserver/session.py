@@ -17,6 +17,12 @@ EMIT), and the whole run joined into one bytes object that the router
 appends once per member. A run ends at the first frame that is anything
 else, so every ordering rule holds as if each frame had been handled alone.
 Byte offsets come from the codec (``protocol.py``), never from literals here.
+
+Every room EMIT is also numbered and kept (protocol section 9): the run
+builds one EVENT_SEQ frame per message (one ``pack`` of a head that carries
+the sender prefix, plus the tail) and hands the run's frames to the history
+in one call. SEQUENCED JOINs and replays are muxserver.sequenced's; parking
+and resuming sessions (section 10) are muxserver.resume's.
 """
 
 from __future__ import annotations
