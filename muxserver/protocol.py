@@ -583,6 +583,11 @@ def reply_count(req: int, count: int) -> bytes:
     return REPLY_COUNT.pack(11, REPLY, req, OK, count)
 
 
+def reply_count_v1(req: int, count: int, seq: int = 0) -> bytes:
+    """Version 1 EMIT REPLY with ``reply_count_seq``'s signature (version 1 sends no seq)."""
+    return REPLY_COUNT.pack(11, REPLY, req, OK, count)
+
+
 def reply_count_seq(req: int, count: int, seq: int) -> bytes:
     """Version 2 EMIT REPLY: recipients and the message's seq (0 outside history)."""
     return REPLY_COUNT_SEQ.pack(19, REPLY, req, OK, count, seq)

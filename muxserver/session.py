@@ -61,11 +61,6 @@ _EVENT_SEQ = P.EVENT_SEQ
 _SEQ_EXTRA = P.EVENT_SEQ_EXTRA  # EVENT_SEQ length = EVENT length + this
 
 
-def _reply_count_v1(req: int, count: int, seq: int) -> bytes:
-    """Version 1 EMIT REPLY, with the version 2 signature (the seq is not sent)."""
-    return P.reply_count(req, count)
-
-
 def liveness(now: float, last_rx: float, last_ping: float, interval: float, timeout: float) -> int:
     """Heartbeat rule of protocol section 7, as a pure function of times.
 
@@ -216,7 +211,7 @@ class SessionProtocol:
         now = self.clock.now
         rooms = sess.rooms
         v2 = sess.version >= 2
-        ack = P.reply_count_seq if v2 else _reply_count_v1
+        ack = P.reply_count_seq if v2 else P.reply_count_v1
         emit_type, tail_at, seq_type = _EMIT, _ROOM_TAIL, _EVENT_SEQ
         prefix = sess.prefix_room
         plen = len(prefix) - _DELTA  # EVENT length = plen + len(EMIT body)
@@ -307,7 +302,7 @@ class SessionProtocol:
                     acks = sess.out
                 rooms = sess.rooms
                 v2 = sess.version >= 2
-                ack = P.reply_count_seq if v2 else _reply_count_v1
+                ack = P.reply_count_seq if v2 else P.reply_count_v1
             else:
                 return  # BYE or an error ended the session mid-read
         if parts:
