@@ -327,3 +327,25 @@ def test_real_server_resume_after_a_dropped_socket(server_factory):
     assert c.recv_type(P.EventSeq).seq == 4
     with pytest.raises(TimeoutError):
         w.recv(timeout=0.3)  # no PRESENCE at any point
+
+
+def test_real_server_options_from_the_environment(server_factory):
+    srv = server_factory(env={"MUXSERVER_HISTORY_SIZE": "0", "MUXSERVER_RESUME_WINDOW": "0"})
+    a = raw_hello(srv.address, "a")
+    assert (a.welcome.resume_token, a.welcome.resume_window_ms) == ("", 0)
+    reply = a.request(P.Join(1, "r", SEQ, 0, 0, P.REPLAY_ALL))
+    assert P.parse_join_reply(reply.body) == (P.FRESH, 0, 1, 0)
+    b = raw_hello(srv.address, "b")
+    b.request(P.Join(1, "r"))
+    assert P.parse_emit_reply(b.request(P.Emit(2, 0, "r", "m", b"x")).body) == (1, 0)
+    assert a.recv_type(P.EventSeq) == P.EventSeq(0, 0, "b", "r", "m", b"x")
+
+
+def test_bad_history_options_exit_2():
+    import subprocess
+    import sys
+
+    for args in (["--history-size", "-1"], ["--resume-window", "x"], ["--history-ttl", "-5"]):
+        proc = subprocess.run([sys.executable, "-m", "muxserver", *args],
+                              capture_output=True, text=True, timeout=20)  # fmt: skip
+        assert proc.returncode == 2 and args[0] in proc.stderr, (args, proc.stderr)
