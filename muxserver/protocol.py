@@ -677,18 +677,12 @@ def event_kind_byte(kind: int, payload_type: int) -> int:
     return kind | (payload_type << EVENT_TYPE_SHIFT)
 
 
-# An EVENT_SEQ is an EVENT with a u64 seq between its type byte and its body,
-# so its length is the EVENT's plus this.
-EVENT_SEQ_EXTRA = 8
+EVENT_SEQ_EXTRA = 8  # EVENT_SEQ = EVENT with a u64 seq after the type byte: this much longer
 
 
 @functools.lru_cache(maxsize=64)
 def event_seq_head(sprefix_len: int) -> struct.Struct:
-    """EVENT_SEQ length, type, seq and the ``sprefix_len`` bytes of EVENT body before the tail.
-
-    ``sprefix`` is an EVENT prefix without its type byte (source_kind, str8
-    sender): one ``pack`` then builds a frame's head for the server's runs.
-    """
+    """EVENT_SEQ length, type, seq, then an EVENT prefix without its type byte (one ``pack``)."""
     return struct.Struct(f">IBQ{sprefix_len}s")
 
 
