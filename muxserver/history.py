@@ -220,7 +220,11 @@ class History:
         room lookup per run, not per message.
         """
         room = self._rooms.get(key)
-        if room is None or room.members == 0 or len(items) == 1:
+        n = sum(map(len, items))
+        if room is None or room.members == 0 or self.bytes_held + n > self.memory:
+            # Memberless rooms, and runs that cross the global bound, one by
+            # one: evicting for ``memory`` after each message (which the
+            # room's own bounds may then undo) is not the same as after all.
             seq = 0
             for item in items:
                 seq = self.append(key, item, now)
@@ -230,11 +234,9 @@ class History:
         if not room.in_heap:
             heappush(self._heap, (gid + 1, room))
             room.in_heap = True
-        n = 0
         for item in items:
             gid += 1
             msgs.append((gid, now, item))
-            n += len(item)
         self._gid = gid
         room.last += len(items)
         size = self.size
@@ -242,13 +244,8 @@ class History:
             n -= len(msgs.popleft()[2])
         room.bytes += n
         self.bytes_held += n
-        if (
-            room.bytes > self.max_bytes
-            or now - msgs[0][1] >= self.ttl
-            or self.bytes_held > self.memory
-        ):
+        if room.bytes > self.max_bytes or now - msgs[0][1] >= self.ttl:
             self._trim(room, now)
-            self._evict_memory()
         return room.last
 
     def next_seq(self, key: Hashable, now: float) -> int:

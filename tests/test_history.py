@@ -577,3 +577,36 @@ class HistoryMachine(RuleBasedStateMachine):
 
 TestHistoryMachine = HistoryMachine.TestCase
 TestHistoryMachine.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_extend_is_append_in_a_loop(seed):
+    """History.extend (the server's per-run call) leaves exactly what appends would."""
+    import random
+
+    rnd = random.Random(seed)
+    bounds = dict(
+        size=rnd.choice([1, 5, 50]),
+        max_bytes=rnd.choice([40, 400, 1 << 20]),
+        ttl=rnd.choice([0.5, 5.0]),
+        memory=rnd.choice([100, 1000, 1 << 20]),
+    )
+    one, many = (History(**bounds, randbits=lambda n: 7) for _ in range(2))
+    now = 0.0
+    b_members = rnd.choice([0, 1])  # "b" memberless: extend falls back to append
+    for h in (one, many):
+        h.set_members("a", 1, now)
+        h.set_members("b", b_members, now)
+    for _ in range(60):
+        now += rnd.random()
+        key = rnd.choice("ab")
+        items = [bytes(rnd.randint(1, 30)) for _ in range(rnd.randint(1, 8))]
+        seq = 0
+        for item in items:
+            seq = one.append(key, item, now)
+        assert many.extend(key, items, now) == seq
+        for k in "ab":
+            assert one.position(k, now) == many.position(k, now)
+            want = one.read(k, 7, 1, now, 1000, 1 << 20)
+            assert many.read(k, 7, 1, now, 1000, 1 << 20) == want
+        assert (one.bytes_held, one.messages_held) == (many.bytes_held, many.messages_held)
