@@ -252,7 +252,10 @@ def chart(doc: dict, path: Path) -> Path | None:
         bars = ax.bar(range(len(names)), values, color=[_color(n) for n in names])
         for bar, n, res in zip(bars, names, cells, strict=True):
             if not _ok(res):
-                label = "not\ninstalled" if "not installed" in res["status"] else "error"
+                status = res["status"]
+                label = "not\ninstalled" if "not installed" in status else "error"
+                if status.startswith("n/a"):
+                    label = "n/a"
             elif n == "muxserver":
                 label = f"{res['deliveries_per_s'] / 1e6:.1f}M"
             else:
