@@ -4,7 +4,8 @@ Pure: no sockets, no loop, no clock of its own. Every call that can age
 something takes ``now`` (seconds from a monotonic clock, never decreasing) so
 tests run on fake time; the epoch comes from an injectable ``randbits``
 (default :func:`secrets.randbits`). The server stores opaque ``bytes`` items
-(the ready EVENT_SEQ frame) and counts ``len(item)`` against the byte bounds.
+(each message's tail: muxserver.sequenced) and counts ``len(item)`` against
+the byte bounds.
 
 Layout, chosen for the per-message hot path (``append`` is called once per
 room EMIT): each room keeps one deque of ``(gid, time, item)`` tuples. Every

@@ -22,9 +22,21 @@ catching it up, or it is a resumed session that has not re-joined yet).
 * A member catching up gets the room's history as it is, its own messages
   included (a resumed client needs them too); the echo rule applies to live
   delivery only.
+
+What the history holds per message is its *tail* (the EMIT's target, event
+and payload: the bytes the EMIT run has already sliced), not an EVENT_SEQ
+frame: building a frame per message costs the hot path a pack and a copy for
+every room, sequenced members or not. The sender's prefix (source_kind and
+nick) is kept once per run of one sender, in ``senders``: per room a short
+deque of ``(first seq, prefix)``, at most ``--history-size`` long (each entry
+covers at least one message, so the newest ``size`` entries cover every
+message held). A replay builds its frames from the two.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_right
+from collections import deque
 
 from . import protocol as P
 from .history import History
@@ -43,7 +55,7 @@ _OPEN = 1  # session.OPEN (not imported: session.py imports this module)
 class Sequencer:
     """Replay cursors of every session, over one :class:`History`."""
 
-    __slots__ = ("history", "router", "clock", "stats", "replaying", "low_water")
+    __slots__ = ("history", "router", "clock", "stats", "replaying", "low_water", "senders")
 
     def __init__(self, history: History, router, clock, stats: dict, max_output: int) -> None:
         self.low_water = max(1, min(LOW_WATER, max_output // 4))
@@ -57,6 +69,51 @@ class Sequencer:
         stats.setdefault("replay_gaps", 0)
         # session -> {room: [epoch, next seq to send]}, only while replaying.
         self.replaying: dict = {}
+        self.senders: dict = {}  # room key -> deque of (first seq, sender prefix)
+
+    # ---------------------------------------------------------- keeping
+    def keep(self, key, tails: list, first: int, sprefix: bytes) -> None:
+        """Keep a run of one sender's messages, seqs ``first..``, in the room's history.
+
+        ``sprefix``: the EVENT prefix without its type byte (source_kind,
+        str8 sender), as EVENT_SEQ carries it after the seq.
+        """
+        ranges = self.senders.get(key)
+        if ranges is None or first == 1:
+            # Numbering starts at 1 in every epoch: a new history, new ranges.
+            ranges = self.senders[key] = deque(maxlen=self.history.size + 1)
+        if not ranges or ranges[-1][1] != sprefix:
+            ranges.append((first, sprefix))
+        self.history.extend(key, tails, self.clock.now)
+
+    def frames(self, key, first: int, tails: list) -> list[bytes]:
+        """EVENT_SEQ frames of the held messages ``first, first+1, ...`` (their tails)."""
+        ranges = self.senders[key]
+        i = max(0, bisect_right(ranges, first, key=_first) - 1)
+        upto = ranges[i + 1][0] if i + 1 < len(ranges) else None  # next sender's first seq
+        sprefix = ranges[i][1]
+        pack = P.event_seq_head(len(sprefix)).pack
+        base = len(sprefix) + 1 + P.EVENT_SEQ_EXTRA  # frame length without the tail
+        out = []
+        seq = first
+        for tail in tails:
+            if seq == upto:
+                i += 1
+                upto = ranges[i + 1][0] if i + 1 < len(ranges) else None
+                sprefix = ranges[i][1]
+                pack = P.event_seq_head(len(sprefix)).pack
+                base = len(sprefix) + 1 + P.EVENT_SEQ_EXTRA
+            out.append(pack(base + len(tail), P.EVENT_SEQ, seq, sprefix) + tail)
+            seq += 1
+        return out
+
+    def expire(self, now: float) -> None:
+        """The history's periodic expiry; drop sender ranges of histories that are gone."""
+        history = self.history
+        history.expire(now)
+        if len(self.senders) > history.rooms_held:
+            for key in [k for k in self.senders if history.position(k, now)[0] == 0]:
+                del self.senders[key]
 
     # ------------------------------------------------------------ joins
     def join(self, sess, room, msg: P.Join) -> bytes:
@@ -118,7 +175,8 @@ class Sequencer:
                         out.append(P.gap_frame(room.name.encode("utf-8"), *page.gap))
                         stats["replay_gaps"] += 1
                     if page.items:
-                        out.extend(page.items)
+                        first = page.next_seq - len(page.items)
+                        out.extend(self.frames(room.key, first, page.items))
                         stats["replayed_messages"] += len(page.items)
                     queued = True
                     cursor[1] = page.next_seq
@@ -158,6 +216,10 @@ def gauges(protocol) -> dict:
         "parked": protocol.resumer.parked_count,
         "replaying": len(protocol.sequencer.replaying),
     }
+
+
+def _first(entry: tuple) -> int:
+    return entry[0]
 
 
 def _nothing() -> None:

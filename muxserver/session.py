@@ -232,10 +232,9 @@ class SessionProtocol:
                     by_type[emit_type] += 1
                     tail = body[tail_at:]
                     parts += (pack_len(plen + len(body)), prefix, tail)
+                    seq += step  # its own seq (the history takes the run's tails in _end_run)
                     if sparts is not None:
-                        # Its own seq and EVENT_SEQ frame: one pack per message;
-                        # the history takes the run's frames in one call (_end_run).
-                        seq += step
+                        # SEQUENCED members: its EVENT_SEQ frame, one pack.
                         sparts.append(pack_seq(splen + len(body), seq_type, seq, sprefix) + tail)
                     if req:
                         acks.append(ack(req, len(run_room.members) - 1, seq))
@@ -255,7 +254,8 @@ class SessionProtocol:
                         eend = tend + 1 + body[tend]
                         if eend <= n and body[tend + 1 : eend] in events_ok:
                             if parts:
-                                self._end_run(sess, run_room, parts, run_echo, run_type, sparts)
+                                self._end_run(sess, run_room, parts, run_echo, run_type, sparts,
+                                              seq, sprefix)  # fmt: skip
                                 parts = []
                             name = rooms_ok.get(body[7:tend])
                             run_room = rooms.get(name) if name else None
@@ -269,11 +269,9 @@ class SessionProtocol:
                                 plen = len(prefix) - _DELTA
                                 tail = body[tail_at:]
                                 parts += (pack_len(plen + n), prefix, tail)
-                                seq = 0
-                                if keep or run_room.seq or run_room.held:
-                                    if keep:
-                                        seq = history.next_seq(run_room.key, now)
-                                    sprefix = prefix[1:]
+                                seq = history.next_seq(run_room.key, now) if keep else 0
+                                sprefix = prefix[1:]  # the EVENT_SEQ / history form of it
+                                if run_room.seq or run_room.held:
                                     splen = plen + _SEQ_EXTRA
                                     pack_seq = P.event_seq_head(len(sprefix)).pack
                                     sparts = [pack_seq(splen + n, seq_type, seq, sprefix) + tail]
@@ -286,7 +284,7 @@ class SessionProtocol:
                                 continue
             # Everything else, in order, after the run so far is out.
             if parts:
-                self._end_run(sess, run_room, parts, run_echo, run_type, sparts)
+                self._end_run(sess, run_room, parts, run_echo, run_type, sparts, seq, sprefix)
                 parts = []
             run_head = run_room = None
             state = sess.state
@@ -306,12 +304,20 @@ class SessionProtocol:
             else:
                 return  # BYE or an error ended the session mid-read
         if parts:
-            self._end_run(sess, run_room, parts, run_echo, run_type, sparts)
+            self._end_run(sess, run_room, parts, run_echo, run_type, sparts, seq, sprefix)
 
-    def _end_run(self, sess: Session, room, parts: list, echo: int, ptype: int, sparts) -> None:
-        """Hand a run of EVENTs (see handle) to the history and the router, once for the room."""
-        if sparts is not None and self.history.enabled:
-            self.history.extend(room.key, sparts, self.clock.now)
+    def _end_run(
+        self, sess: Session, room, parts: list, echo: int, ptype: int, sparts, seq: int, sprefix
+    ) -> None:
+        """Hand a run of EVENTs (see handle) to the history and the router, once for the room.
+
+        The history keeps each message's tail (``parts[2::3]``: the EMIT's
+        target, event and payload, bytes that already exist) and the run's
+        sender prefix once; a replay builds the EVENT_SEQ frames from them.
+        """
+        if self.history.enabled:
+            n = len(parts) // 3
+            self.sequencer.keep(room.key, parts[2::3], seq - n + 1, sprefix)
         legacy = None
         if ptype and room.legacy:
             # Version-1 members get the same frames without the payload type.
@@ -433,13 +439,12 @@ class SessionProtocol:
             data, legacy = self._event(prefix, ptype, tail, bool(group.legacy))
             history = self.history
             if kind == P.TARGET_ROOM and (history.enabled or group.seq or group.held):
-                now = self.clock.now
-                seq = history.next_seq(group.key, now)
-                frame = P.event_seq_frame(
-                    seq, typed_prefix(prefix, ptype) if ptype else prefix, tail
-                )
-                history.append(group.key, frame, now)
+                seq = history.next_seq(group.key, self.clock.now)
+                tprefix = typed_prefix(prefix, ptype) if ptype else prefix
+                if history.enabled:
+                    self.sequencer.keep(group.key, [tail], seq, tprefix[1:])
                 if group.seq or group.held:
+                    frame = P.event_seq_frame(seq, tprefix, tail)
                     count = router.fanout_seq(sess, group, data, legacy, frame, 1, echo)
                 else:
                     count = router.fanout(sess, group, data, legacy, 1, echo)
@@ -554,7 +559,7 @@ class SessionProtocol:
     # ============================================================ liveness
     def sweep(self, sessions, now: float) -> None:
         """Heartbeats and timeouts of protocol section 7 (and the HELLO timeout); history ages."""
-        self.history.expire(now)
+        self.sequencer.expire(now)
         cfg = self.config
         interval, timeout = cfg.ping_interval, cfg.ping_timeout
         for sess in sessions:

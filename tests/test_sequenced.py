@@ -15,8 +15,9 @@ from muxserver import protocol as P
 from muxserver.testing import MemoryPair, memory_server
 
 SEQ = P.JOIN_SEQUENCED
-# What the history holds for one emit() message of "s" (4-byte payload).
-ITEM = len(P.encode(P.EventSeq(1, 0, "s", "r", "m", bytes(4))))
+# The bytes one emit() message (4-byte payload) counts against the history's
+# bounds: its tail (str8 room, str8 event, payload), as docs/recovery.md says.
+ITEM = len(P.str8("r") + P.str8("m") + bytes(4))
 
 
 def make(**config):
@@ -242,6 +243,37 @@ def test_plain_join_of_a_sequenced_room_switches_back(srv):
     assert a.frames() == [P.Reply(8, P.OK)]
     emit(s, "r", 1)
     assert a.frames() == [P.Event(0, "s", "r", "m", bytes(4))]
+
+
+@pytest.mark.parametrize("size", [3, 100])
+def test_replayed_frames_are_the_live_ones_whoever_sent_them(size):
+    """The history keeps tails and sender prefixes apart; a replay rebuilds the same bytes."""
+    import random
+
+    rnd = random.Random(size)
+    srv = make(history_size=size)
+    senders = [client(srv, "s"), client(srv, "bob-the-long-nick"), client(srv, "old", 1)]
+    for c in senders:
+        c.send(P.Join(1, "r"))
+        c.frames()
+    live = client(srv, "live")
+    sjoin(live, "r")
+    seen = []
+    for i in range(60):
+        c = rnd.choice(senders)
+        ptype = rnd.choice([0, P.PAYLOAD_TEXT, P.PAYLOAD_JSON]) if c.welcome.version == 2 else 0
+        flags = P.emit_flags(False, ptype)
+        req = rnd.choice([0, 5])  # acked EMITs end runs: runs of every length
+        c.send(
+            *(P.Emit(req, 0, "r", "m", b"%d.%d" % (i, k), flags) for k in range(rnd.randint(1, 4)))
+        )
+        c.frames()
+        seen += live.frames()
+    late = client(srv, "late")
+    plan, replay = sjoin(late, "r", replay_max=P.REPLAY_ALL)
+    assert plan[2:] == (max(1, len(seen) - size + 1), len(seen))
+    assert replay == seen[-size:]
+    assert [f.seq for f in seen] == list(range(1, len(seen) + 1))
 
 
 # ================================================================ replays
