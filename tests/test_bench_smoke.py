@@ -67,3 +67,11 @@ def test_percentiles_are_nearest_rank():
     assert phase.percentile(50) == 50.0
     assert phase.percentile(99) == 99.0
     assert Phase(1.0, 0, 0, 0.0).percentile(99) is None
+
+
+def test_replay_server_time_is_measured():
+    """bench.replay's in-process measurement replays every message (and cannot hang)."""
+    from bench import replay
+
+    res = replay.server_time(rounds=2, missed=300)
+    assert 0 < res["best"] <= res["median"]
