@@ -55,9 +55,14 @@ _OPEN = 1  # session.OPEN (not imported: session.py imports this module)
 class Sequencer:
     """Replay cursors of every session, over one :class:`History`."""
 
-    __slots__ = ("history", "router", "clock", "stats", "replaying", "low_water", "senders")
+    __slots__ = (
+        "history", "router", "clock", "stats", "replaying", "low_water", "senders", "on_bug",
+    )  # fmt: skip
 
-    def __init__(self, history: History, router, clock, stats: dict, max_output: int) -> None:
+    def __init__(
+        self, history: History, router, clock, stats: dict, max_output: int, on_bug
+    ) -> None:
+        self.on_bug = on_bug
         self.low_water = max(1, min(LOW_WATER, max_output // 4))
         self.history = history
         self.router = router
@@ -152,42 +157,53 @@ class Sequencer:
 
     # ------------------------------------------------------------- pump
     def pump(self) -> bool:
-        """Queue replay pages to sessions under ``low_water``; True if any page was queued."""
-        history = self.history
-        now = self.clock.now
-        pending = self.router.pending
-        stats = self.stats
-        low = self.low_water
+        """Queue replay pages to sessions under ``low_water``; True if any page was queued.
+
+        A bug while replaying to one session is contained like one in its
+        input handling: ``on_bug(session)`` (the server logs it and closes
+        that connection), and every other replay goes on.
+        """
         queued = False
         for sess, cursors in list(self.replaying.items()):
             if sess.state != _OPEN:
                 del self.replaying[sess]  # closing, or parked: hold() ran
                 continue
-            transport = sess.transport
-            for room, cursor in list(cursors.items()):
-                if sess.rooms.get(room.name) is not room or sess not in room.held:
-                    del cursors[room]  # left the room, or joined it plain again
-                    continue
-                out = sess.out
-                while transport.pending_bytes < low:
-                    page = history.read(room.key, cursor[0], cursor[1], now, PAGE_ITEMS, low)
-                    if page.gap is not None:
-                        out.append(P.gap_frame(room.name.encode("utf-8"), *page.gap))
-                        stats["replay_gaps"] += 1
-                    if page.items:
-                        first = page.next_seq - len(page.items)
-                        out.extend(self.frames(room.key, first, page.items))
-                        stats["replayed_messages"] += len(page.items)
-                    queued = True
-                    cursor[1] = page.next_seq
-                    if page.done or page.restarted:
-                        del cursors[room]
-                        del room.held[sess]
-                        room.seq[sess] = None  # live from the next message on
-                        break
-                pending.add(sess)
+            try:
+                queued |= self._pump_one(sess, cursors)
+            except Exception:
+                self.replaying.pop(sess, None)
+                self.on_bug(sess)
+                continue
             if not cursors:
                 self.replaying.pop(sess, None)
+        return queued
+
+    def _pump_one(self, sess, cursors: dict) -> bool:
+        history, now, low, stats = self.history, self.clock.now, self.low_water, self.stats
+        transport = sess.transport
+        queued = False
+        for room, cursor in list(cursors.items()):
+            if sess.rooms.get(room.name) is not room or sess not in room.held:
+                del cursors[room]  # left the room, or joined it plain again
+                continue
+            out = sess.out
+            while transport.pending_bytes < low:
+                page = history.read(room.key, cursor[0], cursor[1], now, PAGE_ITEMS, low)
+                if page.gap is not None:
+                    out.append(P.gap_frame(room.name.encode("utf-8"), *page.gap))
+                    stats["replay_gaps"] += 1
+                if page.items:
+                    first = page.next_seq - len(page.items)
+                    out.extend(self.frames(room.key, first, page.items))
+                    stats["replayed_messages"] += len(page.items)
+                queued = True
+                cursor[1] = page.next_seq
+                if page.done or page.restarted:
+                    del cursors[room]
+                    del room.held[sess]
+                    room.seq[sess] = None  # live from the next message on
+                    break
+            self.router.pending.add(sess)
         return queued
 
     def pump_rounds(self, flush, loop) -> None:

@@ -162,7 +162,10 @@ class SessionProtocol:
             config.history_size, config.history_bytes, config.history_ttl, config.history_memory
         )
         hub.on_members = self._members_changed
-        self.sequencer = Sequencer(self.history, router, clock, stats, config.max_output)
+        self.sequencer = Sequencer(
+            self.history, router, clock, stats, config.max_output,
+            lambda sess: host._internal_error(sess, "replaying its history"),
+        )  # fmt: skip
         self.resumer = Resumer(config, hub, router, self.sequencer, clock, host, stats, self.fatal)
         self.handlers = {
             P.HELLO: self._on_second_hello,

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from muxserver import protocol as P
+from muxserver.session import CLOSED
 from muxserver.testing import MemoryPair, memory_server
 
 SEQ = P.JOIN_SEQUENCED
@@ -348,6 +349,39 @@ def test_leaving_during_a_replay_stops_it(srv):
     assert len(seqs(got)) < 50
     got = a.frames()
     assert not srv.protocol.sequencer.replaying and seqs(got) == []
+
+
+def test_a_bug_while_replaying_closes_only_that_connection(monkeypatch, caplog):
+    import logging
+
+    srv = make()
+    (s,) = room_with(srv, "s")
+    emit(s, "r", 5)
+    a, b = client(srv, "a"), client(srv, "b")
+    from muxserver.sequenced import Sequencer
+
+    real = Sequencer.frames
+
+    def broken(self, key, first, tails):
+        if self.replaying.get(a.session) is not None:
+            raise RuntimeError("boom")
+        return real(self, key, first, tails)
+
+    monkeypatch.setattr(Sequencer, "frames", broken)
+    with caplog.at_level(logging.ERROR, logger="muxserver"):
+        a.send(P.Join(7, "r", SEQ, 0, 0, P.REPLAY_ALL))
+        b.send(P.Join(7, "r", SEQ, 0, 0, P.REPLAY_ALL))
+        a.frames()
+    assert a.session.state == CLOSED and srv.stats["internal_errors"] == 1
+    assert "boom" in caplog.text and "Traceback" in caplog.text
+    assert seqs(b.frames()) == [1, 2, 3, 4, 5]  # everyone else carries on
+    assert who_of(s, "r") == ["s", "b"]
+
+
+def who_of(c, room):
+    c.send(P.Who(99, room))
+    [reply] = [f for f in c.frames() if isinstance(f, P.Reply) and f.req == 99]
+    return P.parse_who(reply.body)[1]
 
 
 # ============================================================ real process
