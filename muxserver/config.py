@@ -27,6 +27,8 @@ class Config:
     rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
     tls_cert: str = ""
     tls_key: str = ""
+    allowed_origins: str = ""  # comma-separated origins WebSocket upgrades may come from; * any
+    web: bool = True  # serve the chat page and muxclient.js (the /ws endpoint stays either way)
     # Sections 9 and 10: per-room history bounds and the resume window.
     history_size: int = 100  # messages per room; 0 turns history off
     history_bytes: int = 1024 * 1024  # per room

@@ -27,6 +27,7 @@ and resuming sessions (section 10) are muxserver.resume's.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 
@@ -35,7 +36,7 @@ from .framing import LENGTH
 from .history import History
 from .hub import HubError
 from .resume import PARK_CODES, Resumer
-from .sequenced import Sequencer
+from .sequenced import Sequencer, gauges
 
 log = logging.getLogger("muxserver")
 
@@ -167,6 +168,8 @@ class SessionProtocol:
             lambda sess: host._internal_error(sess, "replaying its history"),
         )  # fmt: skip
         self.resumer = Resumer(config, hub, router, self.sequencer, clock, host, stats, self.fatal)
+        # Replay pages go out while kernels take them: pump, flush, again (sequenced.py).
+        clock.add_before_sleep(functools.partial(self.sequencer.pump_rounds, host.flush, clock))
         self.handlers = {
             P.HELLO: self._on_second_hello,
             P.JOIN: self._on_join,
@@ -179,6 +182,10 @@ class SessionProtocol:
             P.ROOMS: self._on_rooms,
             P.BYE: self._on_bye,
         }
+
+    def gauges(self) -> dict:
+        """History and resume figures for /metrics (Server.snapshot)."""
+        return gauges(self)
 
     def _members_changed(self, key, count: int) -> None:
         self.history.set_members(key, count, self.clock.now)
