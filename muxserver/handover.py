@@ -68,7 +68,9 @@ def join_connection(server, new, sess) -> None:
     sess.frames_in, sess.frames_out = new.frames_in, new.frames_out
     sess.connected_at = new.connected_at
     _rebind(server, sess)
+    # conn_id names a connection (WELCOME, /connz, logs): the new one's.
     server.sessions.pop(new.id, None)
+    sess.id = new.id
     server.sessions[sess.id] = sess
     new.state = _CLOSED
     new.successor = sess

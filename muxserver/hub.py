@@ -83,7 +83,7 @@ class Member:
 
 
 class Room:
-    __slots__ = ("name", "key", "members", "watchers", "legacy", "seq", "held")
+    __slots__ = ("name", "key", "members", "watchers", "legacy", "seq", "held", "parked")
 
     def __init__(self, name: str, key=None) -> None:
         self.name = name
@@ -96,13 +96,14 @@ class Room:
         # catching them up, or a resumed session has not re-joined yet).
         self.seq: dict = {}
         self.held: dict = {}
+        self.parked = 0  # members without a connection (section 10): not recipients
 
     def __len__(self) -> int:
         return len(self.members)
 
 
 class Namespace:
-    __slots__ = ("name", "members", "nicks", "rooms", "legacy")
+    __slots__ = ("name", "members", "nicks", "rooms", "legacy", "parked")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -110,6 +111,7 @@ class Namespace:
         self.nicks: dict = {}  # nick_key(nick) -> member
         self.rooms: dict[str, Room] = {}
         self.legacy: dict = {}  # members speaking protocol version 1
+        self.parked = 0  # members without a connection (section 10): not recipients
 
 
 class Hub:

@@ -20,7 +20,7 @@ Readings chosen here: a session parks on a lost connection (EOF, reset,
 write error), ``IDLE_TIMEOUT`` and ``SLOW_CONSUMER``, never after BYE,
 ``SHUTTING_DOWN``, a protocol error or an internal error; version-1 sessions
 never park (they have no token). The WELCOME of a resumed session carries the
-session's own ``conn_id``. Restored SEQUENCED memberships are held (silent)
+new connection's ``conn_id`` (it names a connection). Restored SEQUENCED memberships are held (silent)
 until re-joined SEQUENCED; plain ones are live at once.
 """
 
@@ -108,6 +108,7 @@ class Resumer:
     def park(self, sess):
         """Keep ``sess`` in the hub without its connection; returns the shell now holding it."""
         shell = handover.split_connection(self.host, sess)
+        self._count_parked(sess, 1)
         sess.state = PARKED
         sess.out = SINK
         self.sequencer.hold(sess)
@@ -124,6 +125,7 @@ class Resumer:
         if self.parked.pop(sess, None) is None:
             return
         self.stats["parked_expired"] += 1
+        self._count_parked(sess, -1)
         self.forget(sess)
         sess.state = _CLOSED
         self.router.presence(self.hub.detach(sess))
@@ -148,6 +150,7 @@ class Resumer:
             if timer is None:
                 return None
             timer.cancel()
+            self._count_parked(sess, -1)
         handover.join_connection(self.host, new, sess)
         now = self.clock.now
         sess.state = _OPEN
@@ -156,6 +159,13 @@ class Resumer:
         self.sequencer.hold(sess)
         self.stats["resumes"] += 1
         return sess
+
+    @staticmethod
+    def _count_parked(sess, delta: int) -> None:
+        """Rooms and namespaces count their parked members: they are not recipients."""
+        sess.ns.parked += delta
+        for room in sess.rooms.values():
+            room.parked += delta
 
     @property
     def parked_count(self) -> int:

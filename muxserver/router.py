@@ -57,7 +57,7 @@ class Router:
             old = group.legacy
             for member in members:
                 member.out.append(legacy if member in old else data)
-        count = len(members)
+        count = len(members) - group.parked  # parked sessions get nothing (section 10)
         if not echo:
             sender.out.pop()  # it got its copy last: take it back
             count -= 1
@@ -97,7 +97,7 @@ class Router:
                     member.out.append(legacy)
                 else:
                     member.out.append(data)
-        count = len(members)
+        count = len(members) - room.parked
         if not echo:
             count -= 1
             if sender not in held:
@@ -111,8 +111,8 @@ class Router:
 
     def to_one(self, sender, target, data: bytes, legacy: bytes | None, echo) -> int:
         """A direct message; to oneself it follows the echo rule like any other."""
-        if target is sender and not echo:
-            return 0
+        if (target is sender and not echo) or target.transport is None:
+            return 0  # (no transport: parked, nothing is queued for it)
         target.out.append(legacy if legacy is not None and target.version < 2 else data)
         self.pending.add(target)
         self.deliveries += 1

@@ -247,7 +247,7 @@ class SessionProtocol:
                         # SEQUENCED members: its EVENT_SEQ frame, one pack.
                         sparts.append(pack_seq(splen + len(body), seq_type, seq, sprefix) + tail)
                     if req:
-                        acks.append(ack(req, len(run_room.members) - 1, seq))
+                        acks.append(ack(req, len(run_room.members) - run_room.parked - 1, seq))
                         out_by_type[P.REPLY] += 1
                         router.pending.add(sess)
                     continue
@@ -288,7 +288,9 @@ class SessionProtocol:
                                 else:
                                     sparts = None
                                 if req:
-                                    acks.append(ack(req, len(run_room.members) - 1, seq))
+                                    acks.append(
+                                        ack(req, len(run_room.members) - run_room.parked - 1, seq)
+                                    )
                                     out_by_type[P.REPLY] += 1
                                     router.pending.add(sess)
                                 continue

@@ -101,12 +101,15 @@ def test_resume_within_the_window(srv):
     c.send(P.Hello(2, "/", "a", ""))
     assert c.frames()[0].code == P.NICK_TAKEN
     s.send(P.Emit(0, 0, "plain", "m", b"lost"), P.Emit(7, 0, "seq", "m", b"2"))
-    assert P.parse_emit_reply(s.frames()[0].body) == (2, 2)
+    assert P.parse_emit_reply(s.frames()[0].body) == (1, 2)  # a parked member is no recipient
+    s.send(P.Emit(8, P.TARGET_DIRECT, "a", "m", b""), P.Emit(9, P.TARGET_BROADCAST, "", "m", b""))
+    assert [P.parse_emit_reply(f.body) for f in s.frames()] == [(0, 0), (1, 0)]
     assert len(sess.out) == 0
     # Resume: same session, nick and rooms, a new token, no PRESENCE join.
     b = hello(srv, "ignored", resume=token)
     assert b.welcome.resumed == 1 and b.welcome.nick == "a"
-    assert b.welcome.conn_id == sess.id and b.session is sess
+    assert b.welcome.conn_id not in (a.welcome.conn_id, 0) and b.session is sess
+    assert b.welcome.conn_id == sess.id  # conn_id names the connection
     assert b.welcome.resume_token not in ("", token)
     assert presences(w) == []
     # Plain rooms are live at once; the message sent while parked is gone.
