@@ -68,6 +68,7 @@ class Workload:
     window: int = 1024  # messages in flight past the slowest receiver
     batch: int = 64  # messages per send
     rooms: int = 1  # mesh members are spread over this many rooms, member i in i % rooms
+    sequenced: bool = False  # muxserver only: protocol v2, every member joins SEQUENCED
 
     @property
     def receivers(self) -> int:
@@ -95,6 +96,9 @@ WORKLOADS = {
     w.key: w
     for w in (
         Workload("1-100", "1 -> 100", 1, 100, window=1024, batch=64),
+        # The same with every member SEQUENCED (protocol section 9): EVENT_SEQ
+        # frames, each message numbered and kept in the room's history.
+        Workload("1-100-seq", "1 -> 100 sequenced", 1, 100, window=1024, batch=64, sequenced=True),
         Workload("1-1", "1 -> 1", 1, 1, window=4096, batch=128),
         Workload("1-1000", "1 -> 1000", 1, 1000, window=512, batch=64),
         # Every member is in the room and gets every message, its own
@@ -128,6 +132,7 @@ class MuxAdapter:
         if ack and workload.mesh:
             raise ValueError("acks are counted on publisher-only connections")
         self.ack = ack
+        self.sequenced = workload.sequenced
         self.flags = P.EMIT_ECHO if workload.mesh else 0
         self.workload = workload
         names = [workload.room_name(r) for r in range(workload.rooms)]
@@ -139,6 +144,8 @@ class MuxAdapter:
         ]
         self._head = self._heads[0]
         event = P.Event(P.TARGET_ROOM, self.nick(0), names[0], EVENT, bytes(PAYLOAD_SIZE))
+        if self.sequenced:  # seqs are u64 fixed-width: every EVENT_SEQ has one size
+            event = P.EventSeq(1, *event)
         self.frame_size = len(P.encode(event))
         self.ts_offset = self.frame_size - PAYLOAD_SIZE
         self._req = 0
@@ -152,9 +159,12 @@ class MuxAdapter:
 
     def handshake(self, role: str, idx: int):
         room = self.workload.room_name(self.workload.room_of(idx))
-        data = P.encode(P.Hello(P.PROTOCOL_VERSION, "/", self.nick(idx), "")) + P.encode(
-            P.Join(1, room, 0)
-        )
+        if self.sequenced:
+            hello = P.Hello(2, "/", self.nick(idx), "")
+            join = P.Join(1, room, P.JOIN_SEQUENCED, 0, 0, 0)
+        else:
+            hello, join = P.Hello(P.PROTOCOL_VERSION, "/", self.nick(idx), ""), P.Join(1, room, 0)
+        data = P.encode(hello) + P.encode(join)
         decoder = FrameDecoder(1 << 20)
         seen: list = []
 

@@ -24,6 +24,8 @@ TARGETS = [
     ("1-1000", "redis", 2.5),
     ("50-50", "redis", 1.6),
 ]
+# (sequenced workload, its plain twin, minimum ratio of muxserver's deliveries/s), issue 12.
+SEQUENCED_TARGETS = [("1-100-seq", "1-100", 0.85)]
 # WebSocket (issue 11): (workload, system, peer, minimum system / peer ratio), same run.
 WS_TARGETS = [
     ("1-100", "muxserver-ws", "socketio", 30.0),
@@ -100,8 +102,7 @@ def progress_line(
         return _fit(f"{head}: {res['status']} [{took:.1f} s]")
     half = res["half_rate"]
     first = (
-        f"{head}: {res['deliveries_per_s']:,.0f} deliveries/s "
-        f"({res['messages_per_s']:,.0f} msg/s)"
+        f"{head}: {res['deliveries_per_s']:,.0f} deliveries/s ({res['messages_per_s']:,.0f} msg/s)"
     )
     second = (
         f"    {took:.1f} s; p50 {_num(half['p50_us'])} us, p99 {_num(half['p99_us'])} us at "
@@ -141,6 +142,26 @@ def check_targets(results: dict) -> list[dict]:
                 # the same ratio per CPU-second of the server: what to trust if noisy
                 "got_per_cpu_s": ratio(results, wl, peer, "deliveries_per_server_cpu_s"),
                 "noisy": noisy(results[wl]["muxserver"]) or noisy(results[wl][peer]),
+            }
+        )
+    for seq_wl, plain_wl, want in SEQUENCED_TARGETS:
+        mine = results.get(seq_wl, {}).get("muxserver")
+        plain = results.get(plain_wl, {}).get("muxserver")
+        if mine is None or plain is None:
+            continue
+        got = per_cpu = None
+        if _ok(mine) and _ok(plain):
+            got = mine["deliveries_per_s"] / plain["deliveries_per_s"]
+            a, b = mine.get("deliveries_per_server_cpu_s"), plain.get("deliveries_per_server_cpu_s")
+            per_cpu = a / b if a and b else None
+        checks.append(
+            {
+                "what": f"{WORKLOADS[seq_wl].title} / {WORKLOADS[plain_wl].title} >= {want}x",
+                "target": want,
+                "got": got,
+                "met": None if got is None else got >= want,
+                "got_per_cpu_s": per_cpu,
+                "noisy": noisy(mine) or noisy(plain),
             }
         )
     for wl, system, peer, want in WS_TARGETS:
@@ -256,7 +277,9 @@ def console_summary(doc: dict, md_path: str = "reports/bench.md") -> str:
     peers = [n for n in next(iter(results.values()), {}) if n != "muxserver"]
     meta = doc["meta"]
     lines = [
-        _fit(f"muxserver benchmark, {meta['mode']} run, {meta['date']}, commit {meta['commit'] or '?'}"),
+        _fit(
+            f"muxserver benchmark, {meta['mode']} run, {meta['date']}, commit {meta['commit'] or '?'}"
+        ),
         "",
         "muxserver's deliveries/s as a multiple of each peer's, same run:",
         "",
@@ -402,7 +425,10 @@ def chart(doc: dict, path: Path) -> Path | None:
         bars = ax.bar(range(len(names)), values, color=[_color(n) for n in names])
         for bar, n, res in zip(bars, names, cells, strict=True):
             if not _ok(res):
-                label = "not\ninstalled" if "not installed" in res["status"] else "error"
+                status = res["status"]
+                label = "not\ninstalled" if "not installed" in status else "error"
+                if status.startswith("n/a"):
+                    label = "n/a"
             elif n == "muxserver":
                 label = f"{res['deliveries_per_s'] / 1e6:.1f}M"
             else:

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import report, rooms, systems
+from . import replay, report, rooms, systems
 from .loadgen import ADAPTERS, WORKLOADS, LoadError, LoadGen
 from .wsload import SocketIoAdapter, WsMuxAdapter
 
@@ -94,6 +94,8 @@ class Budget:
 def measure(name: str, wl_key: str, timings: dict, cpu, profile_dir, quiet_wait: float) -> dict:
     """Run one workload against one system; returns the result record."""
     wl = WORKLOADS[wl_key]
+    if wl.sequenced and name != "muxserver":
+        return {"status": "n/a (sequenced rooms: muxserver only)"}
     why = systems.unavailable(name)
     if why:
         return {"status": why}
@@ -244,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-retry", action="store_true", help="one attempt per cell, no waiting")
     parser.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="skip the replay measurement (1,000 missed messages to a resuming client)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="run muxserver under cProfile; stats in OUT/profile-WORKLOAD.{pstats,txt} "
@@ -315,12 +322,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     if with_rooms:
         doc["rooms"] = rooms.run_all(names, cpu_server, quick=args.mode == "quick")
+    if "muxserver" in names and not args.no_replay:
+        doc["replay"] = replay.measure(cpu_server, rounds=5 if args.mode == "quick" else 15)
+        print(replay.line(doc["replay"]), flush=True)
     doc["targets"] = report.check_targets(results)
     doc["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)
     (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
     text = report.table(doc)
     if doc.get("rooms"):
         text += "\n\n" + rooms.table(doc["rooms"])
+    if "replay" in doc:
+        text += "\n\n" + replay.line(doc["replay"])
     (out / "bench.md").write_text(text + "\n")  # for quoting in docs/benchmarks.md
     print()
     print(report.console_summary(doc, str(out / "bench.md")))

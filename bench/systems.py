@@ -185,8 +185,12 @@ class Running:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start(name: str, cpu: set[int] | None = None, profile: str | None = None) -> Running:
+def start(
+    name: str, cpu: set[int] | None = None, profile: str | None = None, extra: tuple = ()
+) -> Running:
     """Start system ``name`` on a free loopback port; returns once it accepts.
+
+    ``extra``: more command-line arguments (muxserver only).
 
     ``profile``: for muxserver only, a path to write cProfile stats to (the
     server is run under ``python -m cProfile``; stats are written when it
@@ -207,7 +211,7 @@ def start(name: str, cpu: set[int] | None = None, profile: str | None = None) ->
         with open(log_path, "wb") as log:
             try:
                 sp = ServerProcess(
-                    "--ping-interval", "3600", "--log-level", "warning",
+                    "--ping-interval", "3600", "--log-level", "warning", *extra,
                     python_args=["-m", "cProfile", "-o", profile] if profile else (),
                     stderr=log, preexec_fn=preexec, ready_timeout=READY_TIMEOUT,
                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -124,6 +124,11 @@ OPTIONS = [
     ("token-file", str, "", "read the token from this file (first line)"),
     ("rate-limit", _non_negative, 0.0, "EMITs per second per connection (0: off)"),
     ("rate-burst", _count, 0, "EMITs a connection may save up (0: same as --rate-limit)"),
+    ("history-size", _count, 100, "messages of history per room (0: history off)"),
+    ("history-bytes", _count, 1048576, "bytes of history per room"),
+    ("history-ttl", _non_negative, 120.0, "seconds a message (and an empty room numbering) lives"),
+    ("history-memory", _count, 67108864, "bytes of history for all rooms together"),
+    ("resume-window", _non_negative, 120.0, "seconds a lost session can be resumed (0: off)"),
     ("tls-cert", str, "", "PEM certificate chain: serve TLS"),
     ("tls-key", str, "", "PEM private key for --tls-cert (if not in the same file)"),
     (

@@ -31,3 +31,9 @@ class Config:
     frame_timeout: float = 30.0  # seconds a started frame has to complete
     allowed_origins: str = ""  # comma-separated origins WebSocket upgrades may come from; * any
     web: bool = True  # serve the chat page and muxclient.js (the /ws endpoint stays either way)
+    # Sections 9 and 10: per-room history bounds and the resume window.
+    history_size: int = 100  # messages per room; 0 turns history off
+    history_bytes: int = 1024 * 1024  # per room
+    history_ttl: float = 120.0  # seconds a message (and an empty room's numbering) lives
+    history_memory: int = 64 * 1024 * 1024  # all rooms together
+    resume_window: float = 120.0  # seconds a lost session stays parked; 0 turns resume off

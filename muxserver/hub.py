@@ -20,6 +20,12 @@ of a message only when someone needs it and then asks each member its
 ``version``. Namespaces keep the same count. (A count, not a second dict of
 those members: that was two dict slots per version-1 connection.)
 
+Rooms also keep their version-2 SEQUENCED members apart (``seq``: EVENT_SEQ
+live; ``held``: nothing live while a replay catches them up or a resumed
+session has not re-joined), for muxserver.sequenced and the router, and tell
+``on_members`` every change of their member count (the history keeps a
+room's numbering while it has members; parked sessions are members).
+
 Nicks are unique per namespace without regard to case (protocol section 1):
 ``Namespace.nicks`` is keyed by :func:`nick_key`, the NFKC-normalised,
 case-folded form, and maps to the member, whose ``nick`` is shown as chosen.
@@ -81,20 +87,27 @@ class Member:
 
 
 class Room:
-    __slots__ = ("name", "members", "watchers", "legacy")
+    __slots__ = ("name", "key", "members", "watchers", "legacy", "seq", "held", "parked")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, key=None) -> None:
         self.name = name
+        self.key = key if key is not None else name  # (namespace, room): the history's key
         self.members: dict = {}  # member -> None, in join order
         self.watchers: dict = {}  # members who asked for PRESENCE
         self.legacy = 0  # members speaking protocol version 1
+        # Version-2 SEQUENCED members (section 9), kept by muxserver.sequenced:
+        # ``seq`` get EVENT_SEQ live; ``held`` get nothing live (a replay is
+        # catching them up, or a resumed session has not re-joined yet).
+        self.seq: dict = {}
+        self.held: dict = {}
+        self.parked = 0  # members without a connection (section 10): not recipients
 
     def __len__(self) -> int:
         return len(self.members)
 
 
 class Namespace:
-    __slots__ = ("name", "members", "nicks", "rooms", "legacy")
+    __slots__ = ("name", "members", "nicks", "rooms", "legacy", "parked")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -102,12 +115,16 @@ class Namespace:
         self.nicks: dict = {}  # nick_key(nick) -> member
         self.rooms: dict[str, Room] = {}
         self.legacy = 0  # members speaking protocol version 1
+        self.parked = 0  # members without a connection (section 10): not recipients
 
 
 class Hub:
-    def __init__(self, max_rooms: int = 1000) -> None:
+    def __init__(self, max_rooms: int = 1000, on_members=None) -> None:
         self.max_rooms = max_rooms
         self.namespaces: dict[str, Namespace] = {}
+        # on_members(room_key, count): told after every change of a room's
+        # member count (the history keeps a room's numbering while it has any).
+        self.on_members = on_members
 
     # ------------------------------------------------------------ session
     def nick_taken(self, ns_name: str, nick: str) -> bool:
@@ -171,7 +188,7 @@ class Hub:
             raise HubError(LIMIT, f"already in {self.max_rooms} rooms (the limit)")
         room = ns.rooms.get(room_name)
         if room is None:
-            room = ns.rooms[room_name] = Room(room_name)
+            room = ns.rooms[room_name] = Room(room_name, (ns.name, room_name))
         changes = []
         if room.watchers:
             changes.append(
@@ -183,6 +200,8 @@ class Hub:
         if presence:
             room.watchers[member] = None
         member.rooms[room.name] = room  # one name string per room, not per member
+        if self.on_members is not None:
+            self.on_members(room.key, len(room.members))
         return changes
 
     def leave(self, member, room_name: str) -> list[Change]:
@@ -196,6 +215,10 @@ class Hub:
         room.watchers.pop(member, None)
         if member.version < 2:
             room.legacy -= 1
+        room.seq.pop(member, None)
+        room.held.pop(member, None)
+        if self.on_members is not None:
+            self.on_members(room.key, len(room.members))
         if not room.members:
             del member.ns.rooms[room_name]
             return []

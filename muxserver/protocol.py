@@ -16,6 +16,7 @@ broadcast forwards the EMIT's tail behind a new prefix without re-encoding.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple
 
@@ -582,6 +583,11 @@ def reply_count(req: int, count: int) -> bytes:
     return REPLY_COUNT.pack(11, REPLY, req, OK, count)
 
 
+def reply_count_v1(req: int, count: int, seq: int = 0) -> bytes:
+    """Version 1 EMIT REPLY with ``reply_count_seq``'s signature (version 1 sends no seq)."""
+    return REPLY_COUNT.pack(11, REPLY, req, OK, count)
+
+
 def reply_count_seq(req: int, count: int, seq: int) -> bytes:
     """Version 2 EMIT REPLY: recipients and the message's seq (0 outside history)."""
     return REPLY_COUNT_SEQ.pack(19, REPLY, req, OK, count, seq)
@@ -669,6 +675,21 @@ def event_prefix(source_kind: int, sender_nick: bytes) -> bytes:
 def event_kind_byte(kind: int, payload_type: int) -> int:
     """Version 2 EVENT source_kind: the kind in bits 0-1, payload type in bits 4-5."""
     return kind | (payload_type << EVENT_TYPE_SHIFT)
+
+
+EVENT_SEQ_EXTRA = 8  # EVENT_SEQ = EVENT with a u64 seq after the type byte: this much longer
+
+
+@functools.lru_cache(maxsize=64)
+def event_seq_head(sprefix_len: int) -> struct.Struct:
+    """EVENT_SEQ length, type, seq, then an EVENT prefix without its type byte (one ``pack``)."""
+    return struct.Struct(f">IBQ{sprefix_len}s")
+
+
+def event_seq_frame(seq: int, prefix: bytes, tail) -> bytes:
+    """EVENT_SEQ frame of the EVENT ``prefix`` + ``tail`` (prefix starts with the EVENT type byte)."""
+    head = SEQ_HEAD.pack(len(prefix) + EVENT_SEQ_EXTRA + len(tail), EVENT_SEQ, seq)
+    return head + prefix[1:] + tail
 
 
 def event_frame(prefix: bytes, tail) -> bytes:

@@ -56,7 +56,7 @@ class Router:
         else:
             for member in members:
                 member.out.append(legacy if member.version < 2 else data)
-        count = len(members)
+        count = len(members) - group.parked  # parked sessions get nothing (section 10)
         if not echo:
             sender.out.pop()  # it got its copy last: take it back
             count -= 1
@@ -67,10 +67,50 @@ class Router:
         self.deliveries += count * messages
         return count
 
+    def fanout_seq(
+        self, sender, room, data: bytes, legacy: bytes | None, seqdata: bytes, messages: int, echo
+    ) -> int:
+        """``fanout`` for a room with SEQUENCED members (protocol section 9).
+
+        ``seqdata`` (the EVENT_SEQ encoding) goes to ``room.seq``, nothing to
+        ``room.held`` (they catch up from the history), ``data`` / ``legacy``
+        to the rest. A room whose members are all live SEQUENCED pays no
+        per-member check.
+        """
+        members = room.members
+        seq = room.seq
+        held = room.held
+        if len(seq) == len(members):
+            for member in members:
+                member.out.append(seqdata)
+        else:
+            if legacy is None:
+                legacy = data
+            for member in members:
+                if member in seq:
+                    member.out.append(seqdata)
+                elif member in held:
+                    continue
+                elif member.version < 2:
+                    member.out.append(legacy)
+                else:
+                    member.out.append(data)
+        count = len(members) - room.parked
+        if not echo:
+            count -= 1
+            if sender not in held:
+                sender.out.pop()  # it got its copy last: take it back
+        queued = self._queued
+        if room not in queued:
+            queued.add(room)
+            self.pending.update(members)
+        self.deliveries += count * messages
+        return count
+
     def to_one(self, sender, target, data: bytes, legacy: bytes | None, echo) -> int:
         """A direct message; to oneself it follows the echo rule like any other."""
-        if target is sender and not echo:
-            return 0
+        if (target is sender and not echo) or target.transport is None:
+            return 0  # (no transport: parked, nothing is queued for it)
         target.out.append(legacy if legacy is not None and target.version < 2 else data)
         self.pending.add(target)
         self.deliveries += 1

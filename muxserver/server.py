@@ -199,12 +199,12 @@ class Server:
         except WOULD_BLOCK:
             return
         except OSError:
-            self.lost(sess)
-            return
+            n = 0  # reset: lost, like end of stream
         if n == 0:
             self.lost(sess)
             return
         self.received(sess, self._rview[:n])
+        sess = sess.successor or sess
         if sess.state <= OPEN and transport.more_buffered():
             self.loop.call_later(0, self._read_again, sess)
 
@@ -229,11 +229,12 @@ class Server:
             except FrameError as exc:
                 frames, error = exc.frames, exc
             self.protocol.receive(sess, frames, error)
+            sess = sess.successor or sess  # a HELLO that resumed hands the connection over
             if transport.wants is not None:
                 sniffing.transport_wants(self, sess, transport)
             self.limits.after_read(sess, bool(frames), self.loop.now)
         except Exception:
-            self._internal_error(sess, "handling its input")
+            self._internal_error(sess.successor or sess, "handling its input")
 
     def writable(self, sess: Session) -> None:
         """The kernel has room again (EVENT_WRITE, or an in-memory peer that read)."""
@@ -246,7 +247,7 @@ class Server:
                 "disconnect #%d %s from %s", sess.id, sess.nick, sess.peer,
                 extra={"conn": sess.id, "peer": sess.peer, "nick": sess.nick, "reason": "peer closed"},
             )  # fmt: skip
-            self.protocol.detach(sess)
+            sess = self.protocol.release(sess)
         transport = sess.transport
         if sess.state == CLOSING and transport.blocked:
             # Peer half-closed but may still read: finish sending, then close.
@@ -269,7 +270,7 @@ class Server:
             # once and send that one bytes object to all of them.
             joined: dict = {}
             for sess in pending:
-                if sess.state == CLOSED:
+                if sess.state >= CLOSED:  # or PARKED: no connection
                     continue
                 out = sess.out
                 n = len(out)
@@ -325,7 +326,7 @@ class Server:
         if sess.state == CLOSED:
             return
         if sess.state in (OPEN, HELLO_WAIT):
-            self.protocol.detach(sess)
+            sess = self.protocol.release(sess)
         sess.state = CLOSED
         if sess.close_timer is not None:
             sess.close_timer.cancel()

@@ -17,17 +17,27 @@ EMIT), and the whole run joined into one bytes object that the router
 appends once per member. A run ends at the first frame that is anything
 else, so every ordering rule holds as if each frame had been handled alone.
 Byte offsets come from the codec (``protocol.py``), never from literals here.
+
+Every room EMIT is also numbered and kept (protocol section 9): the run
+builds one EVENT_SEQ frame per message (one ``pack`` of a head that carries
+the sender prefix, plus the tail) and hands the run's frames to the history
+in one call. SEQUENCED JOINs and replays are muxserver.sequenced's; parking
+and resuming sessions (section 10) are muxserver.resume's.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 
 from . import protocol as P
 from .framing import LENGTH
+from .history import History
 from .hub import HubError
 from .logs import pack_peer, unpack_peer
+from .resume import PARK_CODES, Resumer
+from .sequenced import Sequencer, gauges
 
 log = logging.getLogger("muxserver")
 
@@ -37,6 +47,7 @@ OPEN = 1  # past HELLO: a member of a namespace
 CLOSING = 2  # error or BYE queued: flushing the last output, input discarded
 DRAINING = 3  # FIN sent: reading and discarding until EOF or drain_timeout
 CLOSED = 4
+# PARKED = 5 (muxserver.resume): in the hub, no connection; the flush skips it.
 
 # What the heartbeat rule decides for one session (see liveness).
 ALIVE, SEND_PING, TIMED_OUT = 0, 1, 2
@@ -49,6 +60,8 @@ _TYPE_MASK = P.EMIT_TYPE_MASK
 _ROOM_TAIL = P.EMIT_TAIL_OFFSET  # the EMIT body from here on is the EVENT tail
 _DELTA = P.EVENT_LENGTH_DELTA  # EVENT length = len(prefix) + len(EMIT body) - this
 _NO_REQ = P.REQ.pack(0)  # an EMIT's req field when no ack is asked
+_EVENT_SEQ = P.EVENT_SEQ
+_SEQ_EXTRA = P.EVENT_SEQ_EXTRA  # EVENT_SEQ length = EVENT length + this
 
 
 def liveness(now: float, last_rx: float, last_ping: float, interval: float, timeout: float) -> int:
@@ -73,7 +86,7 @@ class Session:
         "id", "_peer", "state", "version", "transport", "out",
         "nick", "ns", "rooms", "_prefix_room", "_prefix_direct", "_prefix_bcast",
         "bucket", "connected_at", "last_rx", "last_ping",
-        "counted", "close_timer", "frames_in", "frames_out",
+        "counted", "close_timer", "frames_in", "frames_out", "successor", "resume_key",
     )  # fmt: skip
 
     def __init__(self, conn_id: int, transport, peer, now: float) -> None:
@@ -92,6 +105,8 @@ class Session:
         self.counted = False  # held against max_connections
         self.close_timer = None
         self.frames_in = self.frames_out = 0
+        self.successor = None  # the session this connection was handed to (resume)
+        self.resume_key = ""  # selector of its resume token (muxserver.resume)
 
     def __repr__(self) -> str:
         return f"<Session #{self.id} {self.nick or '-'} state={self.state}>"
@@ -169,6 +184,17 @@ class SessionProtocol:
         self._nicks = P.NameCache("nick")
         self.frames_in_by_type = [0] * 256
         self._ping_nonce = 0
+        self.history = History(
+            config.history_size, config.history_bytes, config.history_ttl, config.history_memory
+        )
+        hub.on_members = self._members_changed
+        self.sequencer = Sequencer(
+            self.history, router, clock, stats, config.max_output,
+            lambda sess: host._internal_error(sess, "replaying its history"),
+        )  # fmt: skip
+        self.resumer = Resumer(config, hub, router, self.sequencer, clock, host, stats, self.fatal)
+        # Replay pages go out while kernels take them: pump, flush, again (sequenced.py).
+        clock.add_before_sleep(functools.partial(self.sequencer.pump_rounds, host.flush, clock))
         self.handlers = {
             P.HELLO: self._on_second_hello,
             P.JOIN: self._on_join,
@@ -182,6 +208,13 @@ class SessionProtocol:
             P.BYE: self._on_bye,
         }
 
+    def gauges(self) -> dict:
+        """History and resume figures for /metrics (Server.snapshot)."""
+        return gauges(self)
+
+    def _members_changed(self, key, count: int) -> None:
+        self.history.set_members(key, count, self.clock.now)
+
     # ============================================================ dispatch
     def receive(self, sess: Session, frames: list, error=None) -> None:
         """One read's frames, then the framing error that ended the read, if any."""
@@ -189,8 +222,9 @@ class SessionProtocol:
         try:
             self.handle(sess, frames)
         except P.ProtocolError as exc:
-            self.fatal(sess, exc.code, exc.message)
+            self.fatal(sess.successor or sess, exc.code, exc.message)
             return
+        sess = sess.successor or sess  # a resuming HELLO hands the connection over
         if error is not None and sess.state <= OPEN:
             self.fatal(sess, error.code, error.message)
 
@@ -201,20 +235,28 @@ class SessionProtocol:
         head = P.EMIT_HEAD.unpack_from
         req_of = P.REQ.unpack_from
         pack_len = LENGTH.pack
+        pack_seq = None  # the run's EVENT_SEQ head: length, type, seq, sprefix
         events_ok = self._events.known
         rooms_ok = self._rooms.known
         router = self.router
         out_by_type = router.frames_out_by_type
+        history = self.history
+        keep = history.enabled  # every room EMIT gets a seq and is kept (section 9)
+        step = 1 if keep else 0
+        now = self.clock.now
         rooms = sess.rooms
         v2 = sess.version >= 2
-        ack = P.reply_count_seq0 if v2 else P.reply_count
-        emit_type, tail_at = _EMIT, _ROOM_TAIL  # locals: read per frame
+        ack = P.reply_count_seq if v2 else P.reply_count_v1
+        emit_type, tail_at, seq_type = _EMIT, _ROOM_TAIL, _EVENT_SEQ
         prefix = b""  # set with the run's first EMIT (prefix_room is made on first use)
         plen = 0  # EVENT length = plen + len(EMIT body)
+        sprefix = b""  # prefix of the run's EVENT_SEQ frames (after their u64 seq)
+        splen = seq = 0  # EVENT_SEQ length = splen + len(EMIT body); seq of the last message
         run_head = None  # body[4:eend] of the run's EMITs: flags, kind, room, event
         run_room = None
         run_echo = run_type = 0
         parts: list[bytes] = []  # [length, prefix, tail] per EMIT of the run
+        sparts: list[bytes] | None = None  # one EVENT_SEQ frame per EMIT, when needed
         acks = sess.out
         # req 0 + run_head: one startswith() takes an unacked EMIT of the run;
         # an empty tuple of prefixes matches nothing (no run yet).
@@ -226,7 +268,11 @@ class SessionProtocol:
                 if len(body) != last_n:  # runs are mostly of one size: reuse its length prefix
                     last_n = len(body)
                     last_len = pack_len(plen + last_n)
-                parts += (last_len, prefix, body[tail_at:])
+                tail = body[tail_at:]
+                parts += (last_len, prefix, tail)
+                seq += step  # its own seq (the history takes the run's tails in _end_run)
+                if sparts is not None:
+                    sparts.append(pack_seq(splen + last_n, seq_type, seq, sprefix) + tail)
                 continue
             if ftype == emit_type and run_head is not None and body.startswith(run_head, 4):
                 # Same flags, room and event as the run so far: every check
@@ -234,9 +280,14 @@ class SessionProtocol:
                 req = req_of(body)[0]
                 if not (req and run_echo):
                     by_type[emit_type] += 1
-                    parts += (pack_len(plen + len(body)), prefix, body[tail_at:])
+                    tail = body[tail_at:]
+                    parts += (pack_len(plen + len(body)), prefix, tail)
+                    seq += step  # its own seq (the history takes the run's tails in _end_run)
+                    if sparts is not None:
+                        # SEQUENCED members: its EVENT_SEQ frame, one pack.
+                        sparts.append(pack_seq(splen + len(body), seq_type, seq, sprefix) + tail)
                     if req:
-                        acks.append(ack(req, len(run_room.members) - 1))
+                        acks.append(ack(req, len(run_room.members) - run_room.parked - 1, seq))
                         out_by_type[P.REPLY] += 1
                         router.pending.add(sess)
                     continue
@@ -253,7 +304,8 @@ class SessionProtocol:
                         eend = tend + 1 + body[tend]
                         if eend <= n and body[tend + 1 : eend] in events_ok:
                             if parts:
-                                self._end_run(sess, run_room, parts, run_echo, run_type)
+                                self._end_run(sess, run_room, parts, run_echo, run_type, sparts,
+                                              seq, sprefix)  # fmt: skip
                                 parts = []
                             name = rooms_ok.get(body[7:tend])
                             run_room = rooms.get(name) if name else None
@@ -267,15 +319,26 @@ class SessionProtocol:
                                 if ptype:
                                     prefix = typed_prefix(prefix, ptype)
                                 plen = len(prefix) - _DELTA
-                                parts += (pack_len(plen + n), prefix, body[tail_at:])
+                                tail = body[tail_at:]
+                                parts += (pack_len(plen + n), prefix, tail)
+                                seq = history.next_seq(run_room.key, now) if keep else 0
+                                sprefix = prefix[1:]  # the EVENT_SEQ / history form of it
+                                if run_room.seq or run_room.held:
+                                    splen = plen + _SEQ_EXTRA
+                                    pack_seq = P.event_seq_head(len(sprefix)).pack
+                                    sparts = [pack_seq(splen + n, seq_type, seq, sprefix) + tail]
+                                else:
+                                    sparts = None
                                 if req:
-                                    acks.append(ack(req, len(run_room.members) - 1))
+                                    acks.append(
+                                        ack(req, len(run_room.members) - run_room.parked - 1, seq)
+                                    )
                                     out_by_type[P.REPLY] += 1
                                     router.pending.add(sess)
                                 continue
             # Everything else, in order, after the run so far is out.
             if parts:
-                self._end_run(sess, run_room, parts, run_echo, run_type)
+                self._end_run(sess, run_room, parts, run_echo, run_type, sparts, seq, sprefix)
                 parts = []
             run_head = run_room = None
             run_key = ()
@@ -287,22 +350,42 @@ class SessionProtocol:
                 handler(sess, body)
             elif state == HELLO_WAIT:
                 self._on_hello(sess, ftype, body)
+                if sess.successor is not None:
+                    sess = sess.successor  # resumed: the rest of the read is the old session's
+                    acks = sess.out
                 rooms = sess.rooms
                 v2 = sess.version >= 2
-                ack = P.reply_count_seq0 if v2 else P.reply_count
+                ack = P.reply_count_seq if v2 else P.reply_count_v1
             else:
                 return  # BYE or an error ended the session mid-read
         if parts:
-            self._end_run(sess, run_room, parts, run_echo, run_type)
+            self._end_run(sess, run_room, parts, run_echo, run_type, sparts, seq, sprefix)
 
-    def _end_run(self, sess: Session, room, parts: list, echo: int, ptype: int) -> None:
-        """Hand a run of EVENTs (see handle) to the router, once for the room."""
+    def _end_run(
+        self, sess: Session, room, parts: list, echo: int, ptype: int, sparts, seq: int, sprefix
+    ) -> None:
+        """Hand a run of EVENTs (see handle) to the history and the router, once for the room.
+
+        The history keeps each message's tail (``parts[2::3]``: the EMIT's
+        target, event and payload, bytes that already exist) and the run's
+        sender prefix once; a replay builds the EVENT_SEQ frames from them.
+        """
+        if self.history.enabled:
+            n = len(parts) // 3
+            self.sequencer.keep(room.key, parts[2::3], seq - n + 1, sprefix)
         legacy = None
         if ptype and room.legacy:
             # Version-1 members get the same frames without the payload type.
             old = parts.copy()
             old[1::3] = [sess.prefix_room] * (len(parts) // 3)
             legacy = b"".join(old)
+        if sparts is not None and (room.seq or room.held):
+            # SEQUENCED members get the EVENT_SEQ variant; skip the plain join
+            # when nobody else is there to take it.
+            plain = len(room.seq) + len(room.held) < len(room.members)
+            data = b"".join(parts) if plain else b""
+            self.router.fanout_seq(sess, room, data, legacy, b"".join(sparts), len(sparts), echo)
+            return
         self.router.fanout(sess, room, b"".join(parts), legacy, len(parts) // 3, echo)
 
     # ================================================================ HELLO
@@ -321,16 +404,24 @@ class SessionProtocol:
         ):
             raise P.ProtocolError(P.AUTH_FAILED, "authentication failed")
         sess.version = hello.version
-        nick = hello.nick or self._guest_nick(hello.namespace, sess.id)
-        try:
-            self.hub.attach(sess, hello.namespace, nick)
-        except HubError as exc:
-            raise P.ProtocolError(exc.status, exc.message) from None
-        sess.state = OPEN
-        if self._rate:
-            sess.bucket = [self._burst, self.clock.now]
-        sess.set_prefixes()
+        resumed = None
+        if hello.resume and self.resumer.window:
+            # An unknown, used or expired token is no error: a fresh session.
+            resumed = self.resumer.resume(sess, hello)
+        if resumed is not None:
+            sess = resumed
+        else:
+            nick = hello.nick or self._guest_nick(hello.namespace, sess.id)
+            try:
+                self.hub.attach(sess, hello.namespace, nick)
+            except HubError as exc:
+                raise P.ProtocolError(exc.status, exc.message) from None
+            sess.state = OPEN
+            if self._rate:
+                sess.bucket = [self._burst, self.clock.now]
+            sess.set_prefixes()
         cfg = self.config
+        v2 = hello.version >= 2
         welcome = P.Welcome(
             hello.version,
             sess.id,
@@ -338,6 +429,9 @@ class SessionProtocol:
             cfg.max_frame,
             int(cfg.ping_interval * 1000),
             cfg.name,
+            self.resumer.issue(sess) if v2 else "",
+            int(self.resumer.window * 1000) if v2 else 0,
+            1 if resumed is not None else 0,
         )
         self.router.reply(sess, P.encode(welcome))
 
@@ -396,7 +490,23 @@ class SessionProtocol:
                 prefix = sess.prefix_bcast
             # The EMIT tail (str8 target, str8 event, payload) *is* the EVENT
             # tail for a room, and for a broadcast (its target is empty).
-            data, legacy = self._event(prefix, ptype, body[_ROOM_TAIL:], bool(group.legacy))
+            tail = body[_ROOM_TAIL:]
+            data, legacy = self._event(prefix, ptype, tail, bool(group.legacy))
+            history = self.history
+            if kind == P.TARGET_ROOM and (history.enabled or group.seq or group.held):
+                seq = history.next_seq(group.key, self.clock.now)
+                tprefix = typed_prefix(prefix, ptype) if ptype else prefix
+                if history.enabled:
+                    self.sequencer.keep(group.key, [tail], seq, tprefix[1:])
+                if group.seq or group.held:
+                    frame = P.event_seq_frame(seq, tprefix, tail)
+                    count = router.fanout_seq(sess, group, data, legacy, frame, 1, echo)
+                else:
+                    count = router.fanout(sess, group, data, legacy, 1, echo)
+                if req:
+                    router.reply(sess, P.reply_count_seq(req, count, seq) if sess.version >= 2
+                                 else P.reply_count(req, count))  # fmt: skip
+                return
             count = router.fanout(sess, group, data, legacy, 1, echo)
         if req:
             router.reply(sess, P.reply_count_seq0(req, count) if sess.version >= 2
@@ -442,7 +552,19 @@ class SessionProtocol:
     def _on_join(self, sess: Session, body: bytes) -> None:
         msg = P.decode_join(body, sess.version)
         presence = bool(msg.flags & P.JOIN_PRESENCE)
-        self._membership(sess, msg.req, lambda: self.hub.join(sess, msg.room, presence))
+        if sess.version < 2 or not msg.flags & P.JOIN_SEQUENCED:
+            self._membership(sess, msg.req, lambda: self.hub.join(sess, msg.room, presence))
+            room = sess.rooms.get(msg.room)
+            if room is not None and (sess in room.seq or sess in room.held):
+                self.sequencer.unsequence(sess, room)  # the latest JOIN's flags decide
+            return
+        try:
+            changes = self.hub.join(sess, msg.room, presence)
+        except HubError as exc:
+            self._reply_error(sess, msg.req, exc.status, exc.message)
+            return
+        self.router.presence(changes)
+        self.router.reply(sess, self.sequencer.join(sess, sess.rooms[msg.room], msg))
 
     def _on_leave(self, sess: Session, body: bytes) -> None:
         msg = P.decode(P.LEAVE, body)
@@ -492,7 +614,8 @@ class SessionProtocol:
 
     # ============================================================ liveness
     def sweep(self, sessions, now: float) -> None:
-        """Heartbeats and timeouts of protocol section 7 (and the HELLO timeout)."""
+        """Heartbeats and timeouts of protocol section 7 (and the HELLO timeout); history ages."""
+        self.sequencer.expire(now)
         cfg = self.config
         interval, timeout = cfg.ping_interval, cfg.ping_timeout
         for sess in sessions:
@@ -532,6 +655,10 @@ class SessionProtocol:
                     "reason": reason, "detail": message,
                 },
             )  # fmt: skip
+        if code in PARK_CODES and self.resumer.can_park(sess):
+            # Section 10: the session stays (parked); its connection, now a
+            # shell outside the hub, carries the ERROR and closes.
+            sess = self.resumer.park(sess)
         self.detach(sess)
         sess.out.append(P.error_frame(code, message))
         self.begin_close(sess)
@@ -550,8 +677,17 @@ class SessionProtocol:
         )  # fmt: skip
         self.fatal(sess, P.SLOW_CONSUMER, f"unsent output passed {self.config.max_output} bytes")
 
+    def release(self, sess: Session) -> Session:
+        """Its connection is gone: park it if it may resume, else detach; who holds it now."""
+        if self.resumer.can_park(sess):
+            return self.resumer.park(sess)
+        self.detach(sess)
+        return sess
+
     def detach(self, sess: Session) -> None:
         """Drop the session from the hub now, telling the watchers."""
+        if sess.resume_key:
+            self.resumer.forget(sess)
         if sess.ns is not None:
             self.router.presence(self.hub.detach(sess))
 

@@ -89,6 +89,7 @@ class Snapshot(NamedTuple):
     input_held: int = 0
     input_holders: int = 0
     input_limit: int = 0
+    recovery: dict | None = None  # history and resume gauges (sections 9 and 10)
 
 
 def take_snapshot(server) -> Snapshot:
@@ -99,7 +100,7 @@ def take_snapshot(server) -> Snapshot:
         server.hub.namespaces, server.stats, server.router.deliveries,
         server.protocol.frames_in_by_type, server.router.frames_out_by_type,
         tuple(server.closed_totals), loop.turn_counts, loop.turn_seconds, loop.time(),
-        *server.limits.figures(),
+        *server.limits.figures(), server.protocol.gauges(),
     )  # fmt: skip
 
 
@@ -305,6 +306,8 @@ def render_metrics(snap) -> str:
         "muxserver_slow_consumer_disconnects_total", "counter",
         "Connections cut because their unsent output passed max_output.", t["slow_consumers"],
     )  # fmt: skip
+    if snap.recovery is not None:
+        _recovery_metrics(out, snap.recovery, stats)
     out.family(
         "muxserver_internal_errors_total", "counter",
         "Exceptions in the server's own code; each closed one connection, nobody else noticed.",
@@ -359,6 +362,58 @@ def render_metrics(snap) -> str:
     )  # fmt: skip
     _process_metrics(out)
     return out.text()
+
+
+def _recovery_metrics(out: _Exposition, rec: dict, stats: dict) -> None:
+    """History, replays and resumes (protocol sections 9 and 10)."""
+    out.family(
+        "muxserver_history_messages", "gauge", "Messages held in room histories.",
+        rec["history_messages"],
+    )  # fmt: skip
+    out.family(
+        "muxserver_history_bytes", "gauge", "Bytes of messages held in room histories.",
+        rec["history_bytes"],
+    )  # fmt: skip
+    out.family(
+        "muxserver_history_rooms", "gauge",
+        "Rooms with a history: members now, or within --history-ttl of the last.",
+        rec["history_rooms"],
+    )  # fmt: skip
+    out.family(
+        "muxserver_replays_total", "counter", "SEQUENCED JOINs, by recovery outcome.",
+        [({"outcome": k}, v) for k, v in stats.get("replays", {}).items()],
+    )  # fmt: skip
+    out.family(
+        "muxserver_replayed_messages_total", "counter", "Messages sent from history by replays.",
+        stats.get("replayed_messages", 0),
+    )  # fmt: skip
+    out.family(
+        "muxserver_replay_gaps_total", "counter",
+        "GAP frames sent because messages were evicted before a replay reached them.",
+        stats.get("replay_gaps", 0),
+    )  # fmt: skip
+    out.family(
+        "muxserver_replaying_sessions", "gauge", "Sessions with a replay in progress.",
+        rec["replaying"],
+    )  # fmt: skip
+    out.family(
+        "muxserver_resumes_total", "counter", "Sessions resumed, by how.",
+        [({"how": "parked"}, stats.get("resumes", 0) - stats.get("resumes_replaced", 0)),
+         ({"how": "replaced"}, stats.get("resumes_replaced", 0))],
+    )  # fmt: skip
+    out.family(
+        "muxserver_parked_sessions", "gauge", "Sessions waiting for a resume (no connection).",
+        rec["parked"],
+    )  # fmt: skip
+    out.family(
+        "muxserver_parked_total", "counter", "Sessions parked (connection lost, resumable).",
+        stats.get("parked_total", 0),
+    )  # fmt: skip
+    out.family(
+        "muxserver_parked_expired_total", "counter",
+        "Parked sessions whose resume window ended (they left their rooms then).",
+        stats.get("parked_expired", 0),
+    )  # fmt: skip
 
 
 def _process_metrics(out: _Exposition) -> None:

@@ -113,8 +113,24 @@ class MemoryPair:
         self._P = P
         self.server = server
         self.transport = MemoryTransport(server.config.max_frame, capacity)
-        self.session = server.attach(self.transport, ("memory", 0))
+        self._session = server.attach(self.transport, ("memory", 0))
         self.decoder = FrameDecoder(1 << 30)
+
+    @property
+    def session(self):
+        """The session that holds this connection now.
+
+        Session resume moves connections between session objects
+        (muxserver.resume): a resumed session takes this connection over, a
+        parked one leaves it to a shell that closes it.
+        """
+        sess = self._session
+        if sess.transport is not self.transport:
+            for other in self.server.sessions.values():
+                if other.transport is self.transport:
+                    self._session = sess = other
+                    break
+        return sess
 
     @property
     def socket(self) -> FakeSocket:
@@ -129,8 +145,9 @@ class MemoryPair:
         self.send_raw(b"".join(self._P.encode(m) for m in msgs))
 
     def raw(self, limit: int | None = None) -> bytes:
-        """Flush the server, then take (up to ``limit``) bytes the client received."""
-        self.server.flush()
+        """Flush the server (every before-sleep hook), then take (up to ``limit``) received bytes."""
+        for hook in self.server.loop._before_sleep:
+            hook()
         sock = self.transport.sock
         n = len(sock.sent) if limit is None else min(limit, len(sock.sent))
         data = bytes(sock.sent[:n])

@@ -87,3 +87,11 @@ def test_ws_counter_counts_payload_across_split_headers():
             total += n
             out += bytes(buf[:n])
         assert total == sum(map(len, payloads)) and out == b"".join(payloads), cut
+
+
+def test_replay_server_time_is_measured():
+    """bench.replay's in-process measurement replays every message (and cannot hang)."""
+    from bench import replay
+
+    res = replay.server_time(rounds=2, missed=300)
+    assert 0 < res["best"] <= res["median"]

@@ -65,7 +65,7 @@ def test_version_2_payload_types_and_version_1_members(srv):
     assert (ev.kind, ev.payload_type, ev.payload) == (P.TARGET_ROOM, P.PAYLOAD_JSON, b'{"x":1}')
     assert old.frames() == [P.Event(0, "a", "r", "j", b'{"x":1}')]
     [reply] = a.frames()
-    assert P.parse_emit_reply(reply.body) == (2, 0)  # v2 REPLY: recipients and seq 0
+    assert P.parse_emit_reply(reply.body) == (2, 1)  # v2 REPLY: recipients and the seq
     # Payload type 3 is reserved in version 2 ...
     a.send(P.Emit(6, 0, "r", "j", b"", 0b110))
     assert a.frames()[-1].code == P.BAD_FRAME
