@@ -11,11 +11,13 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 
 import pytest
+import trustme
 
 from muxserver.backplane import RedisError, RedisLink, Script, parse_url
 from muxserver.backplane.redis import CLOSED, DOWN, UP
@@ -341,6 +343,39 @@ def test_backlog_cap_rejects_at_once(redis, loop):
     assert link.stats()["rejected"] == 4
     # Once flushed, the room is back.
     assert wait_replies(loop, link, ("SET", "k6", value)) == [b"OK"]
+
+
+def test_tls_rediss_url(tmp_path, loop):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    cert.cert_chain_pems[0].write_to_path(paths["cert"])
+    cert.private_key_pem.write_to_path(paths["key"])
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path, "--tls-port", str(tls_port), "--tls-cert-file", str(paths["cert"]),
+        "--tls-key-file", str(paths["key"]), "--tls-ca-cert-file", str(paths["ca"]),
+        "--tls-auth-clients", "no",
+    )  # fmt: skip
+    try:
+        ctx = ssl.create_default_context(cafile=str(paths["ca"]))
+        link = up_link(loop, f"rediss://127.0.0.1:{tls_port}/1", ssl_context=ctx)
+        got: list = []
+        link.subscribe("t", lambda ch, d: got.append(d), lambda: got.append("ok"))
+        run_until(loop, lambda: got == ["ok"], what="TLS subscription")
+        big = os.urandom(300_000)  # several TLS records and reads
+        out = wait_replies(loop, link, ("SET", "b", big), ("GET", "b"), ("PUBLISH", "t", big))
+        assert out == [b"OK", big, 1]
+        run_until(loop, lambda: len(got) == 2, what="TLS message")
+        assert got[1] == big
+        # A CA that did not sign the certificate: the handshake fails, the link stays down.
+        bad = RedisLink(loop, f"rediss://127.0.0.1:{tls_port}", backoff_min=1)
+        bad.start()
+        run_until(loop, lambda: bad.last_error, what="verification failure")
+        assert "CERTIFICATE_VERIFY_FAILED" in bad.last_error and not bad.up
+    finally:
+        server.kill()
 
 
 def test_auth_and_select_from_the_url(tmp_path, loop):

@@ -48,12 +48,20 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from hashlib import sha1
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
+from muxserver.backplane.resp import (
+    RedisError,
+    RedisProtocolError,
+    RedisURL,
+    Script,
+    encode_command,
+    hiredis_module,
+    parse_url,
+)
 from muxserver.loop import EVENT_READ, EVENT_WRITE, EventLoop
+
+__all__ = ["RedisError", "RedisLink", "RedisURL", "Script", "encode_command", "parse_url"]
 
 log = logging.getLogger("muxserver.backplane")
 
@@ -69,100 +77,6 @@ _RBUF_SIZE = 256 * 1024
 _SUB_BATCH = 512  # channels per SUBSCRIBE when restoring after a reconnect
 
 Callback = Callable[[Any], None]
-
-
-class RedisError(Exception):
-    """A Redis error reply, or the link's own failure ("connection lost", ...)."""
-
-
-class RedisProtocolError(RedisError):
-    """Bytes from Redis that are not RESP: the connection cannot go on."""
-
-
-def _hiredis():
-    try:
-        import hiredis
-    except ImportError as exc:  # the cluster extra is optional
-        raise RuntimeError(
-            "the Redis backplane needs hiredis: pip install 'muxserver[cluster]'"
-        ) from exc
-    return hiredis
-
-
-# ------------------------------------------------------------------ URL
-@dataclass(frozen=True)
-class RedisURL:
-    host: str
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-
-
-def parse_url(url: str) -> RedisURL:
-    """``redis://[[user]:password@]HOST[:PORT][/DB]`` or ``rediss://`` (TLS)."""
-    if not isinstance(url, str) or not url:
-        raise ValueError("Redis URL: expected redis://HOST:PORT/DB, got an empty value")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"Redis URL {url!r}: {exc}") from None
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"Redis URL {url!r}: the scheme must be redis:// or rediss://")
-    if not parts.hostname:
-        raise ValueError(f"Redis URL {url!r}: no host (expected redis://HOST:PORT/DB)")
-    if port == 0:
-        raise ValueError(f"Redis URL {url!r}: port 0 is not a port")
-    if parts.query or parts.fragment:
-        raise ValueError(f"Redis URL {url!r}: query strings and fragments are not supported")
-    path = parts.path.strip("/")
-    if path and not (path.isascii() and path.isdigit()):
-        raise ValueError(f"Redis URL {url!r}: the database must be a number, got {path!r}")
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
-    if username and password is None:
-        raise ValueError(f"Redis URL {url!r}: a user name needs a password (user:pass@)")
-    return RedisURL(
-        host=parts.hostname,
-        port=port or 6379,
-        db=int(path) if path else 0,
-        username=username,
-        password=password or None,
-        tls=parts.scheme == "rediss",
-    )
-
-
-# --------------------------------------------------------------- codec
-def encode_command(args: tuple) -> bytes:
-    """RESP array of bulk strings; str is UTF-8, int and float are decimal."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, (bytes, bytearray, memoryview)):
-            data = bytes(arg)
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int) and not isinstance(arg, bool):
-            data = b"%d" % arg
-        elif isinstance(arg, float):
-            data = repr(arg).encode()
-        else:
-            raise TypeError(f"Redis argument must be bytes, str, int or float, not {type(arg)}")
-        parts.append(b"$%d\r\n" % len(data))
-        parts.append(data)
-        parts.append(b"\r\n")
-    return b"".join(parts)
-
-
-class Script:
-    """A Lua script with its SHA1, for ``RedisLink.eval_script``."""
-
-    __slots__ = ("source", "sha")
-
-    def __init__(self, source: str | bytes) -> None:
-        self.source = source.encode() if isinstance(source, str) else source
-        self.sha = sha1(self.source).hexdigest().encode()
 
 
 class _Sub:
@@ -188,7 +102,7 @@ class _Conn:
         self.link = link
         self.name = name
         self.sock: socket.socket | None = None
-        self.reader = _hiredis().Reader(
+        self.reader = hiredis_module().Reader(
             protocolError=RedisProtocolError, replyError=RedisError, notEnoughData=_NOT_ENOUGH
         )
         self.out: list[bytes] = []
@@ -390,7 +304,7 @@ class RedisLink:
         ssl_context: ssl.SSLContext | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        _hiredis()  # fail now, with the install hint, not at the first connect
+        hiredis_module()  # fail now, with the install hint, not at the first connect
         self.loop = loop
         self.url = url if isinstance(url, RedisURL) else parse_url(url)
         self.on_up = on_up
@@ -567,6 +481,8 @@ class RedisLink:
         key = (kind, name.encode() if isinstance(name, str) else bytes(name))
         if self._subs.pop(key, None) is not None and self._ps is not None:
             self._ps.queue(encode_command((kind + b"UNSUBSCRIBE", key[1])), None, reply=False)
+            if self.state == CONNECTING:
+                self._maybe_up()  # it may have been the last unconfirmed one
 
     def _send_subscribe(self, conn: _Conn, kind: bytes, names: list[bytes]) -> None:
         conn.queue(encode_command((kind + b"SUBSCRIBE", *names)), None, reply=False)
