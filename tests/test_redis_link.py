@@ -378,6 +378,37 @@ def test_tls_rediss_url(tmp_path, loop):
         server.kill()
 
 
+def test_slow_server_blocks_writes_and_caps_the_backlog(redis, loop):
+    link = up_link(loop, redis.url, max_backlog=2 * 1024 * 1024, ping_interval=60)
+    value = os.urandom(256 * 1024)
+    answer_lists: list[list] = []
+    redis.signal(signal.SIGSTOP)  # Redis reads nothing: the kernel buffers fill, then ours
+    try:
+        accepted = 0
+        deadline = time.monotonic() + 5
+        while True:
+            assert time.monotonic() < deadline, "the backlog never filled"
+            answer: list = []
+            if not link.call("SET", "big", value, callback=answer.append):
+                rejected = answer
+                break
+            accepted += 1
+            answer_lists.append(answer)
+            loop.run_once(0)
+        assert link.stats()["backlog_bytes"] <= 2 * 1024 * 1024
+        assert link._cmd.blocked  # a partial send: waiting for EVENT_WRITE
+        assert accepted > 8  # the kernel took some, then our queue up to the cap
+        run_until(loop, lambda: len(rejected) == 1, what="rejection")
+        assert str(rejected[0]) == "backlog full"
+        assert not any(answer_lists)
+    finally:
+        redis.signal(signal.SIGCONT)
+    run_until(loop, lambda: all(answer_lists), timeout=5, what="replies after SIGCONT")
+    assert answer_lists == [[b"OK"]] * accepted
+    assert wait_replies(loop, link, ("STRLEN", "big")) == [len(value)]
+    assert link.stats()["backlog_bytes"] == 0 and link.up
+
+
 def test_auth_and_select_from_the_url(tmp_path, loop):
     server = RedisServer(tmp_path, "--requirepass", "s3cret")
     try:
