@@ -28,7 +28,7 @@ from muxserver.backplane.scripts import (
     room_publish,
     room_range,
 )
-from muxserver.loop import EventLoop, listening_socket
+from muxserver.loop import EVENT_READ, EventLoop, listening_socket
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -561,3 +561,37 @@ def test_missing_hiredis_names_the_extra(monkeypatch, loop):
     monkeypatch.setitem(sys.modules, "hiredis", None)  # import hiredis -> ImportError
     with pytest.raises(RuntimeError, match=r"pip install 'muxserver\[cluster\]'"):
         RedisLink(loop, "redis://127.0.0.1:1")
+    # Importing (server, backplane, scripts) needs no hiredis: only building a link does.
+    code = (
+        "import sys; sys.modules['hiredis'] = None\n"
+        "import muxserver.server, muxserver.backplane.scripts\n"
+        "from muxserver.backplane import parse_url; print(parse_url('redis://h:1/2').db)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert (out.returncode, out.stdout.strip()) == (0, "2"), out.stderr
+
+
+def test_garbage_from_the_server_takes_the_link_down(loop):
+    lsock = listening_socket("127.0.0.1", 0, 16)
+    peers: list = []
+
+    def on_accept(_mask: int) -> None:
+        peer, _ = lsock.accept()
+        peer.sendall(b"hello, I am not Redis\r\n")
+        peers.append(peer)
+
+    loop.register(lsock, EVENT_READ, on_accept)
+    try:
+        link = RedisLink(loop, f"redis://127.0.0.1:{lsock.getsockname()[1]}", backoff_min=1)
+        link.start()
+        out: list = []
+        link.call("PING", callback=out.append)
+        run_until(loop, lambda: out, what="protocol failure")
+        assert str(out[0]) == "connection lost"
+        assert "Protocol error" in link.last_error and not link.up
+        link.close()
+    finally:
+        loop.unregister(lsock)
+        lsock.close()
+        for peer in peers:
+            peer.close()
