@@ -155,6 +155,11 @@ def test_error_replies_are_redis_errors_and_the_link_goes_on(redis, loop):
     assert link.up
     with pytest.raises(TypeError):
         link.call("SET", "k", object())
+    # Commands that would desynchronise reply matching are refused up front.
+    for bad in [(), ("SUBSCRIBE", "c"), (b"select", 1), ("monitor",), ("HELLO", 3)]:
+        with pytest.raises(ValueError):
+            link.call(*bad)
+    assert wait_replies(loop, link, ("GET", "s")) == [b"x"]
 
 
 # ------------------------------------------------------------- pub/sub
@@ -415,9 +420,9 @@ def test_auth_and_select_from_the_url(tmp_path, loop):
         link = up_link(loop, f"redis://:s3cret@127.0.0.1:{server.port}/3")
         assert wait_replies(loop, link, ("SET", "in3", "yes"), ("CLIENT", "INFO"))[0] == b"OK"
         other = up_link(loop, f"redis://default:s3cret@127.0.0.1:{server.port}/0")
-        assert wait_replies(loop, other, ("GET", "in3"), ("SELECT", 3), ("GET", "in3")) == [
-            None, b"OK", b"yes",
-        ]  # fmt: skip
+        assert wait_replies(loop, other, ("GET", "in3"), ("MOVE", "none", 3)) == [None, 0]
+        third = up_link(loop, f"redis://default:s3cret@127.0.0.1:{server.port}/3")
+        assert wait_replies(loop, third, ("GET", "in3")) == [b"yes"]
         bad = RedisLink(loop, f"redis://:wrong@127.0.0.1:{server.port}", backoff_min=1)
         bad.start()
         run_until(loop, lambda: bad.last_error, what="auth failure")
@@ -555,6 +560,12 @@ def test_bad_url_is_a_clear_error(url, message, loop):
         parse_url(url)
     with pytest.raises(ValueError, match=message):
         RedisLink(loop, url)
+
+
+def test_bad_link_settings(loop):
+    for kwargs in ({"max_backlog": 0}, {"ping_timeout": -1}, {"backoff_max": 0.01}):
+        with pytest.raises(ValueError):
+            RedisLink(loop, "redis://127.0.0.1:1", **kwargs)
 
 
 def test_missing_hiredis_names_the_extra(monkeypatch, loop):

@@ -78,6 +78,15 @@ _SUB_BATCH = 512  # channels per SUBSCRIBE when restoring after a reconnect
 
 Callback = Callable[[Any], None]
 
+# Commands that change what the connection answers (pub/sub mode, RESP3,
+# no replies) or that a reconnect would silently undo (SELECT: the URL's db).
+_NOT_ON_CALL = frozenset(
+    variant
+    for name in ("SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
+                 "SUNSUBSCRIBE", "MONITOR", "QUIT", "RESET", "HELLO", "SELECT")
+    for variant in (name, name.encode())
+)  # fmt: skip
+
 
 class _Sub:
     __slots__ = ("on_message", "want", "confirmed", "waiters")
@@ -305,6 +314,13 @@ class RedisLink:
         rng: random.Random | None = None,
     ) -> None:
         hiredis_module()  # fail now, with the install hint, not at the first connect
+        for what, value in (("connect_timeout", connect_timeout), ("ping_interval", ping_interval),
+                            ("ping_timeout", ping_timeout), ("backoff_min", backoff_min),
+                            ("max_backlog", max_backlog)):  # fmt: skip
+            if not value > 0:
+                raise ValueError(f"{what} must be > 0, got {value!r}")
+        if backoff_max < backoff_min:
+            raise ValueError(f"backoff_max ({backoff_max}) is below backoff_min ({backoff_min})")
         self.loop = loop
         self.url = url if isinstance(url, RedisURL) else parse_url(url)
         self.on_up = on_up
@@ -373,9 +389,17 @@ class RedisLink:
             self._run(callback, RedisError("link closed"))
 
     def call(self, *args, callback: Callback | None = None) -> bool:
-        """Queue one command; ``callback(reply_or_RedisError)`` once. False if rejected."""
-        data = encode_command(args)
-        return self._call_raw(data, callback)
+        """Queue one command; ``callback(reply_or_RedisError)`` once. False if rejected.
+
+        Raises ValueError for commands that would break reply matching or
+        outlive a reconnect (see _NOT_ON_CALL): use subscribe() and the URL.
+        """
+        if not args:
+            raise ValueError("call() needs a command")  # Redis does not answer "*0"
+        name = args[0]
+        if (name.upper() if isinstance(name, (bytes, str)) else name) in _NOT_ON_CALL:
+            raise ValueError(f"{name!r} is not allowed on the command connection")
+        return self._call_raw(encode_command(args), callback)
 
     def eval_script(
         self, script: Script, keys: list, args: list, callback: Callback | None = None
