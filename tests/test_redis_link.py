@@ -91,10 +91,22 @@ def redis(tmp_path):
     server.kill()
 
 
+_LINKS: list[RedisLink] = []
+
+
+def new_link(loop: EventLoop, url: str, **kwargs) -> RedisLink:
+    """A RedisLink that the ``loop`` fixture closes after the test."""
+    link = RedisLink(loop, url, **kwargs)
+    _LINKS.append(link)
+    return link
+
+
 @pytest.fixture
 def loop():
     loop = EventLoop()
     yield loop
+    while _LINKS:
+        _LINKS.pop().close()
     loop.close()
 
 
@@ -107,7 +119,7 @@ def run_until(loop: EventLoop, cond, timeout: float = 3.0, what: str = "conditio
 
 
 def up_link(loop, url, **kwargs) -> RedisLink:
-    link = RedisLink(loop, url, **kwargs)
+    link = new_link(loop, url, **kwargs)
     link.start()
     run_until(loop, lambda: link.up, what="link up")
     return link
@@ -229,7 +241,7 @@ def test_psubscribe_gets_the_real_channel(redis, loop):
 def test_server_killed_mid_traffic_then_restarted(redis, loop):
     ups: list = []
     downs: list = []
-    link = RedisLink(
+    link = new_link(
         loop, redis.url, on_up=lambda: ups.append(1), on_down=downs.append,
         backoff_min=0.05, backoff_max=0.2, connect_timeout=0.5,
     )  # fmt: skip
@@ -277,7 +289,7 @@ def test_server_killed_mid_traffic_then_restarted(redis, loop):
 def test_health_check_notices_a_stopped_server(redis, loop):
     ups: list = []
     downs: list = []
-    link = RedisLink(
+    link = new_link(
         loop, redis.url, on_up=lambda: ups.append(1), on_down=downs.append,
         ping_interval=0.1, ping_timeout=0.2, backoff_min=0.05, backoff_max=0.1,
         connect_timeout=0.3,
@@ -303,7 +315,7 @@ def test_connect_timeout_against_a_silent_listener(loop):
     lsock = listening_socket("127.0.0.1", 0, 16)  # accepts in the kernel, never answers
     try:
         port = lsock.getsockname()[1]
-        link = RedisLink(loop, f"redis://127.0.0.1:{port}", connect_timeout=0.2)
+        link = new_link(loop, f"redis://127.0.0.1:{port}", connect_timeout=0.2)
         link.start()
         run_until(loop, lambda: link.last_error, timeout=2, what="connect timeout")
         assert link.last_error == "connect timeout (0.2 s)"
@@ -315,7 +327,7 @@ def test_connect_timeout_against_a_silent_listener(loop):
 
 def test_refused_connection_retries_and_calls_fail(loop):
     port = free_port()  # nothing listens there
-    link = RedisLink(loop, f"redis://127.0.0.1:{port}", backoff_min=0.05)
+    link = new_link(loop, f"redis://127.0.0.1:{port}", backoff_min=0.05)
     link.start()
     out: list = []
     link.call("PING", callback=out.append)  # queued on the attempt, fails with it
@@ -331,7 +343,7 @@ def test_refused_connection_retries_and_calls_fail(loop):
 
 
 def test_backlog_cap_rejects_at_once(redis, loop):
-    link = RedisLink(loop, redis.url, max_backlog=64 * 1024)
+    link = new_link(loop, redis.url, max_backlog=64 * 1024)
     link.start()  # connecting: calls queue behind the handshake
     value = b"v" * 10_000
     results: dict[int, list] = {}
@@ -375,7 +387,7 @@ def test_tls_rediss_url(tmp_path, loop):
         run_until(loop, lambda: len(got) == 2, what="TLS message")
         assert got[1] == big
         # A CA that did not sign the certificate: the handshake fails, the link stays down.
-        bad = RedisLink(loop, f"rediss://127.0.0.1:{tls_port}", backoff_min=1)
+        bad = new_link(loop, f"rediss://127.0.0.1:{tls_port}", backoff_min=1)
         bad.start()
         run_until(loop, lambda: bad.last_error, what="verification failure")
         assert "CERTIFICATE_VERIFY_FAILED" in bad.last_error and not bad.up
@@ -423,7 +435,7 @@ def test_auth_and_select_from_the_url(tmp_path, loop):
         assert wait_replies(loop, other, ("GET", "in3"), ("MOVE", "none", 3)) == [None, 0]
         third = up_link(loop, f"redis://default:s3cret@127.0.0.1:{server.port}/3")
         assert wait_replies(loop, third, ("GET", "in3")) == [b"yes"]
-        bad = RedisLink(loop, f"redis://:wrong@127.0.0.1:{server.port}", backoff_min=1)
+        bad = new_link(loop, f"redis://:wrong@127.0.0.1:{server.port}", backoff_min=1)
         bad.start()
         run_until(loop, lambda: bad.last_error, what="auth failure")
         assert "handshake" in bad.last_error and "WRONGPASS" in bad.last_error
@@ -593,7 +605,7 @@ def test_garbage_from_the_server_takes_the_link_down(loop):
 
     loop.register(lsock, EVENT_READ, on_accept)
     try:
-        link = RedisLink(loop, f"redis://127.0.0.1:{lsock.getsockname()[1]}", backoff_min=1)
+        link = new_link(loop, f"redis://127.0.0.1:{lsock.getsockname()[1]}", backoff_min=1)
         link.start()
         out: list = []
         link.call("PING", callback=out.append)
