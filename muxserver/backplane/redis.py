@@ -426,7 +426,8 @@ class RedisLink:
         """Hold ``channel``: ``on_message(channel, data)`` per message, across reconnects.
 
         ``on_confirmed()`` fires once Redis has confirmed the SUBSCRIBE (at once,
-        from the loop, if it already had). Subscribing again replaces on_message.
+        from the loop, if it already had); while the link is down it waits for the
+        confirmation after the reconnect. Subscribing again replaces on_message.
         """
         self._hold(b"", channel, on_message, on_confirmed)
 
@@ -440,6 +441,7 @@ class RedisLink:
         self._hold(b"p", pattern, on_message, on_confirmed)
 
     def unsubscribe(self, channel: bytes | str) -> None:
+        """Stop holding ``channel``; its on_confirmed waiters not yet fired are dropped."""
         self._release(b"", channel)
 
     def punsubscribe(self, pattern: bytes | str) -> None:
