@@ -77,13 +77,14 @@ class Member:
 
 
 class Room:
-    __slots__ = ("name", "members", "watchers", "legacy")
+    __slots__ = ("name", "members", "watchers", "legacy", "remote")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: dict = {}  # member -> None, in join order
         self.watchers: dict = {}  # members who asked for PRESENCE
         self.legacy: dict = {}  # members speaking protocol version 1
+        self.remote = 0  # members on other cluster nodes, as last known (backplane)
 
     def __len__(self) -> int:
         return len(self.members)

@@ -323,9 +323,10 @@ class Monitor:
         snap = self.server.snapshot()
         try:
             if path == "/metrics":
-                self._respond(
-                    client, 200, render_metrics(snap), "text/plain; version=0.0.4; charset=utf-8"
-                )
+                page = render_metrics(snap)
+                if self.server.backplane is not None:
+                    page += self.server.backplane.metrics_text()
+                self._respond(client, 200, page, "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/healthz":
                 if snap.shutting_down:
                     self._respond(client, 503, "draining\n")

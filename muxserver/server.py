@@ -50,6 +50,7 @@ class Server:
         self.stats = new_counters()  # plain ints, read when scraped
         self.protocol = SessionProtocol(config, self.hub, self.router, self.loop, self, self.stats)
         self.sessions: dict[int, Session] = {}  # conn id -> session
+        self.backplane = None  # cluster mode: set by backplane.cluster.Backplane
         self.listeners: list[Listener] = []
         self.address: tuple[str, int] | None = None
         self.shutting_down = False

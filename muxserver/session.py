@@ -40,6 +40,9 @@ CLOSED = 4
 # What the heartbeat rule decides for one session (see liveness).
 ALIVE, SEND_PING, TIMED_OUT = 0, 1, 2
 
+# Frames a session may send while it waits on the backplane (one round trip).
+MAX_HELD = 4096
+
 STATE_NAMES = {HELLO_WAIT: "hello", OPEN: "open", CLOSING: "closing", DRAINING: "draining"}
 
 _EMIT = P.EMIT
@@ -71,7 +74,7 @@ class Session:
         "id", "peer", "state", "version", "transport", "out",
         "nick", "ns", "rooms", "prefix_room", "prefix_direct", "prefix_bcast",
         "tokens", "tokens_at", "connected_at", "last_rx", "last_ping",
-        "counted", "close_timer", "frames_in", "frames_out",
+        "counted", "close_timer", "frames_in", "frames_out", "held",
     )  # fmt: skip
 
     def __init__(self, conn_id: int, transport, peer, now: float) -> None:
@@ -91,6 +94,9 @@ class Session:
         self.counted = False  # held against max_connections
         self.close_timer = None
         self.frames_in = self.frames_out = 0
+        # Frames read while the session waits on the cluster backplane (a nick
+        # claim, a subscription): None when not blocked. See SessionProtocol.block.
+        self.held: list | None = None
 
     def __repr__(self) -> str:
         return f"<Session #{self.id} {self.nick or '-'} state={self.state}>"
@@ -114,6 +120,11 @@ class Session:
         self.prefix_room = P.event_prefix(P.TARGET_ROOM, nick)
         self.prefix_direct = P.event_prefix(P.TARGET_DIRECT, nick)
         self.prefix_bcast = P.event_prefix(P.TARGET_BROADCAST, nick)
+
+
+def tail_of(emit_body: bytes) -> bytes:
+    """A direct EVENT's tail: an empty source, then the EMIT's event and payload."""
+    return b"\x00" + emit_body[P.emit_event_offset(emit_body) :]
 
 
 def typed_prefix(prefix: bytes, ptype: int) -> bytes:
@@ -142,6 +153,11 @@ class SessionProtocol:
         self._rooms = P.NameCache("room")
         self._events = P.NameCache("event")
         self._nicks = P.NameCache("nick")
+        # The cluster backplane (muxserver.backplane.cluster), or None. While it
+        # is set, the handlers below hand cluster-wide requests to it.
+        self.backplane = None
+        # True sends every EMIT through _on_emit (rate limit, cluster outage).
+        self._slow_emit = bool(self._rate)
         self.frames_in_by_type = [0] * 256
         self._ping_nonce = 0
         self.handlers = {
@@ -161,13 +177,42 @@ class SessionProtocol:
     def receive(self, sess: Session, frames: list, error=None) -> None:
         """One read's frames, then the framing error that ended the read, if any."""
         sess.frames_in += len(frames)
+        held = sess.held
+        if held is not None:
+            # Waiting on the backplane: keep the session's order, handle later.
+            held += frames
+            if error is not None:
+                held.append((None, error))
+            if len(held) > MAX_HELD:
+                self.fatal(sess, P.LIMIT, f"over {MAX_HELD} frames waiting for the cluster")
+            return
+        self._receive(sess, frames, error)
+
+    def _receive(self, sess: Session, frames: list, error) -> None:
         try:
             self.handle(sess, frames)
         except P.ProtocolError as exc:
             self.fatal(sess, exc.code, exc.message)
             return
         if error is not None and sess.state <= OPEN:
-            self.fatal(sess, error.code, error.message)
+            if sess.held is not None:
+                sess.held.append((None, error))
+            else:
+                self.fatal(sess, error.code, error.message)
+
+    def block(self, sess: Session) -> None:
+        """Hold the session's input until ``unblock`` (one backplane round trip)."""
+        if sess.held is None:
+            sess.held = []
+
+    def unblock(self, sess: Session) -> None:
+        """Handle what arrived while blocked, in order (it may block again)."""
+        held = sess.held
+        sess.held = None
+        if not held or sess.state > OPEN:
+            return
+        error = held.pop()[1] if held[-1][0] is None else None
+        self._receive(sess, held, error)
 
     def handle(self, sess: Session, frames: list) -> None:
         """Handle one read's frames in order (see the module docstring for the run)."""
@@ -191,6 +236,7 @@ class SessionProtocol:
         run_echo = run_type = 0
         parts: list[bytes] = []  # [length, prefix, tail] per EMIT of the run
         acks = sess.out
+        frames = iter(frames)  # a handler that blocks takes the rest (see block)
         for ftype, body in frames:
             if ftype == emit_type and run_head is not None and body.startswith(run_head, 4):
                 # Same flags, room and event as the run so far: every check
@@ -200,12 +246,12 @@ class SessionProtocol:
                     by_type[emit_type] += 1
                     parts += (pack_len(plen + len(body)), prefix, body[tail_at:])
                     if req:
-                        acks.append(ack(req, len(run_room.members) - 1))
+                        acks.append(ack(req, len(run_room.members) + run_room.remote - 1))
                         out_by_type[P.REPLY] += 1
                         router.pending.add(sess)
                     continue
             by_type[ftype] += 1
-            if ftype == emit_type and not self._rate and sess.state == OPEN:
+            if ftype == emit_type and not self._slow_emit and sess.state == OPEN:
                 n = len(body)
                 if n > 7:
                     req, flags, kind, tlen = head(body)
@@ -231,7 +277,9 @@ class SessionProtocol:
                                 plen = len(prefix) - _DELTA
                                 parts += (pack_len(plen + n), prefix, body[tail_at:])
                                 if req:
-                                    acks.append(ack(req, len(run_room.members) - 1))
+                                    acks.append(
+                                        ack(req, len(run_room.members) + run_room.remote - 1)
+                                    )
                                     out_by_type[P.REPLY] += 1
                                     router.pending.add(sess)
                                 continue
@@ -246,8 +294,14 @@ class SessionProtocol:
                 if handler is None:
                     raise P.ProtocolError(P.UNKNOWN_TYPE, f"unknown frame type 0x{ftype:02x}")
                 handler(sess, body)
+                if sess.held is not None:
+                    sess.held += frames
+                    return
             elif state == HELLO_WAIT:
                 self._on_hello(sess, ftype, body)
+                if sess.held is not None:
+                    sess.held += frames
+                    return
                 rooms = sess.rooms
                 v2 = sess.version >= 2
                 ack = P.reply_count_seq0 if v2 else P.reply_count
@@ -259,7 +313,7 @@ class SessionProtocol:
     def _end_run(self, sess: Session, room, parts: list, echo: int, ptype: int) -> None:
         """Hand a run of EVENTs (see handle) to the router, once for the room."""
         legacy = None
-        if ptype and room.legacy:
+        if ptype and (room.legacy or self.backplane is not None):
             # Version-1 members get the same frames without the payload type.
             old = parts.copy()
             old[1::3] = [sess.prefix_room] * (len(parts) // 3)
@@ -283,8 +337,15 @@ class SessionProtocol:
             raise P.ProtocolError(P.AUTH_FAILED, "authentication failed")
         sess.version = hello.version
         nick = hello.nick or self._guest_nick(hello.namespace, sess.id)
+        if self.backplane is not None:
+            self.backplane.hello(sess, hello.namespace, nick, bool(hello.nick))
+            return
+        self.admit(sess, hello.namespace, nick)
+
+    def admit(self, sess: Session, namespace: str, nick: str) -> None:
+        """HELLO accepted: join the namespace under ``nick`` and send WELCOME."""
         try:
-            self.hub.attach(sess, hello.namespace, nick)
+            self.hub.attach(sess, namespace, nick)
         except HubError as exc:
             raise P.ProtocolError(exc.status, exc.message) from None
         sess.state = OPEN
@@ -293,7 +354,7 @@ class SessionProtocol:
         sess.set_prefixes()
         cfg = self.config
         welcome = P.Welcome(
-            hello.version,
+            sess.version,
             sess.id,
             sess.nick,
             cfg.max_frame,
@@ -334,11 +395,15 @@ class SessionProtocol:
                 self._reply_error(sess, req, P.INVALID_NAME, self._nicks.why(rtarget))
                 return
             target = self.hub.find(sess, nick)
+            if target is None and self.backplane is not None:
+                data, legacy = self._event(sess.prefix_direct, ptype, tail_of(body), True)
+                self.backplane.direct(sess, req, nick, data, legacy)
+                return
             if target is None:
                 self._reply_error(sess, req, P.NO_SUCH_TARGET, f"no one is called {nick!r} here")
                 return
             # Source is empty for a direct message: str8 "" then event + payload.
-            tail = b"\x00" + body[P.emit_event_offset(body) :]
+            tail = tail_of(body)
             data, legacy = self._event(sess.prefix_direct, ptype, tail, target.version < 2)
             count = router.to_one(sess, target, data, legacy, echo)
         else:
@@ -357,8 +422,11 @@ class SessionProtocol:
                 prefix = sess.prefix_bcast
             # The EMIT tail (str8 target, str8 event, payload) *is* the EVENT
             # tail for a room, and for a broadcast (its target is empty).
-            data, legacy = self._event(prefix, ptype, body[_ROOM_TAIL:], bool(group.legacy))
+            want_legacy = bool(group.legacy) or self.backplane is not None
+            data, legacy = self._event(prefix, ptype, body[_ROOM_TAIL:], want_legacy)
             count = router.fanout(sess, group, data, legacy, 1, echo)
+            if self.backplane is not None and not self.backplane.emitted(sess, req):
+                return  # the cluster link is down: UNAVAILABLE was the answer
         if req:
             router.reply(sess, P.reply_count_seq0(req, count) if sess.version >= 2
                          else P.reply_count(req, count))  # fmt: skip
@@ -401,15 +469,24 @@ class SessionProtocol:
 
     def _on_join(self, sess: Session, body: bytes) -> None:
         msg = P.decode_join(body, sess.version)
+        if self.backplane is not None:
+            self.backplane.join(sess, msg)
+            return
         presence = bool(msg.flags & P.JOIN_PRESENCE)
         self._membership(sess, msg.req, lambda: self.hub.join(sess, msg.room, presence))
 
     def _on_leave(self, sess: Session, body: bytes) -> None:
         msg = P.decode(P.LEAVE, body)
+        if self.backplane is not None:
+            self.backplane.leave(sess, msg)
+            return
         self._membership(sess, msg.req, lambda: self.hub.leave(sess, msg.room))
 
     def _on_nick(self, sess: Session, body: bytes) -> None:
         msg = P.decode(P.NICK, body)
+        if self.backplane is not None:
+            self.backplane.nick(sess, msg)
+            return
 
         def rename():
             changes = self.hub.rename(sess, msg.nick)
@@ -420,6 +497,8 @@ class SessionProtocol:
 
     def _on_who(self, sess: Session, body: bytes) -> None:
         msg = P.decode(P.WHO, body)
+        if self.backplane is not None and self.backplane.who(sess, msg):
+            return
         try:
             nicks = self.hub.who(sess, msg.room)
         except HubError as exc:
@@ -430,6 +509,8 @@ class SessionProtocol:
 
     def _on_rooms(self, sess: Session, body: bytes) -> None:
         msg = P.decode(P.ROOMS, body)
+        if self.backplane is not None and self.backplane.rooms(sess, msg):
+            return
         rooms = self.hub.rooms(sess, all_rooms=msg.scope == 1)
         entries = [P.str8(name) + P.U32.pack(count) for name, count in rooms]
         self.router.reply(sess, P.listing_reply(msg.req, entries, self.config.max_frame))
@@ -513,6 +594,9 @@ class SessionProtocol:
     def detach(self, sess: Session) -> None:
         """Drop the session from the hub now, telling the watchers."""
         if sess.ns is not None:
+            if self.backplane is not None:
+                self.backplane.detach(sess)
+                return
             self.router.presence(self.hub.detach(sess))
 
     def begin_close(self, sess: Session) -> None:

@@ -28,7 +28,8 @@ from muxserver.backplane.scripts import (
     room_publish,
     room_range,
 )
-from muxserver.loop import EVENT_READ, EventLoop, listening_socket
+from muxserver.listener import listening_socket
+from muxserver.loop import EVENT_READ, EventLoop
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
