@@ -161,3 +161,88 @@ def test_join_then_message_from_another_node_is_not_lost(nodes):
             sender.join(f"r{i}")
             assert reply_count(sender.emit_room(f"r{i}", "m", b"now")) == 1
         assert events(late, 1)[0].payload == b"now"
+
+
+def test_direct_and_broadcast_across_nodes_in_order(nodes):
+    a, b = nodes(2)
+    alice = nodes.client(a, "alice")
+    bob = nodes.client(b, "Bob")
+    other = nodes.client(b, "other", namespace="/other")
+    # Direct by nick, any case, to a connection on the other node.
+    assert reply_count(emit(alice, P.TARGET_DIRECT, "BOB", "dm", b"1")) == 1
+    for n in range(2, 101):
+        emit(alice, P.TARGET_DIRECT, "bob", "dm", str(n).encode(), ack=False)
+    got = events(bob, 100)
+    assert [e.payload for e in got] == [str(n).encode() for n in range(1, 101)]
+    assert got[0].kind == P.TARGET_DIRECT and got[0].sender == "alice"
+    reply = emit(alice, P.TARGET_DIRECT, "nobody", "dm", b"")
+    assert reply.status == P.NO_SUCH_TARGET
+    # Broadcast reaches the namespace on every node, and no other namespace.
+    emit(alice, P.TARGET_BROADCAST, "", "all", b"b1", ack=False)
+    emit(alice, P.TARGET_BROADCAST, "", "all", b"b2")
+    assert [e.payload for e in events(bob, 2)] == [b"b1", b"b2"]
+    other.send(P.Ping(7))
+    assert other.recv_type(P.ServerPong).nonce == 7  # nothing else queued before it
+
+
+def test_nick_race_on_two_nodes_exactly_one_wins(nodes):
+    a, b = nodes(2)
+    for round_ in range(10):
+        nick = f"Racer{round_}"
+        ca, cb = RawClient(a.address), RawClient(b.address)
+        try:
+            # Different case on each node: still one nick (protocol section 1).
+            ca.send(P.Hello(1, "/", nick, ""))
+            cb.send(P.Hello(1, "/", nick.upper(), ""))
+            results = [c.recv() for c in (ca, cb)]
+            welcomes = [r for r in results if isinstance(r, P.Welcome)]
+            errors = [r for r in results if isinstance(r, P.Error)]
+            assert len(welcomes) == 1 and len(errors) == 1, results
+            assert errors[0].code == P.NICK_TAKEN
+        finally:
+            ca.close()
+            cb.close()
+    # NICK to a nick held on the other node is refused; a free one works and
+    # the old one is free again cluster-wide.
+    alice = nodes.client(a, "alice")
+    nodes.client(b, "bob")
+    assert alice.request(P.Nick(alice.next_req(), "BOB")).status == P.NICK_TAKEN
+    assert alice.request(P.Nick(alice.next_req(), "alicia")).status == P.OK
+    again = nodes.client(b, "alice")
+    assert again.welcome.nick == "alice"
+
+
+def test_guest_nicks_are_unique_across_nodes(nodes):
+    a, b = nodes(2)
+    ga = nodes.client(a, "")
+    gb = nodes.client(b, "")
+    assert ga.welcome.conn_id == gb.welcome.conn_id  # both nodes count from 1
+    assert ga.welcome.nick != gb.welcome.nick
+
+
+def test_who_rooms_presence_across_nodes(nodes):
+    a, b = nodes(2)
+    watcher = nodes.client(a, "watcher")
+    assert watcher.join("r", presence=True).status == P.OK
+    bob = nodes.client(b, "bob")
+    bob.join("r")
+    assert watcher.recv_type(P.Presence) == P.Presence(P.PRESENCE_JOIN, "r", "bob")
+    carol = nodes.client(b, "carol")
+    carol.join("r")
+    carol.join("s")
+    assert watcher.recv_type(P.Presence).nick == "carol"
+    assert who(watcher, "r") == ["watcher", "bob", "carol"]  # join order, cluster-wide
+    assert who(bob, "s") == ["carol"]
+    reply = watcher.request(P.Rooms(watcher.next_req(), 1))
+    assert P.parse_rooms(reply.body) == (2, [("r", 3), ("s", 1)])
+    reply = carol.request(P.Rooms(carol.next_req(), 0))
+    assert P.parse_rooms(reply.body) == (2, [("r", 3), ("s", 1)])
+    assert bob.request(P.Nick(bob.next_req(), "robert")).status == P.OK
+    assert watcher.recv_type(P.Presence) == P.Presence(P.PRESENCE_NICK, "r", "bob", "robert")
+    assert bob.request(P.Leave(bob.next_req(), "r")).status == P.OK
+    assert watcher.recv_type(P.Presence) == P.Presence(P.PRESENCE_LEAVE, "r", "robert")
+    carol.close()
+    assert watcher.recv_type(P.Presence) == P.Presence(P.PRESENCE_LEAVE, "r", "carol")
+    assert who(watcher, "r") == ["watcher"]
+    reply = watcher.request(P.Rooms(watcher.next_req(), 1))
+    assert P.parse_rooms(reply.body) == (1, [("r", 1)])
