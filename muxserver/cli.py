@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print("muxserver: error: --tls-key needs --tls-cert", file=sys.stderr)
         return 2
     config = Config(**values)
+    config.reuse_port = bool(os.environ.get("MUXSERVER_WORKER"))  # a --workers child
     try:
         server = Server(config)
     except (OSError, ssl.SSLError) as exc:

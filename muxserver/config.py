@@ -27,3 +27,4 @@ class Config:
     rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
     tls_cert: str = ""
     tls_key: str = ""
+    reuse_port: bool = False  # SO_REUSEPORT: set in --workers children (workers.py)

@@ -69,7 +69,7 @@ class Server:
     def start(self) -> tuple[str, int]:
         """Bind and listen; returns the (host, port) actually bound."""
         cfg = self.config
-        listener = Listener(self.loop, cfg.host, cfg.port, self.adopt)
+        listener = Listener(self.loop, cfg.host, cfg.port, self.adopt, reuse_port=cfg.reuse_port)
         self.listeners.append(listener)
         self.address = listener.address
         listener.start()

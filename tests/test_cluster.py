@@ -334,3 +334,59 @@ def test_node_killed_is_cleaned_up_within_10s(nodes):
     again = nodes.client(a, "bob")  # the nick is free again
     assert again.welcome.nick == "bob"
     print(f"\nnode SIGKILLed: PRESENCE leave and nick freed after {elapsed:.2f} s")
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return {int(p) for p in fh.read().split()}
+
+
+def test_workers_behind_one_port(redis):
+    srv = ServerProcess("--workers", "2", "--redis", redis.url, "--log-level", "warning",
+                        "--drain-timeout", "1")  # fmt: skip
+    clients = []
+    try:
+        assert srv.ready_line.startswith("muxserver listening on 127.0.0.1:")
+        workers = _children(srv.pid)
+        assert len(workers) == 2
+        # Enough connections that the kernel puts some on each worker; every
+        # one of them sees every other, whichever worker it landed on.
+        for i in range(8):
+            c = RawClient(srv.address)
+            c.hello(f"u{i}")
+            assert c.join("r").status == P.OK
+            clients.append(c)
+        assert reply_count(clients[0].emit_room("r", "m", b"all")) == 7
+        for c in clients[1:]:
+            assert events(c, 1)[0].payload == b"all"
+        assert sorted(who(clients[3], "r")) == sorted(f"u{i}" for i in range(8))
+        # A crashed worker is restarted on the same port.
+        victim = sorted(workers)[0]
+        import os
+
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: len(_children(srv.pid) - {victim}) == 2, 10)
+        late = RawClient(srv.address)
+        clients.append(late)
+        assert late.hello("late").nick == "late"
+    finally:
+        for c in clients:
+            c.close()
+        assert srv.stop(timeout=15) == 0
+
+
+def test_cli_errors(redis):
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "muxserver", "--port", "0"]
+    done = subprocess.run([*run, "--workers", "2"], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2 and "--workers needs --redis" in done.stderr
+    done = subprocess.run([*run, "--redis", "http://x"], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 1 and "redis://" in done.stderr
+    # Without hiredis: a python whose import of hiredis fails.
+    code = "import sys; sys.modules['hiredis'] = None; from muxserver.cli import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", code, "--port", "0", "--redis", redis.url],
+                          capture_output=True, text=True, timeout=20)  # fmt: skip
+    assert done.returncode == 1
+    assert "pip install 'muxserver[cluster]'" in done.stderr
