@@ -233,7 +233,7 @@ class SessionProtocol:
         plen = len(prefix) - _DELTA  # EVENT length = plen + len(EMIT body)
         run_head = None  # body[4:eend] of the run's EMITs: flags, kind, room, event
         run_room = None
-        run_echo = run_type = 0
+        run_echo = run_type = run_count = 0
         parts: list[bytes] = []  # [length, prefix, tail] per EMIT of the run
         acks = sess.out
         frames = iter(frames)  # a handler that blocks takes the rest (see block)
@@ -246,7 +246,7 @@ class SessionProtocol:
                     by_type[emit_type] += 1
                     parts += (pack_len(plen + len(body)), prefix, body[tail_at:])
                     if req:
-                        acks.append(ack(req, len(run_room.members) + run_room.remote - 1))
+                        acks.append(ack(req, run_count))
                         out_by_type[P.REPLY] += 1
                         router.pending.add(sess)
                     continue
@@ -276,10 +276,10 @@ class SessionProtocol:
                                     prefix = typed_prefix(prefix, ptype)
                                 plen = len(prefix) - _DELTA
                                 parts += (pack_len(plen + n), prefix, body[tail_at:])
+                                # Recipients: no one joins or leaves during a run.
+                                run_count = len(run_room.members) + run_room.remote - 1
                                 if req:
-                                    acks.append(
-                                        ack(req, len(run_room.members) + run_room.remote - 1)
-                                    )
+                                    acks.append(ack(req, run_count))
                                     out_by_type[P.REPLY] += 1
                                     router.pending.add(sess)
                                 continue

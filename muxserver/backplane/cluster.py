@@ -157,9 +157,15 @@ class Backplane:
         self._timer = self.loop.call_later(self.heartbeat, self._beat)
         if not self.link.up:
             return
-        self.link.call(b"SET", K.heartbeat_key(self.node), b"1", b"PX", self.ttl_ms)
-        self.link.call(b"SADD", K.NODES, self.node)
+        self.link.eval_script(K.BEAT, [], [self.node, self.ttl_ms], callback=self._on_beat)
         self.link.eval_script(K.REAP, [], [b""], callback=self._on_reaped)
+
+    def _on_beat(self, reply) -> None:
+        if reply == 0 and self.link.up:
+            # Our heartbeat had expired (the process stalled, the link stayed
+            # up) and another node reaped us: register everything again.
+            log.warning("cluster: this node was reaped while alive; registering again")
+            self._restore()
 
     def _on_reaped(self, reply) -> None:
         if isinstance(reply, RedisError) or not reply:
@@ -178,8 +184,7 @@ class Backplane:
         self.protocol._slow_emit = bool(self.protocol._rate)
         self._notified.clear()
         link = self.link
-        link.call(b"SET", K.heartbeat_key(self.node), b"1", b"PX", self.ttl_ms)
-        link.call(b"SADD", K.NODES, self.node)
+        link.eval_script(K.BEAT, [], [self.node, self.ttl_ms])
         retry, self._retry = self._retry, []
         for script, keys, args in retry:
             self._eval(script, keys, args)
@@ -339,6 +344,8 @@ class Backplane:
         if kind == K.EVENTS:
             messages, body, legacy = K.read_events(data, at)
             self.router.remote(room, body, legacy, messages)
+        elif kind == K.SYNC:
+            self.link.call(b"HLEN", channel[:-3] + b":m", callback=lambda n: self._recount(room, n))
         elif kind == K.PRESENCE:
             pkind = data[at]
             nick, at = K.read_str8(data, at + 1)
@@ -350,6 +357,10 @@ class Backplane:
             if room.watchers:
                 notice = P.Presence(pkind, room.name, nick.decode(), new.decode())
                 self.router.presence([Change(list(room.watchers), notice)])
+
+    def _recount(self, room: Room, size) -> None:
+        if isinstance(size, int) and self._room_ch.get(room) is not None:
+            room.remote = max(0, size - len(room.members))
 
     def _on_direct(self, channel: bytes, data: bytes) -> None:
         if len(data) < 2 or data[0] != K.DIRECT:
@@ -534,8 +545,10 @@ class Backplane:
         rkey = K.rooms_key(ns_name)
         entry = b"\n".join((rkey, room.name.encode(), base, member))
         value = b"%016d|%s" % (self._next_order(), sess.nick.encode())
-        notice = b"" if quiet else K.presence_message(
-            self.origin8, P.PRESENCE_JOIN, sess.nick, "", member)  # fmt: skip
+        if quiet:
+            notice = bytes((K.SYNC,)) + self.origin8
+        else:
+            notice = K.presence_message(self.origin8, P.PRESENCE_JOIN, sess.nick, "", member)
 
         def done(reply) -> None:
             if isinstance(reply, int) and self._room_ch.get(room) is not None:

@@ -30,6 +30,8 @@ Messages on the channels (binary)::
     EVENTS (1 room, 4 broadcast): u32 messages | u32 len(data) | data | legacy
     PRESENCE (2): u8 kind | str8 nick | str8 new_nick | str8 member
     DIRECT (3):   str8 conn id (decimal) | u32 len(data) | data | legacy
+    SYNC (5):     empty: members were registered again (after a Redis restart)
+                  without PRESENCE; receivers re-read the room's size
 
 ``data`` is the ready EVENT frames (length prefixes included) of the sender's
 run; ``legacy`` their version-1 encoding when it differs (else empty), so a
@@ -42,7 +44,7 @@ import struct
 
 from muxserver.backplane.resp import Script
 
-EVENTS, PRESENCE, DIRECT, BROADCAST = 1, 2, 3, 4
+EVENTS, PRESENCE, DIRECT, BROADCAST, SYNC = 1, 2, 3, 4, 5
 U32 = struct.Struct(">I")
 U32X2 = struct.Struct(">II")
 
@@ -118,10 +120,11 @@ def read_events(msg: bytes, at: int) -> tuple[int, bytes, bytes | None]:
 
 MEMBER_ADD = Script("""
 -- KEYS: member hash, namespace rooms hash, node rooms set
--- ARGV: member, value, room, entry, channel, presence message ('' = quiet)
+-- ARGV: member, value, room, entry, channel, message published if the member is new
+-- (a PRESENCE join; a SYNC when a reconnecting node registers its members again)
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-  if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
@@ -191,6 +194,16 @@ if not cur then return 0 end
 local node, conn = string.match(cur, '^([^|]*)|([^|]*)|')
 return redis.call('PUBLISH', 'mux:node:' .. node .. ':ev',
   ARGV[2] .. string.char(#conn) .. conn .. ARGV[3])
+""")
+
+# The heartbeat; returns 0 if this node had been reaped (a stall longer than
+# the TTL with the link still up): the caller then registers everything again.
+BEAT = Script("""
+-- ARGV: node, ttl in ms
+local was = redis.call('SISMEMBER', 'mux:nodes', ARGV[1])
+redis.call('SET', 'mux:hb:' .. ARGV[1], '1', 'PX', ARGV[2])
+redis.call('SADD', 'mux:nodes', ARGV[1])
+return was
 """)
 
 ROOM_COUNTS = Script("""
