@@ -63,6 +63,12 @@ bench: bench-deps
 	mkdir -p reports
 	$(MICRO) --benchmark-autosave --benchmark-json=reports/micro.json $(MICRO_ARGS)
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.cluster --json reports/bench-cluster.json
+
+# Cluster cells only (docs/cluster.md): 2 and 4 nodes on one redis-server.
+bench-cluster: bench-deps
+	mkdir -p reports
+	$(PY) -m bench.cluster --json reports/bench-cluster.json
 
 bench-quick: bench-deps
 	mkdir -p reports

@@ -166,7 +166,9 @@ class Running:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start(name: str, cpu: set[int] | None = None, profile: str | None = None) -> Running:
+def start(
+    name: str, cpu: set[int] | None = None, profile: str | None = None, extra: tuple = ()
+) -> Running:
     """Start system ``name`` on a free loopback port; returns once it accepts.
 
     ``profile``: for muxserver only, a path to write cProfile stats to (the
@@ -193,6 +195,7 @@ def start(name: str, cpu: set[int] | None = None, profile: str | None = None) ->
             "3600",
             "--log-level",
             "warning",
+            *extra,  # e.g. --redis URL for the cluster cells (bench/cluster.py)
         ]
         if profile:
             args = ["-m", "cProfile", "-o", profile, *args]
