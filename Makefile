@@ -42,7 +42,7 @@ BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | cksum | cut -d' ' -f1
 MICRO := $(PY) -m pytest tests/benchmarks -o python_files='bench_*.py' -q \
 	--benchmark-columns=mean,median,ops,rounds --benchmark-sort=name
 
-.PHONY: bench bench-quick bench-deps
+.PHONY: bench bench-quick bench-deps bench-cluster
 
 $(BENCH_STAMP): $(STAMP)
 	$(PIP) install --quiet -e '.[test,bench]'
