@@ -91,7 +91,7 @@ class Room:
 
 
 class Namespace:
-    __slots__ = ("name", "members", "nicks", "rooms", "legacy")
+    __slots__ = ("name", "members", "nicks", "rooms", "legacy", "remote")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -99,6 +99,7 @@ class Namespace:
         self.nicks: dict = {}  # nick_key(nick) -> member
         self.rooms: dict[str, Room] = {}
         self.legacy: dict = {}  # members speaking protocol version 1
+        self.remote = 0  # members on other cluster nodes, as last known (backplane)
 
 
 class Hub:

@@ -178,8 +178,12 @@ def test_direct_and_broadcast_across_nodes_in_order(nodes):
     assert reply.status == P.NO_SUCH_TARGET
     # Broadcast reaches the namespace on every node, and no other namespace.
     emit(alice, P.TARGET_BROADCAST, "", "all", b"b1", ack=False)
-    emit(alice, P.TARGET_BROADCAST, "", "all", b"b2")
+    assert reply_count(emit(alice, P.TARGET_BROADCAST, "", "all", b"b2")) == 1  # bob
     assert [e.payload for e in events(bob, 2)] == [b"b1", b"b2"]
+    carol = nodes.client(b, "carol")
+    assert wait_until(lambda: reply_count(emit(alice, P.TARGET_BROADCAST, "", "n", b"")) == 2)
+    carol.close()
+    assert wait_until(lambda: reply_count(emit(alice, P.TARGET_BROADCAST, "", "n", b"")) == 1)
     other.send(P.Ping(7))
     assert other.recv_type(P.ServerPong).nonce == 7  # nothing else queued before it
 

@@ -37,9 +37,10 @@ Decisions worth knowing:
   removed (a PRESENCE leave is published for each, which every node delivers
   to its watchers) and its nicks freed, atomically, by whichever node gets
   there first.
-* Recipient counts: a room EMIT counts local members plus the members on
-  other nodes as last known (``Room.remote``: the member hash size when this
-  node joined, then every PRESENCE seen); broadcasts count this node only.
+* Recipient counts: local members plus the members on other nodes as last
+  known (``Room.remote``: the member hash size when this node joined, then
+  every PRESENCE seen; ``Namespace.remote`` likewise from the nick hash and
+  NS_COUNT messages), so no EMIT waits for a count.
 """
 
 from __future__ import annotations
@@ -202,16 +203,21 @@ class Backplane:
 
     def _restore(self) -> None:
         """Register every local nick and membership again (Redis may have lost them)."""
+        sync = bytes((K.SYNC,)) + self.origin8
         for ns in self.hub.namespaces.values():
             for sess in ns.members:
                 self._claim(sess, ns.name, [sess.nick], self._restored_nick(sess))
+            # Then one message: the other nodes re-read the sizes (no PRESENCE).
+            self.link.call(b"PUBLISH", K.ns_channel(ns.name), self._ns_message(K.NS_SYNC))
+            self.link.call(b"HLEN", K.nicks_key(ns.name), callback=self._ns_recount(ns))
             for room in ns.rooms.values():
                 base = room_base(ns.name, room.name)
                 for sess in room.members:
                     self._member_add(sess, ns.name, room, base, quiet=True)
+                self.link.call(b"PUBLISH", base + b":ev", sync)
 
     def _restored_nick(self, sess):
-        def done(reply) -> None:
+        def done(reply, _size) -> None:
             if reply == 0:
                 self.nick_conflicts += 1
                 log.warning("cluster: nick %r of #%d was taken elsewhere during the outage",
@@ -309,7 +315,7 @@ class Backplane:
         else:
             channel = K.ns_channel(group.name)
             msg = K.events_message(K.BROADCAST, self.origin8, messages, data, legacy)
-            remote = 0
+            remote = group.remote
         self.link.call(b"PUBLISH", channel, msg)
         self.published += 1
         self.published_bytes += len(msg)
@@ -338,6 +344,15 @@ class Backplane:
             messages, body, legacy = K.read_events(data, at)
             self.router.remote(ns, body, legacy, messages)
             return
+        if kind == K.NS_COUNT:
+            what = data[at]
+            if what == K.NS_JOIN:
+                ns.remote += 1
+            elif what == K.NS_LEAVE and ns.remote > 0:
+                ns.remote -= 1
+            elif what == K.NS_SYNC:
+                self.link.call(b"HLEN", K.nicks_key(ns.name), callback=self._ns_recount(ns))
+            return
         room = ns.rooms.get(ch.room) if ch.room is not None else None
         if room is None:
             return
@@ -357,6 +372,13 @@ class Backplane:
             if room.watchers:
                 notice = P.Presence(pkind, room.name, nick.decode(), new.decode())
                 self.router.presence([Change(list(room.watchers), notice)])
+
+    def _ns_recount(self, ns):
+        def done(size) -> None:
+            if isinstance(size, int) and self.hub.namespaces.get(ns.name) is ns:
+                ns.remote = max(0, size - len(ns.members))
+
+        return done
 
     def _recount(self, room: Room, size) -> None:
         if isinstance(size, int) and self._room_ch.get(room) is not None:
@@ -407,17 +429,30 @@ class Backplane:
         self._eval(K.DIRECT_SEND, keys, [nick_key(nick), head, tail], self._guarded(sess, done))
 
     # ============================================================ HELLO, NICK
-    def _claim(self, sess, ns_name: str, nicks: list[str], callback) -> bool:
+    def _ns_message(self, what: int) -> bytes:
+        return bytes((K.NS_COUNT,)) + self.origin8 + bytes((what,))
+
+    def _claim(self, sess, ns_name: str, nicks: list[str], callback, joining=False) -> bool:
+        """NICK_CLAIM; ``callback(index or RedisError, size of the nicks hash or None)``."""
         hkey = K.nicks_key(ns_name)
-        args = [self._owner(sess), hkey + b"\n"]
+        notice = self._ns_message(K.NS_JOIN) if joining else b""
+        args = [self._owner(sess), hkey + b"\n", K.ns_channel(ns_name), notice]
         for nick in nicks:
             args += [nick_key(nick).encode(), nick.encode()]
-        return self._eval(K.NICK_CLAIM, [hkey, K.node_nicks(self.node)], args, callback)
 
-    def _release(self, sess, ns_name: str, nick: str) -> None:
+        def on_reply(reply) -> None:
+            if isinstance(reply, list) and len(reply) == 2:
+                callback(reply[0], reply[1])
+            else:
+                callback(reply if isinstance(reply, RedisError) else RedisError(repr(reply)), None)
+
+        return self._eval(K.NICK_CLAIM, [hkey, K.node_nicks(self.node)], args, on_reply)
+
+    def _release(self, sess, ns_name: str, nick: str, leaving: bool = False) -> None:
         hkey = K.nicks_key(ns_name)
         key = nick_key(nick).encode()
-        args = [self._owner(sess), hkey + b"\n" + key, key]
+        notice = self._ns_message(K.NS_LEAVE) if leaving else b""
+        args = [self._owner(sess), hkey + b"\n" + key, key, K.ns_channel(ns_name), notice]
         self._eval(K.NICK_RELEASE, [hkey, K.node_nicks(self.node)], args, retry=True)
 
     def hello(self, sess, ns_name: str, nick: str, chosen: bool) -> None:
@@ -435,8 +470,9 @@ class Backplane:
         result: list = []
         protocol = self.protocol
 
-        def on_claim(reply) -> None:
+        def on_claim(reply, size) -> None:
             result.append(reply)
+            result.append(size)
 
         def finish() -> None:
             try:
@@ -445,7 +481,7 @@ class Backplane:
                 got = candidates[reply - 1] if claimed else ""
                 if sess.state != P_HELLO_WAIT:
                     if claimed:
-                        self._release(sess, ns_name, got)
+                        self._release(sess, ns_name, got, leaving=True)
                 elif isinstance(reply, RedisError):
                     self.unavailable += 1
                     protocol.fatal(sess, P.UNAVAILABLE, f"the cluster link is down: {reply}")
@@ -455,8 +491,10 @@ class Backplane:
                     try:
                         protocol.admit(sess, ns_name, got)
                     except P.ProtocolError as exc:
-                        self._release(sess, ns_name, got)
+                        self._release(sess, ns_name, got, leaving=True)
                         protocol.fatal(sess, exc.code, exc.message)
+                    else:
+                        sess.ns.remote = max(0, result[1] - len(sess.ns.members))
                 left = self._hellos.pop(ns_name, 1) - 1
                 if left:
                     self._hellos[ns_name] = left
@@ -467,7 +505,7 @@ class Backplane:
         protocol.block(sess)
         self._hellos[ns_name] = self._hellos.get(ns_name, 0) + 1
         gate = _gate(2, self._guarded(sess, finish))
-        self._claim(sess, ns_name, candidates, lambda r: (on_claim(r), gate()))
+        self._claim(sess, ns_name, candidates, lambda r, n: (on_claim(r, n), gate()), True)
         self._when_ready(self._hold(K.ns_channel(ns_name), ns_name, None), gate)
 
     def nick(self, sess, msg) -> None:
@@ -497,7 +535,7 @@ class Backplane:
             self._error(sess, msg.req, P.NICK_TAKEN, f"nick {new!r} is taken in {ns_name}")
             return
 
-        def done(reply) -> None:
+        def done(reply, _size) -> None:
             try:
                 claimed = isinstance(reply, int) and reply > 0
                 if sess.state != P_OPEN or sess.ns is None:
@@ -545,10 +583,8 @@ class Backplane:
         rkey = K.rooms_key(ns_name)
         entry = b"\n".join((rkey, room.name.encode(), base, member))
         value = b"%016d|%s" % (self._next_order(), sess.nick.encode())
-        if quiet:
-            notice = bytes((K.SYNC,)) + self.origin8
-        else:
-            notice = K.presence_message(self.origin8, P.PRESENCE_JOIN, sess.nick, "", member)
+        notice = b"" if quiet else K.presence_message(
+            self.origin8, P.PRESENCE_JOIN, sess.nick, "", member)  # fmt: skip
 
         def done(reply) -> None:
             if isinstance(reply, int) and self._room_ch.get(room) is not None:
@@ -629,7 +665,7 @@ class Backplane:
         self.router.presence(self.hub.detach(sess))
         for name in names:
             self._member_gone(sess.id, ns_name, name, nick)
-        self._release(sess, ns_name, nick)
+        self._release(sess, ns_name, nick, leaving=True)
         self._drop_ns_if_empty(ns_name)
 
     # ============================================================ queries

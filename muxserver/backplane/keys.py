@@ -32,6 +32,8 @@ Messages on the channels (binary)::
     DIRECT (3):   str8 conn id (decimal) | u32 len(data) | data | legacy
     SYNC (5):     empty: members were registered again (after a Redis restart)
                   without PRESENCE; receivers re-read the room's size
+    NS_COUNT (6): u8 1 a member joined the namespace, 2 one left, 5 re-read the
+                  size (the nicks hash); on the namespace channel
 
 ``data`` is the ready EVENT frames (length prefixes included) of the sender's
 run; ``legacy`` their version-1 encoding when it differs (else empty), so a
@@ -44,7 +46,8 @@ import struct
 
 from muxserver.backplane.resp import Script
 
-EVENTS, PRESENCE, DIRECT, BROADCAST, SYNC = 1, 2, 3, 4, 5
+EVENTS, PRESENCE, DIRECT, BROADCAST, SYNC, NS_COUNT = 1, 2, 3, 4, 5, 6
+NS_JOIN, NS_LEAVE, NS_SYNC = 1, 2, 5  # the byte after a NS_COUNT message's origin
 U32 = struct.Struct(">I")
 U32X2 = struct.Struct(">II")
 
@@ -120,11 +123,10 @@ def read_events(msg: bytes, at: int) -> tuple[int, bytes, bytes | None]:
 
 MEMBER_ADD = Script("""
 -- KEYS: member hash, namespace rooms hash, node rooms set
--- ARGV: member, value, room, entry, channel, message published if the member is new
--- (a PRESENCE join; a SYNC when a reconnecting node registers its members again)
+-- ARGV: member, value, room, entry, channel, presence join ('' = quiet: a restore)
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-  redis.call('PUBLISH', ARGV[5], ARGV[6])
+  if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
@@ -153,25 +155,32 @@ end
 return 0
 """)
 
-# Returns the 1-based index of the first candidate claimed, 0 if all are held
-# by someone else. A nick this owner already holds counts as claimed (restore).
+# Returns {1-based index of the first candidate claimed (0 if all are held by
+# someone else), size of the nicks hash}. A nick this owner already holds
+# counts as claimed (restore). The namespace message goes out if it was free.
 NICK_CLAIM = Script("""
--- KEYS: nicks hash, node nicks set; ARGV: owner "node|conn|", entry prefix, key1, nick1, ...
-for i = 3, #ARGV, 2 do
+-- KEYS: nicks hash, node nicks set
+-- ARGV: owner "node|conn|", entry prefix, channel, message ('' = none), key1, nick1, ...
+for i = 5, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if (not cur) or string.sub(cur, 1, #ARGV[1]) == ARGV[1] then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[1] .. ARGV[i + 1])
     redis.call('SADD', KEYS[2], ARGV[2] .. ARGV[i])
-    return (i - 1) / 2
+    if (not cur) and ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+    return {(i - 3) / 2, redis.call('HLEN', KEYS[1])}
   end
 end
-return 0
+return {0, redis.call('HLEN', KEYS[1])}
 """)
 
 NICK_RELEASE = Script("""
--- KEYS: nicks hash, node nicks set; ARGV: owner "node|conn|", entry, key
+-- KEYS: nicks hash, node nicks set
+-- ARGV: owner "node|conn|", entry, key, channel, message ('' = none: a rename)
 local cur = redis.call('HGET', KEYS[1], ARGV[3])
-if cur and string.sub(cur, 1, #ARGV[1]) == ARGV[1] then redis.call('HDEL', KEYS[1], ARGV[3]) end
+if cur and string.sub(cur, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('HDEL', KEYS[1], ARGV[3])
+  if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+end
 redis.call('SREM', KEYS[2], ARGV[2])
 return 0
 """)
@@ -236,7 +245,12 @@ local function reap(node)
     local hk, key = string.match(e, '^([^\\n]*)\\n(.*)$')
     if hk then
       local cur = redis.call('HGET', hk, key)
-      if cur and string.sub(cur, 1, #node + 1) == node .. '|' then redis.call('HDEL', hk, key) end
+      if cur and string.sub(cur, 1, #node + 1) == node .. '|' then
+        redis.call('HDEL', hk, key)
+        -- hk is mux:nicks:<ns>: the namespace loses a member
+        redis.call('PUBLISH', 'mux:ns:' .. string.sub(hk, 11) .. ':ev',
+          string.char(6) .. origin .. string.char(2))
+      end
     end
   end
   redis.call('DEL', 'mux:node:' .. node .. ':rooms', 'mux:node:' .. node .. ':nicks',
