@@ -162,7 +162,7 @@ class MuxAdapter:
             if not (self.ack and isinstance(msg, P.Reply) and msg.status == P.OK):
                 raise LoadError(f"unexpected frame to a publisher: {msg!r}")
             self.acks += 1
-            self.acked += P.U32.unpack_from(msg.body)[0]
+            self.acked += P.parse_count(msg.body)
         return b""
 
 

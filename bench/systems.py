@@ -26,6 +26,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from muxserver.testing import ServerProcess
+
 READY_TIMEOUT = 15.0
 
 # (name, load generator adapter). Order is the order of the table.
@@ -185,22 +187,21 @@ def start(
     log_path = os.path.join(workdir, "server.log")
     preexec = (lambda: os.sched_setaffinity(0, cpu)) if cpu else None
     if name == "muxserver":
-        # No server PINGs during a run: receivers only count bytes.
-        args = [
-            "-m",
-            "muxserver",
-            "--port",
-            "0",
-            "--ping-interval",
-            "3600",
-            "--log-level",
-            "warning",
-            *extra,  # e.g. --redis URL for the cluster cells (bench/cluster.py)
-        ]
-        if profile:
-            args = ["-m", "cProfile", "-o", profile, *args]
-        cmd, ready = [sys.executable, *args], "stdout"
-    elif name in ("asyncio-write", "asyncio-coalesce", "uvloop-write", "uvloop-coalesce"):
+        # The project's one launcher; no server PINGs during a run (receivers
+        # only count bytes).
+        with open(log_path, "wb") as log:
+            try:
+                sp = ServerProcess(
+                    "--ping-interval", "3600", "--log-level", "warning", *extra,
+                    python_args=["-m", "cProfile", "-o", profile] if profile else (),
+                    stderr=log, preexec_fn=preexec, ready_timeout=READY_TIMEOUT,
+                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                )  # fmt: skip
+            except RuntimeError as exc:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise RuntimeError(f"muxserver: {exc}") from None
+        return Running(name, sp.proc, sp.address, workdir)
+    if name in ("asyncio-write", "asyncio-coalesce", "uvloop-write", "uvloop-coalesce"):
         cmd, ready = [sys.executable, "-m", "bench.peers", "--impl", name, "--port", "0"], "stdout"
     elif name == "redis":
         port = free_port()

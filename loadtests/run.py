@@ -27,18 +27,17 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
-READY_PREFIX = "muxserver listening on "
 SCENARIOS = ("chat", "broadcast", "direct", "churn")
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from loadtests.tally import format_summary  # noqa: E402
+from muxserver.testing import ServerProcess  # noqa: E402
 
 
 def seconds(timespan: str) -> float:
@@ -102,43 +101,21 @@ class Server:
 
     def __init__(self, users: int, log_path: Path, extra: list[str]) -> None:
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        cmd = [
-            sys.executable, "-m", "muxserver", "--port", "0",
+        args = [
             "--max-connections", str(max(10_000, 2 * users + 100)), "--log-level", "warning",
             *extra, "--host", "127.0.0.1",  # last: loopback whatever extra says
         ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )  # fmt: skip
-        line = self._ready_line(timeout=20.0)
-        if not line.startswith(READY_PREFIX):
-            self.stop()
-            raise RuntimeError(f"muxserver did not start (got {line!r}); see {log_path}")
-        self.port = int(line.rsplit(":", 1)[1])
-
-    def _ready_line(self, timeout: float) -> str:
-        got: list[str] = []
-        reader = threading.Thread(target=lambda: got.append(self.proc.stdout.readline()))
-        reader.daemon = True
-        reader.start()
-        reader.join(timeout)
-        return got[0] if got else ""
+        try:
+            self.sp = ServerProcess(*args, stderr=self.log, cwd=ROOT)  # the one launcher
+        except RuntimeError as exc:
+            self.log.close()
+            raise RuntimeError(f"muxserver did not start ({exc}); see {log_path}") from None
+        self.proc = self.sp.proc
+        self.port = self.sp.port
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after 20 s; returns the exit status (None: had to kill)."""
-        rc: int | None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                rc = self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                rc = None
-        else:
-            rc = self.proc.returncode
-        self.proc.stdout.close()
+        rc = self.sp.stop(20)
         self.log.close()
         return rc
 

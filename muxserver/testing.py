@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -157,27 +158,51 @@ def memory_server(clock: FakeClock | None = None, **config):
 
 
 class ServerProcess:
-    """``python -m muxserver --port 0 ARGS``; waits for the ready line."""
+    """``python -m muxserver --port 0 ARGS``; returns once it printed its ready line.
 
-    def __init__(self, *args: str, env: dict | None = None, python: str = sys.executable,
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout: float = 20.0) -> None:  # fmt: skip
-        cmd = [python, "-m", "muxserver", "--port", "0", *args]
+    The one launcher of the project: tests, the hardening tools, the
+    benchmarks and the load tests all start their servers through it.
+    ``stderr`` may be a file (a log nobody has to drain); ``python_args``
+    go before ``-m muxserver`` (``["-m", "cProfile", "-o", path]``);
+    ``preexec_fn`` pins CPUs for benchmarks.
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        env: dict | None = None,
+        python: str = sys.executable,
+        python_args: tuple | list = (),
+        stderr=subprocess.PIPE,
+        cwd: str | None = None,
+        preexec_fn=None,
+        ready_timeout: float = 20.0,
+    ) -> None:
+        cmd = [python, *python_args, "-m", "muxserver", "--port", "0", *args]
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=full_env
-        )
-        line = self.proc.stdout.readline()
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            env=full_env, cwd=cwd, preexec_fn=preexec_fn,
+        )  # fmt: skip
+        line = self._ready_line(ready_timeout)
         if not line.startswith(READY_PREFIX):
             self.proc.kill()
             self.proc.wait()
-            err = self.proc.stderr.read() if self.proc.stderr else ""
+            err = self.proc.stderr.read() if stderr is subprocess.PIPE else ""
             raise RuntimeError(f"server did not start: {line!r} {err}")
         hostport = line[len(READY_PREFIX) :].strip()
         host, _, port = hostport.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
         self.ready_line = line
+
+    def _ready_line(self, timeout: float) -> str:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                return ""
+        return self.proc.stdout.readline()
 
     @property
     def pid(self) -> int:

@@ -171,3 +171,12 @@ def test_a_bug_in_a_handler_closes_only_that_connection(srv, caplog, monkeypatch
     assert b.frames() == [P.Presence(P.PRESENCE_LEAVE, "r", "a")]
     b.send(P.Who(4, "r"))
     assert P.parse_who(b.frames()[0].body) == (1, ["b"])
+
+
+def test_the_example_in_docs_architecture_runs():
+    """docs/architecture.md shows socket-free testing; it must stay true."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/architecture.md", "exec"), {})

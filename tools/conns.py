@@ -287,7 +287,7 @@ def broadcast(server, pipes, held, count, timeout, failures) -> list[float]:
         sender.send(P.Emit(k + 1, P.TARGET_ROOM, ROOM, f"b{k}", payload))
         reply = sender.recv_type(P.Reply, timeout)
         t_ack = time.monotonic()
-        count_acked = P.U32.unpack(reply.body)[0] if reply.status == P.OK else -1
+        count_acked = P.parse_count(reply.body) if reply.status == P.OK else -1
         if count_acked != held:
             failures.add(
                 f"broadcast {k}: server says {count_acked} recipients, {held} are in the room"

@@ -1,8 +1,9 @@
 """What every harness needs around the server process: start, watch, check, stop.
 
-The process itself is the tests' ``ServerProcess`` and the simple blocking
-client is the tests' ``RawClient`` (tests/conftest.py), imported rather than
-copied so that harnesses and tests cannot drift apart. Two things are added
+The process itself is ``muxserver.testing.ServerProcess`` (the one launcher)
+and the simple blocking client is the tests' ``RawClient``
+(tests/conftest.py), imported rather than copied so that harnesses and tests
+cannot drift apart. Two things are added
 here because long runs need them and short tests do not:
 
 * Both pipes of the server are drained by threads. ``ServerProcess`` leaves
@@ -32,9 +33,10 @@ _TESTS = Path(__file__).resolve().parent.parent / "tests"
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
-from conftest import RawClient, ServerProcess  # noqa: E402
+from conftest import RawClient  # noqa: E402
 
 from muxserver import protocol as P  # noqa: E402
+from muxserver.testing import ServerProcess  # noqa: E402
 
 __all__ = ["Failures", "RawClient", "Server", "Tally", "fd_count", "raise_nofile", "rss_bytes"]
 
@@ -202,21 +204,15 @@ class Server:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, wait; returns the exit status (None if it had to be killed)."""
-        rc: int | None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                rc = self.proc.wait(timeout)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                rc = None
-        else:
-            rc = self.proc.returncode
+                pass
         for t in self._threads:
-            t.join(5)
-        self.sp.stop()
-        return rc
+            t.join(5)  # the pipes are drained before they are closed
+        return self.sp.stop(0)
 
 
 def finish(server: Server, failures: Failures, fd_baseline: int, fd_wait: float) -> dict:

@@ -266,7 +266,7 @@ class Chatter(threading.Thread):
             raise Unexpected(f"REPLY for req {reply.req}, expected {req} (out of order)")
         if reply.status != P.OK:
             raise Unexpected(f"EMIT to {room} answered {P.STATUS_NAMES.get(reply.status)}")
-        (count,) = struct.unpack(">I", reply.body)
+        count = P.parse_count(reply.body)
         if count < len(self.group.peers(self.index, room)):
             raise Unexpected(f"EMIT to {room} reached {count}, fewer than the other chatters")
 
