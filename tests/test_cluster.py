@@ -401,3 +401,21 @@ def test_cli_errors(redis):
                           capture_output=True, text=True, timeout=20)  # fmt: skip
     assert done.returncode == 1
     assert "pip install 'muxserver[cluster]'" in done.stderr
+
+
+def test_node_stopped_cleanly_leaves_at_once(nodes):
+    a, b = nodes(2)
+    watcher = nodes.client(a, "watcher")
+    watcher.join("r", presence=True)
+    bob = nodes.client(b, "bob")
+    bob.join("r")
+    assert watcher.recv_type(P.Presence).kind == P.PRESENCE_JOIN
+    t0 = time.monotonic()
+    b.signal(signal.SIGTERM)
+    # Bob is told SHUTTING_DOWN; the node then removes its registrations
+    # itself instead of waiting for its heartbeat to expire.
+    bob.expect_error(P.SHUTTING_DOWN)
+    assert watcher.recv_type(P.Presence, timeout=5) == P.Presence(P.PRESENCE_LEAVE, "r", "bob")
+    assert time.monotonic() - t0 < 3
+    assert b.wait(10) == 0
+    assert nodes.client(a, "bob").welcome.nick == "bob"
