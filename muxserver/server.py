@@ -211,7 +211,7 @@ class Server:
             self.lost(sess)
             return
         self.received(sess, self._rview[:n])
-        if sess.state <= OPEN and transport.more_buffered():
+        if sess.state <= OPEN and sess.held is None and transport.more_buffered():
             self.loop.call_later(0, self._read_again, sess)
 
     def received(self, sess: Session, data) -> None:
@@ -230,6 +230,15 @@ class Server:
             self.protocol.receive(sess, frames, error)
         except Exception:
             self._internal_error(sess, "handling its input")
+
+    def pause_reading(self, sess: Session) -> None:
+        """Host hook: the session waits on the cluster backplane (until resume_reading)."""
+        sess.transport.set_interest(self.loop, sess.transport.interest & ~EVENT_READ)
+
+    def resume_reading(self, sess: Session) -> None:
+        sess.transport.set_interest(self.loop, sess.transport.interest | EVENT_READ)
+        if sess.transport.more_buffered():
+            self.loop.call_later(0, self._read_again, sess)
 
     def writable(self, sess: Session) -> None:
         """The kernel has room again (EVENT_WRITE, or an in-memory peer that read)."""

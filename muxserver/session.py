@@ -40,9 +40,6 @@ CLOSED = 4
 # What the heartbeat rule decides for one session (see liveness).
 ALIVE, SEND_PING, TIMED_OUT = 0, 1, 2
 
-# Frames a session may send while it waits on the backplane (one round trip).
-MAX_HELD = 4096
-
 STATE_NAMES = {HELLO_WAIT: "hello", OPEN: "open", CLOSING: "closing", DRAINING: "draining"}
 
 _EMIT = P.EMIT
@@ -180,11 +177,10 @@ class SessionProtocol:
         held = sess.held
         if held is not None:
             # Waiting on the backplane: keep the session's order, handle later.
+            # Reading is paused meanwhile, so this is at most one read's frames.
             held += frames
             if error is not None:
                 held.append((None, error))
-            if len(held) > MAX_HELD:
-                self.fatal(sess, P.LIMIT, f"over {MAX_HELD} frames waiting for the cluster")
             return
         self._receive(sess, frames, error)
 
@@ -201,18 +197,26 @@ class SessionProtocol:
                 self.fatal(sess, error.code, error.message)
 
     def block(self, sess: Session) -> None:
-        """Hold the session's input until ``unblock`` (one backplane round trip)."""
+        """Hold the session's input until ``unblock`` (one backplane round trip).
+
+        The host stops reading from it meanwhile: what is held is bounded by
+        the read that was being handled, and the peer feels TCP backpressure.
+        """
         if sess.held is None:
             sess.held = []
+            self.host.pause_reading(sess)
 
     def unblock(self, sess: Session) -> None:
         """Handle what arrived while blocked, in order (it may block again)."""
         held = sess.held
         sess.held = None
-        if not held or sess.state > OPEN:
+        if sess.state > OPEN:
             return
-        error = held.pop()[1] if held[-1][0] is None else None
-        self._receive(sess, held, error)
+        if held:
+            error = held.pop()[1] if held[-1][0] is None else None
+            self._receive(sess, held, error)
+        if sess.held is None and sess.state <= OPEN:
+            self.host.resume_reading(sess)
 
     def handle(self, sess: Session, frames: list) -> None:
         """Handle one read's frames in order (see the module docstring for the run)."""

@@ -6,6 +6,7 @@ backplane stands in for Redis here so the ordering rule is checked alone.
 """
 
 from muxserver import protocol as P
+from muxserver.loop import EVENT_READ
 from muxserver.testing import MemoryPair, memory_server
 
 
@@ -52,12 +53,14 @@ def test_frames_after_a_blocked_request_wait_and_keep_their_order():
     # One read: JOIN (blocks), EMIT to that room, PING. Nothing may overtake.
     a.send(P.Join(1, "r"), P.Emit(2, P.TARGET_ROOM, "r", "m", b"x"), P.Ping(3))
     assert a.frames() == [] and b.frames() == []
-    a.send(P.Ping(4))  # a later read waits too
+    assert not a.session.transport.interest & EVENT_READ  # reading is paused meanwhile
+    a.send(P.Ping(4))  # a read that was already under way waits too
     assert a.frames() == []
     fake.waiting.pop()()
     assert a.frames() == [P.Reply(1, P.OK), P.Reply(2, P.OK, P.U32.pack(1)),
                           P.ServerPong(3), P.ServerPong(4)]  # fmt: skip
     assert b.frames() == [P.Event(0, "a", "r", "m", b"x")]
+    assert a.session.transport.interest & EVENT_READ
     # Closing while blocked: the answer finds the session gone and sends nothing.
     a.send(P.Join(5, "s"), P.Ping(6))
     a.close()
