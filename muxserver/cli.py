@@ -212,6 +212,8 @@ def check_config(argv: list[str]) -> int:
         value = values[key]
         if key == "token" and value:
             shown = "(set, hidden)"
+        elif key == "redis" and value:
+            shown = _redacted(value)
         elif value == "":
             shown = '""'
         else:
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         while not backplane.up and server.loop.time() < deadline:
             server.loop.run_once(0.05)
         if not backplane.up:
-            log.warning("cluster: Redis at %s is not reachable yet; retrying", redis_url)
+            log.warning("cluster: Redis at %s is not reachable yet; retrying", _redacted(redis_url))
 
     interrupted = []
 
@@ -353,6 +355,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     log.info("muxserver stopped")
     return 0
+
+
+def _redacted(url: str) -> str:
+    """The Redis URL without its password, for logs and check-config."""
+    head, sep, tail = url.rpartition("@")
+    if not sep:
+        return url
+    scheme, _, userinfo = head.partition("://")
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{tail}"
 
 
 def _check_redis(url: str) -> str:

@@ -395,6 +395,10 @@ def test_cli_errors(redis):
     assert done.returncode == 2 and "--workers needs --redis" in done.stderr
     done = subprocess.run([*run, "--redis", "http://x"], capture_output=True, text=True, timeout=20)
     assert done.returncode == 1 and "redis://" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "muxserver", "check-config", "--redis",
+                           "redis://:s3cret@127.0.0.1:1/0"], capture_output=True, text=True,
+                          timeout=20)  # fmt: skip
+    assert "redis://:***@127.0.0.1:1/0" in done.stdout and "s3cret" not in done.stdout
     # Without hiredis: a python whose import of hiredis fails.
     code = "import sys; sys.modules['hiredis'] = None; from muxserver.cli import main; sys.exit(main())"
     done = subprocess.run([sys.executable, "-c", code, "--port", "0", "--redis", redis.url],
