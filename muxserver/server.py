@@ -211,7 +211,7 @@ class Server:
             self.lost(sess)
             return
         self.received(sess, self._rview[:n])
-        if sess.state <= OPEN and sess.held is None and transport.more_buffered():
+        if sess.state <= OPEN and sess.deferred is None and transport.more_buffered():
             self.loop.call_later(0, self._read_again, sess)
 
     def received(self, sess: Session, data) -> None:

@@ -71,7 +71,7 @@ class Session:
         "id", "peer", "state", "version", "transport", "out",
         "nick", "ns", "rooms", "prefix_room", "prefix_direct", "prefix_bcast",
         "tokens", "tokens_at", "connected_at", "last_rx", "last_ping",
-        "counted", "close_timer", "frames_in", "frames_out", "held",
+        "counted", "close_timer", "frames_in", "frames_out", "deferred",
     )  # fmt: skip
 
     def __init__(self, conn_id: int, transport, peer, now: float) -> None:
@@ -93,7 +93,7 @@ class Session:
         self.frames_in = self.frames_out = 0
         # Frames read while the session waits on the cluster backplane (a nick
         # claim, a subscription): None when not blocked. See SessionProtocol.block.
-        self.held: list | None = None
+        self.deferred: list | None = None
 
     def __repr__(self) -> str:
         return f"<Session #{self.id} {self.nick or '-'} state={self.state}>"
@@ -174,7 +174,7 @@ class SessionProtocol:
     def receive(self, sess: Session, frames: list, error=None) -> None:
         """One read's frames, then the framing error that ended the read, if any."""
         sess.frames_in += len(frames)
-        held = sess.held
+        held = sess.deferred
         if held is not None:
             # Waiting on the backplane: keep the session's order, handle later.
             # Reading is paused meanwhile, so this is at most one read's frames.
@@ -191,8 +191,8 @@ class SessionProtocol:
             self.fatal(sess, exc.code, exc.message)
             return
         if error is not None and sess.state <= OPEN:
-            if sess.held is not None:
-                sess.held.append((None, error))
+            if sess.deferred is not None:
+                sess.deferred.append((None, error))
             else:
                 self.fatal(sess, error.code, error.message)
 
@@ -202,20 +202,20 @@ class SessionProtocol:
         The host stops reading from it meanwhile: what is held is bounded by
         the read that was being handled, and the peer feels TCP backpressure.
         """
-        if sess.held is None:
-            sess.held = []
+        if sess.deferred is None:
+            sess.deferred = []
             self.host.pause_reading(sess)
 
     def unblock(self, sess: Session) -> None:
         """Handle what arrived while blocked, in order (it may block again)."""
-        held = sess.held
-        sess.held = None
+        held = sess.deferred
+        sess.deferred = None
         if sess.state > OPEN:
             return
         if held:
             error = held.pop()[1] if held[-1][0] is None else None
             self._receive(sess, held, error)
-        if sess.held is None and sess.state <= OPEN:
+        if sess.deferred is None and sess.state <= OPEN:
             self.host.resume_reading(sess)
 
     def handle(self, sess: Session, frames: list) -> None:
@@ -298,13 +298,13 @@ class SessionProtocol:
                 if handler is None:
                     raise P.ProtocolError(P.UNKNOWN_TYPE, f"unknown frame type 0x{ftype:02x}")
                 handler(sess, body)
-                if sess.held is not None:
-                    sess.held += frames
+                if sess.deferred is not None:
+                    sess.deferred += frames
                     return
             elif state == HELLO_WAIT:
                 self._on_hello(sess, ftype, body)
-                if sess.held is not None:
-                    sess.held += frames
+                if sess.deferred is not None:
+                    sess.deferred += frames
                     return
                 rooms = sess.rooms
                 v2 = sess.version >= 2
