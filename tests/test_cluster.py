@@ -423,3 +423,39 @@ def test_node_stopped_cleanly_leaves_at_once(nodes):
     assert time.monotonic() - t0 < 3
     assert b.wait(10) == 0
     assert nodes.client(a, "bob").welcome.nick == "bob"
+
+
+def test_version_2_payload_types_reach_version_1_members_on_other_nodes(nodes):
+    a, b = nodes(2)
+    sender = nodes.client(a, None)
+    sender.send(P.Hello(2, "/", "sender", ""))
+    assert sender.recv_type(P.Welcome).version == 2
+    old = nodes.client(b, "old")  # version 1
+    new = nodes.client(b, None)
+    new.send(P.Hello(2, "/", "new", ""))
+    new.recv_type(P.Welcome)
+    for c in (sender, old, new):
+        assert c.join("r").status == P.OK
+    flags = P.PAYLOAD_JSON << P.EMIT_TYPE_SHIFT
+    for kind, target in ((P.TARGET_ROOM, "r"), (P.TARGET_BROADCAST, ""), (P.TARGET_DIRECT, "old")):
+        sender.send(P.Emit(0, kind, target, "j", b'{"a":1}', flags))
+        got = old.recv_type(P.Event)
+        assert (got.kind, got.payload_type, got.payload) == (kind, 0, b'{"a":1}')
+        if kind != P.TARGET_DIRECT:
+            got = new.recv_type(P.Event)
+            assert (got.kind, got.payload_type) == (kind, P.PAYLOAD_JSON)
+
+
+def test_two_senders_on_two_nodes_keep_their_order_everywhere(nodes):
+    a, b, c = nodes(3)
+    s1, s2 = nodes.client(a, "s1"), nodes.client(b, "s2")
+    receivers = [nodes.client(c, "rc"), nodes.client(a, "ra"), nodes.client(b, "rb")]
+    for cl in (s1, s2, *receivers):
+        assert cl.join("r").status == P.OK
+    for n in range(200):
+        s1.emit_room("r", "m", b"%d" % n, ack=False)
+        s2.emit_room("r", "m", b"%d" % n, ack=False)
+    for r in receivers:
+        got = events(r, 400)
+        for nick in ("s1", "s2"):
+            assert [e.payload for e in got if e.sender == nick] == [b"%d" % n for n in range(200)]
