@@ -5,9 +5,10 @@ EVENT prefixes carrying its nick, its rate-limit bucket, liveness times);
 :class:`SessionProtocol` is the logic every session shares: HELLO, JOIN,
 LEAVE, NICK, EMIT, WHO, ROOMS, PING, PONG, BYE. It imports no socket and no
 loop. What it produces is bytes on ``out`` lists (through the router, the
-one delivery path) and two requests to its host, the server: "this session
-is closing" (after BYE or a fatal ERROR) and nothing else. Tests drive it
-over an in-memory transport (muxserver.testing).
+one delivery path) and requests to its host, the server: "this session
+is closing" (after BYE or a fatal ERROR), and in cluster mode "stop / resume
+reading it" while a request waits on the backplane (see ``block``). Tests
+drive it over an in-memory transport (muxserver.testing).
 
 The EMIT path is the hot one and is written out by hand in
 :meth:`SessionProtocol.handle`: a run of plain room EMITs from one read to
