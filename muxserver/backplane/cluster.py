@@ -103,6 +103,7 @@ class Backplane(Requests):
         self._notified: set[int] = set()  # sessions told UNAVAILABLE this outage
         self._retry: list[tuple] = []  # (script, keys, args) that failed while down
         self._order = 0
+        self._orders: dict[tuple, int] = {}  # (conn id, namespace, room) -> join order
         self._hellos: dict[str, int] = {}  # namespace -> HELLOs waiting on its channel
         self._timer = None
         self.down_since: float | None = None

@@ -190,7 +190,12 @@ class Requests:
         member = self._member_id(sess)
         rkey = K.rooms_key(ns_name)
         entry = b"\n".join((rkey, room.name.encode(), base, member))
-        value = b"%016d|%s" % (self._next_order(), sess.nick.encode())
+        # The join order is kept, so a re-registration after a Redis restart
+        # does not reorder WHO.
+        order = self._orders.get((sess.id, ns_name, room.name))
+        if order is None:
+            order = self._orders[sess.id, ns_name, room.name] = self._next_order()
+        value = b"%016d|%s" % (order, sess.nick.encode())
         notice = b"" if quiet else K.presence_message(
             self.origin8, P.PRESENCE_JOIN, sess.nick, "", member)  # fmt: skip
 
@@ -205,6 +210,7 @@ class Requests:
         return self._eval(K.MEMBER_ADD, keys, args, done)
 
     def _member_gone(self, sess_id: int, ns_name: str, room_name: str, nick: str) -> None:
+        self._orders.pop((sess_id, ns_name, room_name), None)
         base = room_base(ns_name, room_name)
         member = self.node + b"|" + str(sess_id).encode()
         rkey = K.rooms_key(ns_name)
