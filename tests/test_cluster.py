@@ -458,3 +458,37 @@ def test_two_senders_on_two_nodes_keep_their_order_everywhere(nodes):
         got = events(r, 400)
         for nick in ("s1", "s2"):
             assert [e.payload for e in got if e.sender == nick] == [b"%d" % n for n in range(200)]
+
+
+def test_pubsub_connection_cut_by_redis_output_limit_recovers(tmp_path):
+    # Redis cuts a subscriber whose output buffer passes its pubsub limit; the
+    # node treats it as an outage: reconnect, restore, carry on.
+    redis = RedisServer(tmp_path, "--client-output-buffer-limit", "pubsub 64kb 0 0")
+    started: list[ServerProcess] = []
+    clients = []
+    try:
+        for port in (free_port(), free_port()):
+            node = ServerProcess("--redis", redis.url, "--metrics-port", str(port),
+                                 "--log-level", "error", "--drain-timeout", "1")  # fmt: skip
+            node.metrics_port = port
+            started.append(node)
+        a, b = started
+        sender, reader = RawClient(a.address), RawClient(b.address)
+        clients += [sender, reader]
+        sender.hello("sender")
+        reader.hello("reader")
+        sender.join("r")
+        reader.join("r")
+        sender.emit_room("r", "big", bytes(200_000), ack=False)  # over 64 KiB at once
+        assert wait_until(lambda: metrics(b)["muxserver_cluster_reconnects_total"] >= 1, 10)
+        assert wait_until(lambda: metrics(b)["muxserver_cluster_up"] == 1, 10)
+        assert wait_until(lambda: metrics(a)["muxserver_cluster_up"] == 1, 10)
+        assert reply_count(sender.emit_room("r", "small", b"after")) == 1
+        got = reader.recv_type(P.Event)
+        assert got.payload == b"after"  # the big one was lost with the cut connection
+    finally:
+        for c in clients:
+            c.close()
+        for node in started:
+            node.stop(timeout=5)
+        redis.kill()
