@@ -42,6 +42,13 @@ Decisions worth knowing:
   known (``Room.remote``: the member hash size when this node joined, then
   every PRESENCE seen; ``Namespace.remote`` likewise from the nick hash and
   NS_COUNT messages), so no EMIT waits for a count.
+
+Sequenced rooms (protocol section 9) are not wired here yet. The seam:
+``publish`` is where a sequenced room's run would instead go through
+``scripts.room_publish`` (one seq per message, cluster-wide, on the room's
+bare ``mux:{ns|room}`` channel), with local delivery on receipt from that
+channel (own messages included, so every node delivers in seq order), and a
+seq jump filled from ``scripts.room_range`` before delivering.
 """
 
 from __future__ import annotations
