@@ -9,11 +9,13 @@ measure our tool, not the system.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from .loadgen import WORKLOADS, Workload
 
-# (workload, peer, minimum muxserver / peer ratio of deliveries/s), from issue 5.
+WIDTH = 100  # every line printed on the terminal fits this many columns
+# (workload, peer, minimum muxserver / peer ratio of deliveries/s): the project's targets.
 TARGETS = [
     ("1-100", "redis", 1.7),
     ("1-100", "uvloop-coalesce", 1.15),
@@ -21,6 +23,11 @@ TARGETS = [
     ("1-1", "uvloop-coalesce", 1.3),
     ("1-1000", "redis", 2.5),
     ("50-50", "redis", 1.6),
+]
+# WebSocket (issue 11): (workload, system, peer, minimum system / peer ratio), same run.
+WS_TARGETS = [
+    ("1-100", "muxserver-ws", "socketio", 30.0),
+    ("1-100", "muxserver-ws", "muxserver", 0.7),
 ]
 FIXED = "1-100"  # workload of the fixed-rate latency comparison
 LATENCY_TARGET = ("redis", 0.5)  # muxserver p99 at the fixed rate <= 0.5 x redis's
@@ -32,9 +39,11 @@ def _ok(res: dict | None) -> bool:
     return bool(res) and res.get("status") == "ok"
 
 
-def ratio(results: dict, wl: str, peer: str, key: str = "deliveries_per_s") -> float | None:
-    """muxserver's ``key`` (deliveries/s) over ``peer``'s in workload ``wl``."""
-    mine, theirs = results.get(wl, {}).get("muxserver"), results.get(wl, {}).get(peer)
+def ratio(
+    results: dict, wl: str, peer: str, key: str = "deliveries_per_s", mine: str = "muxserver"
+) -> float | None:
+    """``mine``'s (muxserver's) ``key`` (deliveries/s) over ``peer``'s in workload ``wl``."""
+    mine, theirs = results.get(wl, {}).get(mine), results.get(wl, {}).get(peer)
     if not (_ok(mine) and _ok(theirs)) or not mine.get(key) or not theirs.get(key):
         return None
     return mine[key] / theirs[key]
@@ -59,15 +68,55 @@ def _bound(res: dict) -> str:
     return f" ({'; '.join(notes)})" if notes else ""
 
 
-def progress_line(wl: Workload, name: str, res: dict, took: float) -> str:
+def _fit(text: str, indent: int = 4) -> str:
+    """``text`` wrapped at WIDTH columns, continuation lines indented."""
+    return "\n".join(
+        textwrap.wrap(text, WIDTH, subsequent_indent=" " * indent, break_on_hyphens=False)
+    )
+
+
+def time_left(seconds: float | None) -> str:
+    """``about 50 s left`` / ``about 3 min left`` / ``almost done``."""
+    if seconds is None:
+        return "time left unknown"
+    if seconds < 1:
+        return "almost done"
+    if seconds < 90:
+        return f"about {seconds:.0f} s left"
+    return f"about {seconds / 60:.0f} min left"
+
+
+def progress_line(
+    wl: Workload, name: str, res: dict, took: float, cell: int = 0, cells: int = 0,
+    left: float | None = None,
+) -> str:  # fmt: skip
+    """What ``make bench`` prints after each cell: two short lines, each within WIDTH.
+
+    ``cell 7 of 28, about 50 s left: 1 -> 100, muxserver: 4,123,456 deliveries/s ...``
+    """
+    where = f"cell {cell} of {cells}, {time_left(left)}: " if cells else ""
+    head = f"{where}{wl.title}, {name}"
     if not _ok(res):
-        return f"{wl.title:>10}  {name:<17} {res['status']}"
+        return _fit(f"{head}: {res['status']} [{took:.1f} s]")
     half = res["half_rate"]
-    return (
-        f"{wl.title:>10}  {name:<17} {res['deliveries_per_s']:>12,.0f} deliveries/s "
-        f"{res['messages_per_s']:>10,.0f} msg/s  p50 {_num(half['p50_us'])} us "
-        f"p99 {_num(half['p99_us'])} us  cpu server {res['server_cpu']:.0%} "
-        f"loadgen {res['loadgen_cpu']:.0%} others {res['noise_cpu']:.0%}  [{took:.1f} s]{_bound(res)}"
+    first = (
+        f"{head}: {res['deliveries_per_s']:,.0f} deliveries/s "
+        f"({res['messages_per_s']:,.0f} msg/s)"
+    )
+    second = (
+        f"    {took:.1f} s; p50 {_num(half['p50_us'])} us, p99 {_num(half['p99_us'])} us at "
+        f"half that rate; CPU server {res['server_cpu']:.0%}, load generator "
+        f"{res['loadgen_cpu']:.0%}, others {res['noise_cpu']:.0%}{_bound(res)}"
+    )
+    return _fit(first) + "\n" + _fit(second, indent=8)
+
+
+def retry_line(cell: int, cells: int, res: dict, attempt: int, attempts: int) -> str:
+    """Why a cell runs again: other processes' CPU during it, in words."""
+    return _fit(
+        f"cell {cell} of {cells} runs again (attempt {attempt} of {attempts}): other "
+        f"processes used {res.get('noise_cpu', 0.0):.0%} of a core during it, more than the "
+        f"{NOISY:.0%} that makes a figure noisy; the quietest attempt is kept"
     )
 
 
@@ -77,9 +126,15 @@ def check_targets(results: dict) -> list[dict]:
         if wl not in results or peer not in results[wl]:
             continue
         got = ratio(results, wl, peer)
+        mine, theirs = results[wl].get("muxserver", {}), results[wl][peer]
         checks.append(
             {
                 "what": f"{WORKLOADS[wl].title}: muxserver / {peer} >= {want}x",
+                "kind": "throughput",
+                "workload": wl,
+                "peer": peer,
+                "mine": mine.get("deliveries_per_s") if _ok(mine) else None,
+                "theirs": theirs.get("deliveries_per_s") if _ok(theirs) else None,
                 "target": want,
                 "got": got,
                 "met": None if got is None else got >= want,
@@ -88,11 +143,28 @@ def check_targets(results: dict) -> list[dict]:
                 "noisy": noisy(results[wl]["muxserver"]) or noisy(results[wl][peer]),
             }
         )
+    for wl, system, peer, want in WS_TARGETS:
+        cells = results.get(wl, {})
+        if system not in cells or peer not in cells:
+            continue
+        got = ratio(results, wl, peer, mine=system)
+        checks.append(
+            {
+                "what": f"{WORKLOADS[wl].title}: {system} / {peer} >= {want}x",
+                "target": want,
+                "got": got,
+                "met": None if got is None else got >= want,
+                "got_per_cpu_s": ratio(
+                    results, wl, peer, "deliveries_per_server_cpu_s", mine=system
+                ),
+                "noisy": noisy(cells[system]) or noisy(cells[peer]),
+            }
+        )
     peer, factor = LATENCY_TARGET
     cells = results.get(FIXED, {})
     mine, theirs = cells.get("muxserver"), cells.get(peer)
     if mine is not None and theirs is not None:
-        got = None
+        got = a = b = None
         if _ok(mine) and _ok(theirs):
             a, b = mine["fixed_rate"]["p99_us"], theirs["fixed_rate"]["p99_us"]
             got = a / b if a is not None and b else None
@@ -104,6 +176,12 @@ def check_targets(results: dict) -> list[dict]:
         checks.append(
             {
                 "what": f"p99 at 40,000 msg/s into 100: muxserver <= {factor} x {peer}",
+                "kind": "latency",
+                "workload": FIXED,
+                "rate": FIXED_RATE_MSGS,
+                "peer": peer,
+                "mine": a,
+                "theirs": b,
                 "target": factor,
                 "got": got,
                 "met": None if got is None else got <= factor,
@@ -111,6 +189,93 @@ def check_targets(results: dict) -> list[dict]:
             }
         )
     return checks
+
+
+DISPLAY = {"redis": "Redis", "nats": "NATS"}
+
+
+def _display(name: str) -> str:
+    return DISPLAY.get(name, name)
+
+
+def _rate(per_s: float) -> str:
+    return f"{per_s / 1e6:.1f}M" if per_s >= 1e6 else f"{per_s / 1e3:.0f}k"
+
+
+def _ms(us: float) -> str:
+    ms = us / 1000
+    return f"{ms:.2f} ms" if ms < 1 else f"{ms:.1f} ms" if ms < 100 else f"{ms:,.0f} ms"
+
+
+def _share(factor: float) -> str:
+    return "half" if factor == 0.5 else f"{factor:g}x"
+
+
+def explain_target(t: dict) -> str:
+    """One target in words, e.g. ``p99 latency at 40k msg/s: muxserver 0.19 ms, Redis 1.0 ms;
+    target at most half of Redis's: PASS``."""
+    peer = _display(t.get("peer", "?"))
+    verdict = {True: "PASS", False: "FAIL", None: "not measured"}[t["met"]]
+    noisy_note = " (noisy: other processes were busy)" if t.get("noisy") else ""
+    mine, theirs = t.get("mine"), t.get("theirs")
+    if t.get("kind") == "latency":
+        rate = _rate(t.get("rate", FIXED_RATE_MSGS))
+        measured = (
+            f"muxserver {_ms(mine)}, {peer} {_ms(theirs)}"
+            if mine is not None and theirs is not None
+            else "no figures"
+        )
+        return (
+            f"p99 latency at {rate} msg/s: {measured}; target at most "
+            f"{_share(t['target'])} of {peer}'s: {verdict}{noisy_note}"
+        )
+    if t.get("kind") == "throughput":
+        title = WORKLOADS[t["workload"]].title
+        measured = (
+            f"muxserver {_rate(mine)}, {peer} {_rate(theirs)} ({t['got']:.2f}x)"
+            if mine and theirs and t.get("got") is not None
+            else "no figures"
+        )
+        return (
+            f"{title} deliveries/s: {measured}; target at least {t['target']:g}x "
+            f"{peer}'s: {verdict}{noisy_note}"
+        )
+    return f"{t['what']}: {verdict}{noisy_note}"  # a record from an older bench.json
+
+
+FIXED_RATE_MSGS = 40_000  # bench.run.FIXED_RATE, repeated to keep this module free of it
+
+
+def console_summary(doc: dict, md_path: str = "reports/bench.md") -> str:
+    """What ``make bench`` prints at the end: within WIDTH columns, targets in words.
+
+    The full Markdown tables (wider than a terminal) go to ``md_path``.
+    """
+    results = doc["results"]
+    wls = list(results)
+    peers = [n for n in next(iter(results.values()), {}) if n != "muxserver"]
+    meta = doc["meta"]
+    lines = [
+        _fit(f"muxserver benchmark, {meta['mode']} run, {meta['date']}, commit {meta['commit'] or '?'}"),
+        "",
+        "muxserver's deliveries/s as a multiple of each peer's, same run:",
+        "",
+        f"{'peer':<18}" + "".join(f"{WORKLOADS[w].title:>12}" for w in wls),
+    ]
+    for p in peers:
+        cells = []
+        for w in wls:
+            r = ratio(results, w, p)
+            status = results[w].get(p, {}).get("status", "")
+            cells.append(
+                f"{r:.2f}x" if r is not None else "absent" if "not installed" in status else "-"
+            )
+        lines.append(f"{p:<18}" + "".join(f"{c:>12}" for c in cells))
+    if doc.get("targets"):
+        lines += ["", "Targets:"]
+        lines += [_fit(f"  {explain_target(t)}", indent=4) for t in doc["targets"]]
+    lines += ["", f"Full tables (latency, CPU, noise): {md_path}"]
+    return "\n".join(lines)
 
 
 def table(doc: dict) -> str:
@@ -195,13 +360,20 @@ def table(doc: dict) -> str:
                 f"{f.get('other_cpu', 0) + f.get('steal_cpu', 0):.0%} |"
             )
     if doc.get("targets"):
-        lines += ["", "Targets (issue 5):", ""]
+        lines += ["", "Targets:", ""]
         for t in doc["targets"]:
-            mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[t["met"]]
-            got = "-" if t["got"] is None else f"{t['got']:.2f}"
+            per_cpu = ""
             if t.get("got_per_cpu_s") is not None:
-                got += f"; per server CPU-second {t['got_per_cpu_s']:.2f}"
-            lines.append(f"- {mark} {t['what']} (measured {got}){' (noisy)' if t['noisy'] else ''}")
+                per_cpu = f" (per server CPU-second: {t['got_per_cpu_s']:.2f}x)"
+            lines.append(f"- {explain_target(t)}{per_cpu}")
+    return "\n".join(lines)
+
+
+def targets_panel(doc: dict, width: int = 70) -> str:
+    """The chart's text panel: each target in words, wrapped to ``width``."""
+    lines = ["Targets", ""]
+    for t in doc.get("targets", []):
+        lines += textwrap.wrap(explain_target(t), width, subsequent_indent="  ")
     return "\n".join(lines)
 
 
@@ -272,14 +444,7 @@ def chart(doc: dict, path: Path) -> Path | None:
         ax.axis("off")
     ax = axes[5]
     ax.axis("off")
-    lines = ["Targets (issue 5)", ""]
-    for t in doc.get("targets", []):
-        mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-        got = "-" if t["got"] is None else f"{t['got']:.2f}"
-        if t.get("got_per_cpu_s") is not None:
-            got += f"; per CPU-s {t['got_per_cpu_s']:.2f}"
-        lines.append(f"{mark:>6}  {t['what']}  ({got}){' noisy' if t['noisy'] else ''}")
-    ax.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=7, family="monospace",
+    ax.text(0, 1, targets_panel(doc), va="top", ha="left", fontsize=7, family="monospace",
             transform=ax.transAxes, wrap=True)  # fmt: skip
     meta = doc["meta"]
     fig.suptitle(

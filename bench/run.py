@@ -43,6 +43,9 @@ from pathlib import Path
 
 from . import report, systems
 from .loadgen import ADAPTERS, WORKLOADS, LoadError, LoadGen
+from .wsload import SocketIoAdapter, WsMuxAdapter
+
+ADAPTERS = {**ADAPTERS, "ws": WsMuxAdapter, "sio": SocketIoAdapter}
 
 FIXED_RATE = 40_000  # messages/s into the 100-member room, for every system
 FIXED_RATE_WORKLOAD = "1-100"
@@ -77,6 +80,12 @@ class Budget:
     def cell_done(self) -> None:
         self.cells_left -= 1
 
+    def estimate_left(self, cells_after: int) -> float | None:
+        """Seconds the cells after the current one should take, by the average so far."""
+        if not self.durations:
+            return None
+        return cells_after * sum(self.durations) / len(self.durations)
+
     def slack(self) -> float:
         per_cell = sum(self.durations) / len(self.durations) if self.durations else 8.0
         return self.end - time.monotonic() - self.cells_left * per_cell
@@ -88,6 +97,9 @@ def measure(name: str, wl_key: str, timings: dict, cpu, profile_dir, quiet_wait:
     why = systems.unavailable(name)
     if why:
         return {"status": why}
+    only = systems.WORKLOADS_OF.get(name)
+    if only and wl_key not in only:
+        return {"status": "n/a (not a WebSocket workload)"}
     profile = None
     if profile_dir is not None and name == "muxserver":
         profile = str(profile_dir / f"profile-{wl_key}.pstats")
@@ -257,17 +269,23 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(timings["budget"], len(wl_keys) * len(names))
     profile_dir = out if args.profile else None
     results: dict[str, dict[str, dict]] = {}
+    cells = len(wl_keys) * len(names)
+    cell = 0
     for w in wl_keys:
         results[w] = {}
         for n in names:
+            cell += 1
             attempts: list[dict] = []
             while True:
                 t = time.monotonic()
                 wait = 0.0 if args.no_retry else min(QUIET_WAIT, max(0.0, budget.slack()))
                 res = measure(n, w, timings, cpu_server, profile_dir, wait)
-                budget.spent(time.monotonic() - t)
+                took = time.monotonic() - t
+                budget.spent(took)
                 attempts.append(res)
-                print(report.progress_line(WORKLOADS[w], n, res, time.monotonic() - t), flush=True)
+                left = budget.estimate_left(cells - cell)
+                line = report.progress_line(WORKLOADS[w], n, res, took, cell, cells, left)
+                print(line, flush=True)
                 retry = (
                     not args.no_retry
                     and report.noisy(res)
@@ -276,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if not retry:
                     break
+                print(
+                    report.retry_line(cell, cells, res, len(attempts) + 1, MAX_ATTEMPTS),
+                    flush=True,
+                )
             best = min(attempts, key=lambda r: r.get("noise_cpu", 0.0))
             best["attempts"] = len(attempts)
             results[w][n] = best
@@ -294,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report.table(doc)
     (out / "bench.md").write_text(text + "\n")  # for quoting in docs/benchmarks.md
     print()
-    print(text)
+    print(report.console_summary(doc, str(out / "bench.md")))
     chart = report.chart(doc, out / "bench.png")
     where = f", {chart}" if chart else " (no chart: matplotlib is not installed)"
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}{where}")

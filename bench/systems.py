@@ -39,8 +39,15 @@ SYSTEMS = [
     ("uvloop-coalesce", "mux"),
     ("redis", "resp"),
     ("nats", "nats"),
+    # WebSocket (bench/wsload.py): muxserver's /ws, and socket.io 4 on Node.
+    ("muxserver-ws", "ws"),
+    ("socketio", "sio"),
 ]
 ADAPTER_OF = dict(SYSTEMS)
+# Systems that run only some workloads; the rest run every one.
+WORKLOADS_OF = {name: ("1-100", "1-1", "50-50") for name in ("muxserver-ws", "socketio")}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NODE_MODULES = os.path.join(ROOT, ".bench-node", "node_modules")  # make bench-deps
 
 
 def _which(name: str) -> str | None:
@@ -56,6 +63,11 @@ def unavailable(name: str) -> str | None:
         return "not installed (apt-get install redis-server)"
     if name == "nats" and _which("nats-server") is None:
         return "not installed (apt-get install nats-server)"
+    if name == "socketio":
+        if _which("node") is None:
+            return "not installed (no node)"
+        if not os.path.isdir(os.path.join(NODE_MODULES, "socket.io")):
+            return "not installed (make bench-deps: npm install socket.io)"
     return None
 
 
@@ -70,8 +82,13 @@ def version(name: str) -> str:
             import uvloop
 
             return f"uvloop {uvloop.__version__}, Python {sys.version.split()[0]}"
-        if name.startswith("asyncio") or name == "muxserver":
+        if name.startswith("asyncio") or name.startswith("muxserver"):
             return f"Python {sys.version.split()[0]}"
+        if name == "socketio":
+            pkg = os.path.join(NODE_MODULES, "socket.io", "package.json")
+            with open(pkg) as f:
+                sio = __import__("json").load(f)["version"]
+            return f"socket.io {sio}, Node {_run([_which('node'), '--version'])}"
     except (OSError, subprocess.SubprocessError, ImportError):
         pass
     return "?"
@@ -186,7 +203,7 @@ def start(
     workdir = tempfile.mkdtemp(prefix=f"muxbench-{name}-")
     log_path = os.path.join(workdir, "server.log")
     preexec = (lambda: os.sched_setaffinity(0, cpu)) if cpu else None
-    if name == "muxserver":
+    if name in ("muxserver", "muxserver-ws"):
         # The project's one launcher; no server PINGs during a run (receivers
         # only count bytes).
         with open(log_path, "wb") as log:
@@ -203,6 +220,9 @@ def start(
         return Running(name, sp.proc, sp.address, workdir)
     if name in ("asyncio-write", "asyncio-coalesce", "uvloop-write", "uvloop-coalesce"):
         cmd, ready = [sys.executable, "-m", "bench.peers", "--impl", name, "--port", "0"], "stdout"
+    elif name == "socketio":
+        env["NODE_PATH"] = NODE_MODULES
+        cmd, ready = [_which("node"), os.path.join(ROOT, "bench", "socketio_server.js")], "stdout"
     elif name == "redis":
         port = free_port()
         cmd = [

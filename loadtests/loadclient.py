@@ -32,7 +32,7 @@ class LoadClient:
     ``sink`` has ``on_event(event)``, ``on_ack(ack)``, ``on_error(exc)`` (a
     refused EMIT: ``exc.req`` is its id, or 0 without ack) and
     ``on_died(exc)`` (the connection ended before :meth:`close`), all called
-    in the receive greenlet. ``target`` is emit's target: ``room=``, ``to=``
+    in the receive greenlet. ``target`` is emit's target: ``room=``, ``nick=``
     or ``broadcast=True``.
     """
 

@@ -54,6 +54,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from loadtests import progress  # noqa: E402
 from loadtests.loadclient import LoadClient  # noqa: E402
 from loadtests.tally import (  # noqa: E402
     PAYLOAD_HEAD,
@@ -64,6 +65,7 @@ from loadtests.tally import (  # noqa: E402
     padding,
     summary_dict,
 )
+from loadtests.wsclient import WsClient  # noqa: E402
 from muxserver.client import Ack, Client, Event, MuxError  # noqa: E402
 
 log = logging.getLogger("muxload")
@@ -75,6 +77,7 @@ TARGET_SAMPLED_PER_S = 10_000  # auto --deliver-sample keeps Locust events under
 QUIET_S = 1.0  # drain without acks: this long without a delivery means done
 DRAIN_CAP_S = 120.0  # a drain never takes longer, however much is still arriving
 LAG_TICK_S = 0.05  # loop-lag probe period
+PROGRESS_S = progress.DEFAULT_EVERY_S
 _unpack_head = PAYLOAD_HEAD.unpack_from
 _pack_head = PAYLOAD_HEAD.pack
 
@@ -108,6 +111,10 @@ def _add_options(parser) -> None:
     )  # fmt: skip
     parser.add_argument("--namespace", default="/loadtest", help="namespace the users live in")
     parser.add_argument(
+        "--transport", choices=("tcp", "ws"), default="tcp",
+        help="tcp: the raw protocol; ws: the same frames over WebSocket (/ws), as browsers",
+    )  # fmt: skip
+    parser.add_argument(
         "--drain-timeout", type=float, default=10.0,
         help="at stop, give up waiting for outstanding acks and deliveries after this many "
         f"seconds without a new one (a drain takes {DRAIN_CAP_S:g} s at most)",
@@ -115,6 +122,16 @@ def _add_options(parser) -> None:
     parser.add_argument(
         "--summary-file", default="", include_in_web_ui=False,
         help="also write the summary as JSON to this file",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compact", action="store_true", default=False, include_in_web_ui=False,
+        help="for loadtests/run.py: a progress line every --progress-every seconds instead "
+        "of Locust's stats tables (the CSV and HTML reports keep them), and no summary "
+        "(the caller prints it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--progress-every", type=float, default=PROGRESS_S, include_in_web_ui=False,
+        help=f"with --compact: seconds between progress lines (default {PROGRESS_S:g})",
     )  # fmt: skip
 
 
@@ -128,6 +145,7 @@ class Config:
     sample: int = 1
     acks: bool = True
     namespace: str = "/loadtest"
+    transport: str = "tcp"  # or "ws": loadtests/wsclient.py
     drain_timeout: float = 10.0
     summary_file: str = ""
     host: str = DEFAULT_ADDRESS[0]
@@ -194,6 +212,8 @@ class Node:
     counter: itertools.count = field(default_factory=itertools.count)
     online: set[int] = field(default_factory=set)  # direct: local indexes connected
     worker_tallies: dict[str, Tally] = field(default_factory=dict)  # master only
+    # master, for the progress line: worker id -> (delivered, loss) (loadtests/progress.py)
+    progress: dict[str, tuple[int, int]] = field(default_factory=dict)
     stop_reporting: bool = False  # worker: the master has what it needs
     finished: bool = False
     # Set once at init, kept across test starts:
@@ -294,7 +314,7 @@ class MuxUser(User):
         else:  # direct: local pairs, so a sender can see whether its partner is online
             nick = f"{NODE.token}-{self.idx}"
             self.partner = self.idx ^ 1
-            target = {"to": f"{NODE.token}-{self.partner}"}
+            target = {"nick": f"{NODE.token}-{self.partner}"}
             self.sends = True
         if not self.sends:
             self.interval = 1.0  # listeners: the task loop only idles
@@ -314,7 +334,12 @@ class MuxUser(User):
         cfg = NODE.cfg
         t0 = time.perf_counter()
         try:
-            client = Client.connect(cfg.host, cfg.port, nick=nick, namespace=cfg.namespace)
+            # No reconnect: a load user that loses its connection is counted as
+            # lost, never quietly restarted.
+            cls = WsClient if cfg.transport == "ws" else Client
+            client = cls.connect(
+                cfg.host, cfg.port, nick=nick, namespace=cfg.namespace, reconnect=False
+            )
         except (OSError, MuxError) as exc:
             _fail("connect", _error_name(exc))
             return None
@@ -494,6 +519,7 @@ def _resolve(environment) -> Config:
         sample=max(resolved["sample"], 1),
         acks=not opts.no_ack,
         namespace=opts.namespace,
+        transport=opts.transport,
         drain_timeout=opts.drain_timeout,
         summary_file=opts.summary_file,
         host=host,
@@ -507,8 +533,14 @@ def _resolve(environment) -> Config:
 def _on_init(environment, **_kw) -> None:
     NODE.fire = environment.events.request.fire
     NODE.runner = runner = environment.runner
+    if getattr(environment.parsed_options, "compact", False) and not isinstance(
+        runner, WorkerRunner
+    ):
+        # Locust's tables are over 100 columns wide and repeat what the summary says.
+        logging.getLogger("locust.stats_logger").setLevel(logging.WARNING)
     if isinstance(runner, MasterRunner):
         runner.register_message("mux_tally", _on_worker_tally)
+        runner.register_message("mux_progress", _on_worker_progress)
     elif isinstance(runner, WorkerRunner):
         runner.register_message("mux_drain", _on_drain_request, concurrent=True)
         runner.register_message("mux_drained", _on_drained)
@@ -526,6 +558,12 @@ def _on_test_start(environment, **_kw) -> None:
     NODE.sending = True
     if not isinstance(environment.runner, MasterRunner):
         gevent.spawn(_probe_loop_lag, NODE.tally)
+    if getattr(environment.parsed_options, "compact", False):
+        if isinstance(environment.runner, WorkerRunner):
+            gevent.spawn(progress.report, environment, NODE, NODE.tally)
+        else:
+            distributed = isinstance(environment.runner, MasterRunner)
+            gevent.spawn(progress.show, environment, NODE, NODE.tally, distributed)
     if not isinstance(environment.runner, (MasterRunner, WorkerRunner)):
         cfg = NODE.cfg
         log.info(
@@ -547,6 +585,10 @@ def _probe_loop_lag(tally: Tally) -> None:
         gevent.sleep(LAG_TICK_S)
         key = bucket(int((time.perf_counter() - t0 - LAG_TICK_S) * 1e6))
         hist[key] = hist.get(key, 0) + 1
+
+
+def _on_worker_progress(environment, msg, **_kw) -> None:
+    NODE.progress[msg.node_id] = tuple(msg.data)
 
 
 def _mark_ramped() -> None:
@@ -687,7 +729,8 @@ def _on_test_stop(environment, **_kw) -> None:
         tally, cfg.scenario, cfg.acks and cfg.scenario != "churn", cfg.sample,
         offered_rate(cfg, tally.users),
     )  # fmt: skip
-    print("\n" + format_summary(summary) + "\n", flush=True)
+    if not getattr(environment.parsed_options, "compact", False):
+        print("\n" + format_summary(summary) + "\n", flush=True)
     if cfg.summary_file:
         path = Path(cfg.summary_file)
         path.parent.mkdir(parents=True, exist_ok=True)

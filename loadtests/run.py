@@ -73,6 +73,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--deliver-sample", type=int, default=None)
     p.add_argument("--no-ack", action="store_true")
     p.add_argument(
+        "--transport", choices=("tcp", "ws"), default="tcp",
+        help="ws: the Locust users speak WebSocket (/ws), the path browsers use",
+    )  # fmt: skip
+    p.add_argument(
         "--drain-timeout", type=float, default=10.0,
         help="at stop, seconds without progress before giving up on outstanding deliveries",
     )  # fmt: skip
@@ -81,6 +85,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--server-args", default="", help='extra muxserver options, e.g. "--max-output 65536"'
     )
     p.add_argument("--verbose", action="store_true", help="Locust's periodic stats tables too")
+    p.add_argument(
+        "--progress-every", type=float, default=5.0, help="seconds between progress lines"
+    )
     args = p.parse_args(argv)
     args.run_seconds = seconds(args.duration)
     if args.users < 1 or args.processes < 1:
@@ -102,7 +109,7 @@ class Server:
     def __init__(self, users: int, log_path: Path, extra: list[str]) -> None:
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         args = [
-            "--max-connections", str(max(10_000, 2 * users + 100)), "--log-level", "warning",
+            "--max-connections", str(max(10_000, 2 * users + 100)), "--log-level", "info",
             *extra, "--host", "127.0.0.1",  # last: loopback whatever extra says
         ]  # fmt: skip
         try:
@@ -131,7 +138,11 @@ def locust_command(args, port: int, prefix: Path, extra: list[str]) -> list[str]
         "--summary-file", f"{prefix}-summary.json", "--exit-code-on-error", "1",
     ]  # fmt: skip
     if not args.verbose:
-        cmd.append("--only-summary")
+        # A progress line every 5 s; the summary is printed once, by main().
+        cmd += ["--only-summary", "--compact", "--progress-every", f"{args.progress_every:g}"]
+        # Locust's info lines (start, ramp, workers) are 100+ columns of timestamps
+        # and say what the progress lines already do.
+        cmd += ["--loglevel", "WARNING"]
     if args.processes > 1:
         cmd += ["--processes", str(args.processes)]
     for name in ("rate", "rooms", "size", "publishers", "deliver_sample"):
@@ -140,6 +151,8 @@ def locust_command(args, port: int, prefix: Path, extra: list[str]) -> list[str]
             cmd += [f"--{name.replace('_', '-')}", f"{value:g}" if name == "rate" else str(value)]
     if args.no_ack:
         cmd.append("--no-ack")
+    if args.transport != "tcp":
+        cmd += ["--transport", args.transport]
     return cmd + extra
 
 
@@ -166,6 +179,25 @@ def run_locust(cmd: list[str], limit: float) -> int:
         raise
 
 
+def format_reports(prefix: Path, summary_path: Path, server_log: Path) -> str:
+    """Where the reports went, one per line (paths relative to the current directory)."""
+
+    def rel(path) -> str:
+        try:
+            short = os.path.relpath(path)
+        except ValueError:  # another drive (Windows)
+            return str(path)
+        return str(path) if short.startswith("..") else short
+
+    return "\n".join([
+        "\nreports:",
+        f"  {rel(f'{prefix}_stats.csv')} (and _failures, _stats_history, _exceptions)",
+        f"  {rel(f'{prefix}.html')}",
+        f"  {rel(summary_path)}",
+        f"  {rel(server_log)} (the server's log, at info)",
+    ])  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     reports = Path(args.reports)
@@ -178,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     server_log = reports / f"loadtest-{args.scenario}-server.log"
     server = Server(args.users, server_log, shlex.split(args.server_args))
     print(f"loadtest: muxserver on 127.0.0.1:{server.port}, scenario {args.scenario}, "
-          f"{args.users} users, {args.duration}, {args.processes} Locust process(es)", flush=True)  # fmt: skip
+          f"{args.users} users, {args.duration}, {args.processes} Locust process(es)\n"
+          f"loadtest: a progress line every {args.progress_every:g} s", flush=True)  # fmt: skip
     spawn_s = args.users / (args.spawn_rate or max(10.0, args.users / 5))
     # The locustfile caps a drain at DRAIN_CAP_S (120 s); the rest is start-up and exit.
     limit = args.run_seconds + spawn_s + 120 + args.drain_timeout + 60 + 5 * args.processes
@@ -205,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(summary))
         if not summary["passed"]:
             problems.append("the load test reported failures")
-    print(f"\nreports: {prefix}_stats.csv (+ _failures, _stats_history, _exceptions), "
-          f"{prefix}.html, {summary_path}")  # fmt: skip
+    print(format_reports(prefix, summary_path, server_log))
     if problems:
         print("loadtest FAILED: " + "; ".join(problems), file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import struct
+import textwrap
 from dataclasses import dataclass, field
 
 # sender id (random per connection), per-sender sequence, send time (time.time()).
@@ -282,8 +283,47 @@ def summary_dict(
     }
 
 
+WIDTH = 100  # every line the load test prints fits a terminal this wide
+LABEL = 24  # the summary's label column
+
+
+def fit(lines: list[str], width: int = WIDTH, indent: int = LABEL) -> str:
+    """Lines wrapped at ``width`` columns; continuations indented under the values."""
+    out = []
+    for line in lines:
+        if len(line) <= width:
+            out.append(line)
+            continue
+        out.extend(
+            textwrap.wrap(
+                line,
+                width,
+                subsequent_indent=" " * indent,
+                break_on_hyphens=False,
+                drop_whitespace=True,
+            )  # fmt: skip
+        )
+    return "\n".join(out)
+
+
+def format_progress(
+    elapsed: float, total: float, users: int, deliveries_per_s: float, loss: int,
+    draining: bool = False,
+) -> str:  # fmt: skip
+    """The line ``make loadtest`` prints every few seconds, e.g.
+
+    ``loadtest   10 s of 30 s   200 users   1,234 deliveries/s   loss so far 0``
+    """
+    when = f"{elapsed:4.0f} s of {total:.0f} s" if not draining else f"{elapsed:4.0f} s, draining"
+    line = (
+        f"loadtest {when}   {users:,} users   {deliveries_per_s:,.0f} deliveries/s   "
+        f"loss so far {loss:,}"
+    )
+    return line[:WIDTH]
+
+
 def format_summary(s: dict) -> str:
-    """Human-readable summary of ``summary_dict`` output."""
+    """Human-readable summary of ``summary_dict`` output, at most 100 columns wide."""
 
     def n(v) -> str:
         return "n/a" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:,.0f}"
@@ -314,8 +354,8 @@ def format_summary(s: dict) -> str:
             f"  fan-out latency       p50 {ms('p50')}  p95 {ms('p95')}  p99 {ms('p99')}  "
             f"max {ms('max')}  (every delivery)",
             f"  generator loop lag    p50 {ms('p50', 'loop_lag_ms')}  "
-            f"p99 {ms('p99', 'loop_lag_ms')}  max {ms('max', 'loop_lag_ms')}  "
-            "(Locust's own delay, inside every latency above)",
+            f"p99 {ms('p99', 'loop_lag_ms')}  max {ms('max', 'loop_lag_ms')}",
+            "                        (Locust's own delay, included in every latency above)",
             f"  loss                  missing {n(s['missing'])}  gaps {n(s['gaps'])}  "
             f"duplicates {n(s['duplicates'])}  reordered {n(s['reordered'])}",
             f"  deliver rows          1 in {s['deliver_sample']} deliveries "
@@ -325,10 +365,11 @@ def format_summary(s: dict) -> str:
     lines.append(f"  errors                {errors}")
     verdict_line = "PASS" if s["passed"] else "FAIL: " + "; ".join(s["problems"])
     lines.append(f"  result                {verdict_line}")
-    return "\n".join(lines)
+    return fit(lines)
 
 
 __all__ = [
-    "MIN_PAYLOAD", "PAYLOAD_HEAD", "SequenceTracker", "Tally", "bucket", "format_summary",
-    "make_payload", "padding", "percentile", "summary_dict", "verdict",
+    "MIN_PAYLOAD", "PAYLOAD_HEAD", "WIDTH", "SequenceTracker", "Tally", "bucket", "fit",
+    "format_progress", "format_summary", "make_payload", "padding", "percentile",
+    "summary_dict", "verdict",
 ]  # fmt: skip

@@ -21,21 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
 from . import protocol as P
 from .clientcore import (
+    _UNSET,
     CLOSE_LINGER,
-    DEFAULT_HOST,
-    DEFAULT_PORT,
     RECV_SIZE,
     Ack,
-    Backoff,
     ConnectionClosed,
     Event,
     Listing,
@@ -53,7 +49,13 @@ _END = object()  # queue sentinel: no more items; raise ``_final``
 
 
 class AsyncClient(_Core):
-    """An asyncio muxserver client. Make one with ``await AsyncClient.connect(...)``."""
+    """An asyncio muxserver client: ``async with AsyncClient(...) as c:``.
+
+    ``AsyncClient(...)`` takes the arguments of :meth:`connect` and does not
+    connect yet; ``async with`` (or ``await client.open()``) connects, and
+    leaving the block closes. ``await AsyncClient.connect(...)`` does both
+    steps at once for programs that manage the lifetime themselves.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         # Same arguments as connect() (documented there), kept in one place:
@@ -66,37 +68,37 @@ class AsyncClient(_Core):
         self._task: asyncio.Task | None = None
         self._rejoin_task: asyncio.Task | None = None
         self._final: BaseException | None = None
+        self._opened = False
 
     @classmethod
-    async def connect(
-        cls,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
-        nick: str | None = None,
-        namespace: str = "/",
-        token: str | None = None,
-        timeout: float = 10.0,
-        *,
-        reconnect: bool = False,
-        backoff: Backoff | None = None,
-        tls: bool | ssl.SSLContext = False,
-        ca: str | os.PathLike | None = None,
-    ) -> AsyncClient:
-        """Connect and complete HELLO/WELCOME; arguments and errors as for ``Client.connect``."""
-        client = cls(
-            host, port, nick, namespace, token, timeout,
-            reconnect=reconnect, backoff=backoff, tls=tls, ca=ca,
-        )  # fmt: skip
-        await client._open()
-        client._up = True
-        client._task = asyncio.create_task(client._supervise())
-        return client
+    async def connect(cls, *args, **kwargs) -> AsyncClient:
+        """Connect and complete HELLO/WELCOME: ``await AsyncClient(*args, **kwargs).open()``.
+
+        Arguments and errors as for ``Client.connect`` (the one list is
+        ``_Core.__init__``). No ``heartbeat``: the reader task answers server
+        PINGs all along.
+        """
+        client = cls(*args, **kwargs)
+        return await client.open()
+
+    async def open(self) -> AsyncClient:
+        """Connect and complete HELLO/WELCOME, then call the ``on("connect")`` handlers."""
+        if self._opened:
+            raise RuntimeError("this client has been opened already")
+        self._opened = True
+        await self._open()
+        self._up = True
+        self._task = asyncio.create_task(self._supervise())
+        await self._fire(self._connect_handlers)
+        return self
 
     @property
     def connected(self) -> bool:
         return self._up
 
     async def __aenter__(self) -> AsyncClient:
+        if not self._opened:
+            await self.open()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -126,14 +128,15 @@ class AsyncClient(_Core):
     async def emit(
         self,
         event: str,
-        payload: bytes | str = b"",
+        data: Any = b"",
         room: str | None = None,
         *,
-        to: str | None = None,
+        nick: str | None = None,
         broadcast: bool = False,
         echo: bool = False,
         ack: bool = False,
         wait: bool = True,
+        to: Any = _UNSET,
     ) -> int | None:
         """As ``Client.emit``: with ``ack`` returns the recipient count.
 
@@ -141,7 +144,7 @@ class AsyncClient(_Core):
         answer is an :class:`Ack` (or the error, ``.req`` set) from ``recv``,
         ``async for`` and the ``on_ack`` (``on_error``) handlers.
         """
-        call = self._emit_call(event, payload, room, to, broadcast, echo, ack)
+        call = self._emit_call(event, data, room, nick, broadcast, echo, ack, to)
         if not ack or wait:
             return await self._request(call)
         self._ensure()
@@ -370,7 +373,7 @@ class AsyncClient(_Core):
                 self._deliver(exc)
         self._up = True
         self._attempt = 0
-        await self._fire(self._reconnect_handlers)
+        await self._fire([*self._reconnect_handlers, *self._connect_handlers])
 
     async def _fire(self, handlers: list[Callable], *args: Any) -> None:
         for fn in list(handlers):

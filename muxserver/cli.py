@@ -79,8 +79,9 @@ def _log_level(text: str) -> str:
 
 
 def _name(text: str) -> str:
-    if not 1 <= len(text.encode("utf-8")) <= 255:
-        raise ValueError("must be 1..255 bytes")
+    size = len(text.encode("utf-8"))
+    if not 1 <= size <= 255:
+        raise ValueError(f"must be 1..255 bytes of UTF-8 (this one is {size})")
     return text
 
 
@@ -118,6 +119,12 @@ OPTIONS = [
     ("rate-burst", _count, 0, "EMITs a connection may save up (0: same as --rate-limit)"),
     ("tls-cert", str, "", "PEM certificate chain: serve TLS"),
     ("tls-key", str, "", "PEM private key for --tls-cert (if not in the same file)"),
+    (
+        "allowed-origins",
+        str,
+        "",
+        "comma-separated origins a WebSocket upgrade may come from besides the server's own; * any",
+    ),
     ("log-level", _log_level, "INFO", "debug, info, warning, error"),
     ("log-format", _log_format, "text", "text, or json: one JSON object per line"),
     ("stats-interval", _non_negative, 60.0, "seconds between summary log lines (0: off)"),
@@ -138,8 +145,33 @@ OPTIONS = [
 ]
 
 
+# On/off switches: ``--no-web`` on the command line, MUXSERVER_NO_WEB=1 in the environment.
+FLAGS = [
+    ("no-web", "do not serve the web chat page and muxclient.js (the /ws endpoint stays)"),
+]
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
 def env_name(option: str) -> str:
     return ENV_PREFIX + option.upper().replace("-", "_")
+
+
+def explain(text: str, exc: ValueError) -> str:
+    """Why ``text`` is not a value of an option, in words (the same from argv and env).
+
+    Python's own ValueError texts ("invalid literal for int() with base 10")
+    are replaced; a long value is shortened, since the limit is the news.
+    """
+    shown = repr(text if len(text) <= 40 else text[:37] + "...")
+    why = str(exc)
+    if "must" in why:
+        return f"{shown}: {why}"
+    if "int()" in why:
+        return f"{shown} is not a whole number"
+    if "float" in why:
+        return f"{shown} is not a number"
+    return f"{shown}: not a valid value"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,8 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
             try:
                 return _conv(text)
             except ValueError as exc:
-                msg = str(exc) if "must" in str(exc) else "not a valid value"
-                raise argparse.ArgumentTypeError(f"{text!r}: {msg}") from None
+                raise argparse.ArgumentTypeError(explain(text, exc)) from None
 
         convert.__name__ = option  # argparse names the option in its message
         parser.add_argument(
@@ -173,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=option.split("-")[-1].upper(),
             help=f"{help_text} (default {default}; env {env_name(option)})",
         )
+    for option, help_text in FLAGS:
+        parser.add_argument(
+            f"--{option}", action="store_const", const=True, default=None,
+            help=f"{help_text} (env {env_name(option)}=1)",
+        )  # fmt: skip
     return parser
 
 
@@ -197,9 +233,69 @@ def resolve(argv: list[str] | None = None, environ=None, sources: dict | None = 
             try:
                 value = conv(raw)
             except ValueError as exc:
-                parser.exit(2, f"muxserver: error: {env_name(option)}={raw!r}: {exc}\n")
+                # Worded like argparse's "argument --port: ..." for the same value.
+                why = explain(raw, exc)
+                parser.exit(2, f"muxserver: error: environment {env_name(option)}: {why}\n")
         values[key] = default if value is None else value
+    for option, _ in FLAGS:
+        key = option.replace("-", "_")
+        value = getattr(args, key)
+        if sources is not None:
+            sources[key] = "command line" if value else "default"
+        if value is None and env_name(option) in environ:
+            raw = environ[env_name(option)]
+            if raw.strip().lower() not in _TRUE + _FALSE:
+                parser.exit(2, f"muxserver: error: {env_name(option)}={raw!r}: must be 1 or 0\n")
+            value = raw.strip().lower() in _TRUE
+            if sources is not None:
+                sources[key] = f"env {env_name(option)}"
+        values[key] = bool(value)
     return values
+
+
+PEM_BEGIN = b"-----BEGIN "
+
+
+def check_pem(option: str, path: str) -> str | None:
+    """Why the file given to ``--tls-cert``/``--tls-key`` cannot serve, or None.
+
+    OpenSSL's own errors name neither the file nor the problem in words
+    ("[Errno 2] No such file or directory", "[SSL] PEM lib").
+    """
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 20)
+    except FileNotFoundError:
+        return f"--{option} {path}: no such file"
+    except IsADirectoryError:
+        return f"--{option} {path}: is a directory, not a PEM file"
+    except OSError as exc:
+        return f"--{option} {path}: cannot read it: {exc.strerror or exc}"
+    if PEM_BEGIN not in head:
+        what = "certificate" if option == "tls-cert" else "private key"
+        return (
+            f"--{option} {path} is not a PEM file: expected a {what} between "
+            f"'-----BEGIN ...-----' and '-----END ...-----' lines"
+        )
+    return None
+
+
+def tls_load_error(config: Config, exc: Exception) -> str:
+    """One line on why OpenSSL refused the certificate/key pair, in words."""
+    files = config.tls_cert + (f" and --tls-key {config.tls_key}" if config.tls_key else "")
+    reason = getattr(exc, "reason", None) or ""
+    if reason == "KEY_VALUES_MISMATCH":
+        why = "the private key does not belong to the certificate"
+    elif "PEM" in str(exc) or reason in ("NO_START_LINE", "PEM_LIB"):
+        why = (
+            "no usable certificate and private key in PEM form (put the key in the "
+            "same file, or give it with --tls-key)"
+        )
+    else:
+        why = str(exc)
+    return f"cannot load the TLS certificate/key from --tls-cert {files}: {why}"
 
 
 def check_config(argv: list[str]) -> int:
@@ -207,7 +303,7 @@ def check_config(argv: list[str]) -> int:
     sources: dict = {}
     values = resolve(argv, sources=sources)
     print(f"# muxserver {__version__}: effective configuration (option, value, source)")
-    for option, _, _, _ in OPTIONS:
+    for option in [o[0] for o in OPTIONS] + [f[0] for f in FLAGS]:
         key = option.replace("-", "_")
         value = values[key]
         if key == "token" and value:
@@ -227,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["check-config"]:
         return check_config(args[1:])
     values = resolve(args)
-    setup_logging(values.pop("log_level"), values.pop("log_format"))
+    log_format = values.pop("log_format")
+    setup_logging(values.pop("log_level"), log_format)
     stats_interval = values.pop("stats_interval")
     metrics_host, metrics_port = values.pop("metrics_host"), values.pop("metrics_port")
     token_file = values.pop("token_file")
@@ -264,18 +361,28 @@ def main(argv: list[str] | None = None) -> int:
     if values["tls_key"] and not values["tls_cert"]:
         print("muxserver: error: --tls-key needs --tls-cert", file=sys.stderr)
         return 2
+    for option in ("tls-cert", "tls-key"):
+        problem = check_pem(option, values[option.replace("-", "_")])
+        if problem:
+            print(f"muxserver: {problem}", file=sys.stderr)
+            return 1
+    values["web"] = not values.pop("no_web")
     config = Config(**values)
     config.reuse_port = bool(os.environ.get("MUXSERVER_WORKER"))  # a --workers child
     try:
         server = Server(config)
     except (OSError, ssl.SSLError) as exc:
-        print(f"muxserver: cannot load TLS certificate/key: {exc}", file=sys.stderr)
+        print(f"muxserver: {tls_load_error(config, exc)}", file=sys.stderr)
         return 1
     try:
         host, port = server.start()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            reason = f"port {config.port} is already in use"
+            other = config.port + 1 if 0 < config.port < 65535 else 7879
+            reason = (
+                f"port {config.port} is already in use (pick another with --port, "
+                f"e.g. --port {other}, or --port 0 for any free one)"
+            )
         elif exc.errno == errno.EACCES:
             reason = f"permission denied binding {config.host}:{config.port}"
         elif isinstance(exc, socket.gaierror):
@@ -336,10 +443,12 @@ def main(argv: list[str] | None = None) -> int:
     server.loop.handle_signals((signal.SIGTERM, signal.SIGINT), on_signal)
     shown = f"[{host}]" if ":" in host else host
     print(f"muxserver listening on {shown}:{port}", flush=True)
-    log.info(
-        "muxserver %s listening on %s:%d%s", __version__, shown, port,
-        " (TLS)" if config.tls_cert else "",
-    )  # fmt: skip
+    if log_format == "json":
+        # Log shippers read only the log stream; a person reads the line above once.
+        log.info(
+            "muxserver %s listening on %s:%d%s", __version__, shown, port,
+            " (TLS)" if config.tls_cert else "",
+        )  # fmt: skip
     try:
         server.run()
         if backplane is not None:

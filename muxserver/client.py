@@ -3,20 +3,20 @@
 Programs (bots, tests, the Locust users, ``muxchat``) should not hand-roll
 sockets and ``struct`` calls to talk to muxserver. This module reuses
 :mod:`muxserver.framing` and :mod:`muxserver.protocol`, so the project keeps
-one codec. What it shares with :mod:`muxserver.aio` -- errors, the Event and
-Presence types, Backoff, request bookkeeping -- lives in
-:mod:`muxserver.clientcore` and is re-exported here: import it all from
-``muxserver.client``.
+one codec. What it shares with :mod:`muxserver.aio` lives in
+:mod:`muxserver.clientcore` and :mod:`muxserver.clienttypes`, re-exported
+here: import it all from ``muxserver.client``.
 
 Decisions worth knowing:
 
 * The blocking client uses plain sockets, ``select.poll`` and a
-  ``threading.Lock``, all looked up when used: no threads of its own, so it
-  runs unchanged under gevent monkey-patching (``ssl`` included). The price
-  is that server PINGs are answered only while the program is inside a
-  client call, so a program must call ``recv``/``poll``/``run_forever`` (or
-  make any request) at least once per ``ping_interval + ping_timeout`` (45 s
-  by default) or the server cuts it with IDLE_TIMEOUT.
+  ``threading.Lock``, all looked up when used: by default no threads of its
+  own, so it runs unchanged under gevent monkey-patching (``ssl`` included).
+  The price is that server PINGs are answered only while the program is
+  inside a client call, so a program must call ``recv``/``poll``/
+  ``run_forever`` (or make any request) at least once per ``ping_interval +
+  ping_timeout`` (45 s by default) or the server cuts it with IDLE_TIMEOUT.
+  ``heartbeat=True`` lifts that (muxserver/heartbeat.py).
 * One greenlet (or thread) may read while others send EMITs that wait for
   nothing (``ack=False``, or ``ack=True, wait=False``): the Locust users'
   pattern. Three things make that safe. The socket's timeout is set once, to
@@ -41,7 +41,6 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import socket
 import ssl
@@ -52,9 +51,8 @@ from typing import Any, NoReturn
 
 from . import protocol as P
 from .clientcore import (
+    _UNSET,
     CLOSE_LINGER,
-    DEFAULT_HOST,
-    DEFAULT_PORT,
     ERRORS,  # noqa: F401 (re-exported: importable from here as before the split)
     PERMANENT,  # noqa: F401
     RECV_SIZE,
@@ -76,10 +74,12 @@ from .clientcore import (
     NotMember,
     Presence,
     RateLimited,
+    Replaced,
     RoomInfo,
     ShuttingDown,
     SlowConsumer,
     TooLarge,
+    Unavailable,
     UnknownType,
     UnsupportedVersion,
     _Call,
@@ -87,12 +87,14 @@ from .clientcore import (
     _why,
     error_for,
 )
+from .heartbeat import Heartbeat
 
 __all__ = [
     "Ack", "AuthFailed", "Backoff", "BadFrame", "Client", "ConnectionClosed", "Event", "IdleTimeout",
     "InvalidName", "Limit", "Listing", "MuxError", "NickTaken", "NoSuchTarget", "NotConnected",
-    "NotHello", "NotMember", "Presence", "RateLimited", "RoomInfo", "ShuttingDown",
-    "SlowConsumer", "TooLarge", "UnknownType", "UnsupportedVersion", "connect", "error_for",
+    "NotHello", "NotMember", "Presence", "RateLimited", "Replaced", "RoomInfo", "ShuttingDown",
+    "SlowConsumer", "TooLarge", "Unavailable", "UnknownType", "UnsupportedVersion", "connect",
+    "error_for",
 ]  # fmt: skip
 
 # Reads that mean "nothing yet", not "connection lost": a timeout, or the
@@ -132,8 +134,10 @@ def _shutdown(sock: socket.socket) -> None:
 
 # ======================================================= blocking client
 class Client(_Core):
-    """A blocking muxserver client. Make one with :meth:`Client.connect`.
+    """A blocking muxserver client: ``Client.connect(...)``, or ``with Client(...) as c:``.
 
+    ``Client(...)`` takes :meth:`connect`'s arguments and connects in
+    :meth:`open` or on entering ``with``, so handlers can be registered first.
     One thread or greenlet at a time reads: it calls ``recv``/``poll``/
     ``run_forever`` or any request that waits for its answer. Others may
     meanwhile call ``emit`` without ``ack`` or with ``ack=True, wait=False``
@@ -141,10 +145,14 @@ class Client(_Core):
     per thread or greenlet.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, heartbeat: bool | float = False, **kwargs) -> None:
         # Same arguments as connect() (documented there), kept in one place:
         # _Core.__init__.
         super().__init__(*args, **kwargs)
+        self._heartbeat = Heartbeat.check(heartbeat)
+        self._hb: Heartbeat | None = None
+        self._last_send = time.monotonic()  # read by the heartbeat
+        self._opened = False
         self._sock: socket.socket | None = None
         self._inbox: deque = deque()
         self._pongs: set[int] = set()
@@ -157,21 +165,18 @@ class Client(_Core):
         self._broken: ConnectionClosed | None = None
 
     @classmethod
-    def connect(
-        cls,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
-        nick: str | None = None,
-        namespace: str = "/",
-        token: str | None = None,
-        timeout: float = 10.0,
-        *,
-        reconnect: bool = False,
-        backoff: Backoff | None = None,
-        tls: bool | ssl.SSLContext = False,
-        ca: str | os.PathLike | None = None,
-    ) -> Client:
-        """Connect and complete HELLO/WELCOME.
+    def connect(cls, *args, **kwargs) -> Client:
+        """Connect and complete HELLO/WELCOME: ``Client(*args, **kwargs).open()``.
+
+        Arguments (one list, kept in ``_Core.__init__``): ``host``, ``port``,
+        ``nick``, ``namespace``, ``token``, ``timeout``; keywords
+        ``reconnect=True``, ``backoff``, ``tls``, ``ca``, ``version`` and,
+        for this client, ``heartbeat``.
+
+        ``reconnect`` re-establishes a lost connection with ``backoff``, rooms
+        re-joined; ``version`` is the protocol version to ask for; ``heartbeat``
+        (True, or seconds) keeps the connection alive from a background thread
+        (muxserver/heartbeat.py). A port outside 0..65535 raises ValueError.
 
         With ``tls`` (or ``ca``, a PEM file of CAs to trust instead of the
         system's) the connection is TLS and the server's certificate must be
@@ -181,13 +186,23 @@ class Client(_Core):
         (e.g. NickTaken, AuthFailed). The first connection is never retried,
         even with ``reconnect=True``.
         """
-        client = cls(
-            host, port, nick, namespace, token, timeout,
-            reconnect=reconnect, backoff=backoff, tls=tls, ca=ca,
-        )  # fmt: skip
-        client._open()
-        client._up = True
+        client = cls(*args, **kwargs)
+        client.open()
         return client
+
+    def open(self) -> Client:
+        """Connect as :meth:`connect` does, then call the ``on("connect")`` handlers; once."""
+        if self._opened:
+            raise RuntimeError("this client has been opened already")
+        self._opened = True
+        self._open()
+        self._up = True
+        if self._heartbeat:
+            self._hb = Heartbeat(self, self._heartbeat)
+            self._hb.start()
+        for fn in list(self._connect_handlers):
+            fn()
+        return self
 
     @property
     def connected(self) -> bool:
@@ -199,6 +214,8 @@ class Client(_Core):
         return self._sock
 
     def __enter__(self) -> Client:
+        if not self._opened:
+            self.open()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -218,16 +235,22 @@ class Client(_Core):
     def emit(
         self,
         event: str,
-        payload: bytes | str = b"",
+        data: Any = b"",
         room: str | None = None,
         *,
-        to: str | None = None,
+        nick: str | None = None,
         broadcast: bool = False,
         echo: bool = False,
         ack: bool = False,
         wait: bool = True,
+        to: Any = _UNSET,
     ) -> int | None:
-        """Send an event to a ``room``, one nick (``to``) or the namespace (``broadcast``).
+        """Send an event to a ``room``, one person (``nick``) or the namespace (``broadcast``).
+
+        ``data`` is bytes (binary), str (text) or a JSON value (dict, list,
+        number, bool, None); on a version-2 session the receiver gets the
+        same kind of value back as ``event.data``. ``to=`` raises TypeError
+        naming ``room=`` and ``nick=`` (it is ambiguous between them).
 
         With ``ack`` waits for the REPLY and returns the recipient count (an
         error raises here). With ``ack=True, wait=False`` returns the request
@@ -237,7 +260,7 @@ class Client(_Core):
         refused, as its error with ``.req`` set (``on_error``). Without
         ``ack`` returns None at once, and an error arrives later (``.req`` 0).
         """
-        call = self._emit_call(event, payload, room, to, broadcast, echo, ack)
+        call = self._emit_call(event, data, room, nick, broadcast, echo, ack, to)
         if ack and not wait:
             return self._send_nowait(call)
         return self._request(call)
@@ -275,6 +298,8 @@ class Client(_Core):
             return
         self._closed = True
         self._retry_at = None
+        if self._hb is not None:
+            self._hb.stop()
         sock = self._sock
         if sock is not None and self._up:
             self._up = False
@@ -427,7 +452,7 @@ class Client(_Core):
             return
         self._up = True
         self._attempt = 0
-        for fn in list(self._reconnect_handlers):
+        for fn in [*self._reconnect_handlers, *self._connect_handlers]:
             fn()
 
     def _rejoin(self) -> None:
@@ -501,6 +526,7 @@ class Client(_Core):
         try:
             with self._wlock:
                 self._send_all(sock, frame)
+            self._last_send = time.monotonic()
         except OSError as exc:
             why = ConnectionClosed(None, f"connection lost: {_why(exc)}")
             if self._reading_elsewhere():
@@ -646,6 +672,7 @@ class Client(_Core):
         try:
             with self._wlock:
                 self._send_all(sock, frame)
+            self._last_send = time.monotonic()
         except OSError as exc:
             # Maybe half a frame went out: nothing more may follow it.
             self._break(sock, ConnectionClosed(None, f"connection lost: {_why(exc)}"))

@@ -2,296 +2,87 @@
 
 :mod:`muxserver.client` (blocking sockets) and :mod:`muxserver.aio` (asyncio
 streams) differ only in how they move bytes and wait. The rest lives here,
-once: the exception classes and :func:`error_for`, the Event/Presence/RoomInfo/
-Listing/Ack types handed to programs, the reconnect :class:`Backoff`, the TLS
-context, and :class:`_Core`, which builds every request frame, routes each
-server frame and turns REPLY bodies into results (with
-:func:`muxserver.protocol.parse_who` and friends, so there is still one codec).
+once: the TLS context and :class:`_Core`, which builds every request frame,
+routes each server frame and turns REPLY bodies into results (with
+:func:`muxserver.protocol.parse_who` and friends, so there is still one
+codec). The types handed to programs (errors, Event, Presence, Ack, Backoff,
+payload encoding) are in :mod:`muxserver.clienttypes`, re-exported here.
 
 Programs import these names from :mod:`muxserver.client`, which re-exports
 them; this module is an implementation detail of the two clients.
 
 Decisions worth knowing:
 
-* An ERROR frame raises a class that is both :class:`ConnectionClosed` and
-  the subclass for its code (:func:`error_for` builds and caches those), so
-  ``except NickTaken`` works for a refused HELLO and a refused NICK alike.
 * REPLY bodies are read by a function chosen when the request is built
   (:class:`_Call`), since a REPLY does not say which request it answers.
 * An EMIT sent with ``ack=True, wait=False`` is remembered in ``_acks`` (id ->
   send time) before it is written, so the REPLY, which another greenlet or
   task may read before the write even returns, becomes an :class:`Ack` (or
   an error with ``.req``) on the receiving side instead of being dropped.
-* The public classes carry ``__module__ = "muxserver.client"``, the module
-  programs import them from, so tracebacks, reprs and pickles name that one.
+* Version 2 sessions: EMIT flags carry the payload type and EVENT's
+  source_kind is masked (``P.EVENT_KIND_MASK``) before its kind is read; a
+  reconnect sends the last WELCOME's resume token, so the server hands the
+  parked session back instead of holding its nick.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
-import random
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import protocol as P
+from .clienttypes import (  # noqa: F401 (re-exported for client.py and aio.py)
+    _PRESENCE_KINDS,
+    _SOURCE_KINDS,
+    _UNSET,
+    CLOSE_LINGER,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_VERSION,
+    ERRORS,
+    PAYLOAD_TYPE_NAMES,
+    PERMANENT,
+    PUBLIC_MODULE,
+    RECV_SIZE,
+    RESERVED_EVENTS,
+    Ack,
+    AuthFailed,
+    Backoff,
+    BadFrame,
+    ConnectionClosed,
+    Event,
+    IdleTimeout,
+    InvalidName,
+    Limit,
+    Listing,
+    MuxError,
+    NickTaken,
+    NoSuchTarget,
+    NotConnected,
+    NotHello,
+    NotMember,
+    Presence,
+    RateLimited,
+    Replaced,
+    RoomInfo,
+    ShuttingDown,
+    SlowConsumer,
+    TooLarge,
+    Unavailable,
+    UnknownType,
+    UnsupportedVersion,
+    _closed_class,
+    _why,
+    check_port,
+    decode_payload,
+    encode_payload,
+    error_for,
+)
 from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7878
-# Measured on loopback (send + recv of a 200-byte message): 2.4 us with 64 KiB,
-# 14 us with 256 KiB, where every recv allocates a buffer big enough for
-# malloc to use fresh mmap'ed pages. recv_into a per-client buffer saves
-# another ~0.1 us but costs 64 KiB per client, held for good: too much for a
-# Locust process with thousands of users.
-RECV_SIZE = 64 * 1024
-CLOSE_LINGER = 2.0  # seconds close() waits for the server's FIN after BYE
-# Programs know the public classes below as muxserver.client.X (that module
-# re-exports them): tracebacks and reprs say so, and pickle finds them there.
-PUBLIC_MODULE = "muxserver.client"
-
-
-# ================================================================ errors
-class MuxError(Exception):
-    """Base of every protocol error this library raises.
-
-    ``code`` is the protocol status code (None when there is none, e.g. a
-    connection that ended without an ERROR frame), ``message`` the server's
-    text. ``req`` is set on errors that answer a request: the request id, or 0
-    for an EMIT sent without ``ack``. Errors for EMITs sent without ``ack`` or
-    with ``ack=True, wait=False`` arrive later, through ``recv``/``poll`` or the
-    ``on_error`` handlers.
-    """
-
-    code: int | None = None
-
-    def __init__(self, message: str = "", code: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-        self.req: int | None = None
-
-    @property
-    def name(self) -> str:
-        """The status name, e.g. ``"NICK_TAKEN"`` (empty when there is no code)."""
-        return "" if self.code is None else P.STATUS_NAMES.get(self.code, str(self.code))
-
-    def __str__(self) -> str:
-        return f"{self.name}: {self.message}" if self.code is not None else self.message
-
-
-class ConnectionClosed(MuxError):
-    """The connection ended: by an ERROR frame (``code`` says why) or EOF/socket error (None).
-
-    An ERROR frame raises a class that is *also* the subclass for its code, so
-    ``except NickTaken`` catches a nick collision at HELLO as well as a
-    refused NICK request, and ``except ConnectionClosed`` catches both ends.
-    """
-
-    def __init__(self, code: int | None = None, message: str = "connection closed") -> None:
-        super().__init__(message, code)
-
-
-class NotConnected(ConnectionClosed):
-    """A request made while there is no connection (closed, or between reconnects); not sent."""
-
-    def __init__(self, message: str = "not connected") -> None:
-        super().__init__(None, message)
-
-
-class BadFrame(MuxError):
-    code = P.BAD_FRAME
-
-
-class UnknownType(MuxError):
-    code = P.UNKNOWN_TYPE
-
-
-class NotHello(MuxError):
-    code = P.NOT_HELLO
-
-
-class AuthFailed(MuxError):
-    code = P.AUTH_FAILED
-
-
-class UnsupportedVersion(MuxError):
-    code = P.UNSUPPORTED_VERSION
-
-
-class TooLarge(MuxError):
-    code = P.TOO_LARGE
-
-
-class NickTaken(MuxError):
-    code = P.NICK_TAKEN
-
-
-class InvalidName(MuxError):
-    code = P.INVALID_NAME
-
-
-class NotMember(MuxError):
-    code = P.NOT_MEMBER
-
-
-class NoSuchTarget(MuxError):
-    code = P.NO_SUCH_TARGET
-
-
-class Limit(MuxError):
-    code = P.LIMIT
-
-
-class RateLimited(MuxError):
-    code = P.RATE_LIMITED
-
-
-class SlowConsumer(MuxError):
-    code = P.SLOW_CONSUMER
-
-
-class IdleTimeout(MuxError):
-    code = P.IDLE_TIMEOUT
-
-
-class ShuttingDown(MuxError):
-    code = P.SHUTTING_DOWN
-
-
-ERRORS: dict[int, type[MuxError]] = {
-    cls.code: cls
-    for cls in (
-        BadFrame, UnknownType, NotHello, AuthFailed, UnsupportedVersion, TooLarge, NickTaken,
-        InvalidName, NotMember, NoSuchTarget, Limit, RateLimited, SlowConsumer, IdleTimeout,
-        ShuttingDown,
-    )
-}  # fmt: skip
-
-# Refusals that a fresh HELLO would only get again: reconnecting stops.
-# NICK_TAKEN is not here: after a cut the server may still hold our old nick
-# for a moment.
-PERMANENT = frozenset({P.AUTH_FAILED, P.UNSUPPORTED_VERSION, P.INVALID_NAME})
-
-
-@functools.cache
-def _closed_class(cls: type[MuxError]) -> type[ConnectionClosed]:
-    if cls is MuxError:
-        return ConnectionClosed
-    doc = f"ERROR {P.STATUS_NAMES[cls.code]}: both {cls.__name__} and ConnectionClosed."
-    return type(
-        cls.__name__, (ConnectionClosed, cls), {"__module__": PUBLIC_MODULE, "__doc__": doc}
-    )
-
-
-def error_for(code: int, message: str, fatal: bool = False) -> MuxError:
-    """The exception for status ``code``; ``fatal`` (an ERROR frame) adds ConnectionClosed."""
-    cls = ERRORS.get(code, MuxError)
-    if fatal:
-        return _closed_class(cls)(code, message)
-    return cls(message, code)
-
-
-def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
-
-
-# ========================================================= what you receive
-@dataclass(frozen=True, slots=True)
-class Event:
-    """An EVENT: ``kind`` is "room" (``room`` set), "direct" or "broadcast"."""
-
-    event: str
-    payload: bytes
-    sender: str
-    kind: str
-    room: str | None = None
-
-    @property
-    def text(self) -> str:
-        """The payload as UTF-8 text (undecodable bytes replaced)."""
-        return self.payload.decode("utf-8", "replace")
-
-
-@dataclass(frozen=True, slots=True)
-class Presence:
-    """A PRESENCE: ``kind`` is "join", "leave" or "nick" (then ``new_nick`` is set)."""
-
-    kind: str
-    room: str
-    nick: str
-    new_nick: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    """The answer to an EMIT sent with ``ack=True, wait=False``: it was queued to ``recipients``.
-
-    ``req`` is the id ``emit`` returned. ``rtt`` is the seconds from just
-    before the EMIT was written to when its REPLY was read (not compared, so
-    ``ack == Ack(req, 3)`` works). A refused EMIT arrives as its error instead,
-    with ``.req`` set.
-    """
-
-    req: int
-    recipients: int
-    rtt: float = field(default=0.0, compare=False)
-
-
-class RoomInfo(NamedTuple):
-    name: str
-    members: int
-
-
-class Listing(list):
-    """A WHO or ROOMS answer: what the server listed, plus ``total``.
-
-    The server may list fewer entries than ``total`` to keep the REPLY under
-    ``max_frame``.
-    """
-
-    def __init__(self, items: list | tuple = (), total: int | None = None) -> None:
-        super().__init__(items)
-        self.total = len(self) if total is None else total
-
-
-_SOURCE_KINDS = {P.TARGET_ROOM: "room", P.TARGET_DIRECT: "direct", P.TARGET_BROADCAST: "broadcast"}
-_PRESENCE_KINDS = {P.PRESENCE_JOIN: "join", P.PRESENCE_LEAVE: "leave", P.PRESENCE_NICK: "nick"}
-
-
-# ================================================================ backoff
-@dataclass
-class Backoff:
-    """Reconnect delays: ``initial`` doubling (``factor``) up to ``maximum``, with jitter.
-
-    ``jitter`` spreads each delay by up to that fraction either way, so
-    clients cut at the same moment do not all come back in the same
-    millisecond. ``max_attempts`` (None: forever) bounds consecutive failed
-    attempts before the client gives up.
-    """
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    factor: float = 2.0
-    jitter: float = 0.2
-    max_attempts: int | None = None
-
-    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        """Seconds to wait before attempt number ``attempt`` (0-based)."""
-        base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
-        return max(0.0, min(self.maximum, base * (1 + self.jitter * (2 * rng() - 1))))
-
-
-for _cls in (
-    MuxError, ConnectionClosed, NotConnected, *ERRORS.values(),
-    Event, Presence, Ack, RoomInfo, Listing, Backoff,
-):  # fmt: skip
-    _cls.__module__ = PUBLIC_MODULE
 
 
 # ======================================================= shared, no I/O
@@ -301,6 +92,13 @@ class _Call(NamedTuple):
     req: int
     frame: bytes
     finish: Callable[[bytes], Any]
+
+
+def _check_nick_size(nick: str) -> None:
+    """A nick too long to encode gets the nick rule, not str8's 255-byte limit."""
+    size = len(nick.encode("utf-8", "surrogateescape"))
+    if size > 255:
+        raise InvalidName(f"nick must be 1..32 bytes (this one is {size})")
 
 
 def _read_who(body: bytes) -> Listing:
@@ -354,12 +152,20 @@ class _Core:
         namespace: str = "/",
         token: str | None = None,
         timeout: float = 10.0,
-        reconnect: bool = False,
+        reconnect: bool = True,
         backoff: Backoff | None = None,
         tls: bool | ssl.SSLContext = False,
         ca: str | os.PathLike | None = None,
+        version: int = DEFAULT_VERSION,
     ) -> None:
+        check_port(port)
+        if version not in P.SUPPORTED_VERSIONS:
+            supported = " or ".join(map(str, P.SUPPORTED_VERSIONS))
+            raise ValueError(f"version must be {supported}, not {version!r}")
         self.host, self.port, self.namespace = host, port, namespace
+        # The version asked for in HELLO; ``session_version`` is what WELCOME said.
+        self.version = version
+        self.session_version = version
         # Built once: a bad ``ca`` path fails here, and reconnects reuse it.
         self._tls = tls_context(tls, ca)
         self.timeout = timeout
@@ -375,6 +181,12 @@ class _Core:
         self.server_name = ""
         self.ping_interval = 0.0
         self._welcome: P.Welcome | None = None
+        # Version 2 (section 10): the token of the last WELCOME, sent in the
+        # HELLO of a reconnect so that the server hands back the parked
+        # session (nick, rooms) instead of holding the nick for its window.
+        self._resume_token = ""
+        self.resumed = False  # the last WELCOME resumed a parked session
+        self.resume_window = 0.0
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME + P.SERVER_FRAME_SLACK)
         self._joined: dict[str, bool] = {}  # room -> presence flag, for re-joining
         self._pending: dict[int, Any] = {}
@@ -395,17 +207,56 @@ class _Core:
         self._ack_handlers: list[Callable] = []
         self._disconnect_handlers: list[Callable] = []
         self._reconnect_handlers: list[Callable] = []
+        self._connect_handlers: list[Callable] = []
 
     # ---------------------------------------------------------- handlers
     def on(self, event: str, fn: Callable | None = None) -> Callable:
         """Call ``fn(event)`` for each Event named ``event`` ("*": every event).
 
-        Usable as a decorator: ``@client.on("chat")``.
+        Usable as a decorator: ``@client.on("chat")``. Two names are the
+        connection's own, as in socket.io: ``"connect"`` (``fn()`` once the
+        connection is up: the first one if the handler was registered
+        before it, and every reconnect, rooms re-joined) and
+        ``"disconnect"`` (``fn(exc)`` when an established connection is lost).
         """
         if fn is None:
             return lambda f: self.on(event, f)
-        self._handlers.setdefault(event, []).append(fn)
+        self._handler_list(event).append(fn)
         return fn
+
+    def once(self, event: str, fn: Callable | None = None) -> Callable:
+        """As :meth:`on`, but ``fn`` runs for the first matching item only."""
+        if fn is None:
+            return lambda f: self.once(event, f)
+
+        def one_shot(*args: Any) -> Any:
+            self.off(event, fn)
+            return fn(*args)
+
+        one_shot.__wrapped__ = fn  # off(event, fn) finds it
+        self._handler_list(event).append(one_shot)
+        return fn
+
+    def off(self, event: str, fn: Callable | None = None) -> None:
+        """Remove handler ``fn`` of ``event`` (registered with on or once); without ``fn``, all.
+
+        Removing a handler that is not registered is not an error.
+        """
+        handlers = self._handler_list(event)
+        if fn is None:
+            handlers.clear()
+            return
+        for i, h in enumerate(handlers):
+            if h is fn or getattr(h, "__wrapped__", None) is fn:
+                del handlers[i]
+                return
+
+    def _handler_list(self, event: str) -> list[Callable]:
+        if event == "connect":
+            return self._connect_handlers
+        if event == "disconnect":
+            return self._disconnect_handlers
+        return self._handlers.setdefault(event, [])
 
     def on_presence(self, fn: Callable) -> Callable:
         """Call ``fn(presence)`` for each Presence."""
@@ -470,7 +321,9 @@ class _Core:
     # ---------------------------------------------------------- session
     def _hello_frame(self) -> bytes:
         nick = self._wanted_nick or ""
-        return self._encode(P.Hello(P.PROTOCOL_VERSION, self.namespace, nick, self._token))
+        _check_nick_size(nick)
+        resume = self._resume_token if self.version >= 2 else ""
+        return self._encode(P.Hello(self.version, self.namespace, nick, self._token, resume))
 
     def _fresh_session(self) -> None:
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME + P.SERVER_FRAME_SLACK)
@@ -483,6 +336,10 @@ class _Core:
         w = self._welcome
         self.nick, self.conn_id, self.max_frame = w.nick, w.conn_id, w.max_frame
         self.server_name, self.ping_interval = w.server_name, w.ping_interval_ms / 1000
+        self.session_version = w.version
+        self._resume_token = w.resume_token
+        self.resumed = bool(w.resumed)
+        self.resume_window = w.resume_window_ms / 1000  # seconds; 0: no resume
         self._decoder.max_frame = w.max_frame + P.SERVER_FRAME_SLACK
 
     def _can_retry(self, exc: BaseException | None) -> bool:
@@ -527,6 +384,8 @@ class _Core:
         return _Call(req, self._encode(P.Leave(req, room)), done)
 
     def _nick_call(self, nick: str) -> _Call:
+        _check_nick_size(nick)
+
         def done(_body: bytes) -> None:
             self.nick = self._wanted_nick = nick
 
@@ -534,23 +393,33 @@ class _Core:
         return _Call(req, self._encode(P.Nick(req, nick)), done)
 
     def _emit_call(
-        self, event: str, payload: Any, room: str | None, to: str | None,
-        broadcast: bool, echo: bool, ack: bool,
+        self, event: str, data: Any, room: str | None, nick: str | None,
+        broadcast: bool, echo: bool, ack: bool, to: Any = _UNSET,
     ) -> _Call:  # fmt: skip
-        if (room is not None) + (to is not None) + bool(broadcast) != 1:
-            raise ValueError("emit() needs exactly one target: room=, to= or broadcast=True")
-        if isinstance(payload, str):
-            payload = payload.encode("utf-8")
-        elif not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"payload must be bytes or str, not {type(payload).__name__}")
+        if to is not _UNSET:
+            # socket.io's to= names a room; ours once named a nick. Neither
+            # guess is safe, so say which spelling means what.
+            raise TypeError(
+                f"emit() has no to=: write room={to!r} to send to a room, "
+                f"nick={to!r} to send to one person, or broadcast=True for everyone"
+            )
+        if event in RESERVED_EVENTS:
+            raise ValueError(
+                f"event name {event!r} is reserved for the connection's own "
+                f"on({event!r}) handlers; pick another name"
+            )
+        if (room is not None) + (nick is not None) + bool(broadcast) != 1:
+            raise ValueError("emit() needs exactly one target: room=, nick= or broadcast=True")
+        payload, ptype = encode_payload(data)
         if room is not None:
             kind, target = P.TARGET_ROOM, room
-        elif to is not None:
-            kind, target = P.TARGET_DIRECT, to
+        elif nick is not None:
+            kind, target = P.TARGET_DIRECT, nick
         else:
             kind, target = P.TARGET_BROADCAST, ""
         req = self._next_req() if ack else 0
-        flags = P.EMIT_ECHO if echo else 0
+        # A version-1 session has no payload types: the bytes go untyped.
+        flags = P.emit_flags(echo, ptype if self.session_version >= 2 else P.PAYLOAD_BINARY)
         return _Call(
             req, self._encode(P.Emit(req, kind, target, event, payload, flags)), P.parse_count
         )
@@ -604,9 +473,11 @@ class _Core:
         """Act on one server message; raises the error for an ERROR frame."""
         kind = type(msg)
         if kind is P.Event:
-            room = msg.source if msg.source_kind == P.TARGET_ROOM else None
-            source = _SOURCE_KINDS.get(msg.source_kind, str(msg.source_kind))
-            self._deliver(Event(msg.event, msg.payload, msg.sender, source, room))
+            skind = msg.kind  # source_kind & EVENT_KIND_MASK: bits 4-5 are the payload type
+            room = msg.source if skind == P.TARGET_ROOM else None
+            source = _SOURCE_KINDS.get(skind, str(skind))
+            ptype = msg.payload_type if self.session_version >= 2 else P.PAYLOAD_BINARY
+            self._deliver(Event(msg.event, msg.payload, msg.sender, source, room, ptype))
         elif kind is P.Reply:
             if msg.req and msg.req in self._pending:
                 self._on_reply(msg)

@@ -27,4 +27,6 @@ class Config:
     rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
     tls_cert: str = ""
     tls_key: str = ""
+    allowed_origins: str = ""  # comma-separated origins WebSocket upgrades may come from; * any
+    web: bool = True  # serve the chat page and muxclient.js (the /ws endpoint stays either way)
     reuse_port: bool = False  # SO_REUSEPORT: set in --workers children (workers.py)

@@ -26,6 +26,7 @@ import socket
 import ssl
 
 from . import protocol as P
+from . import sniffing
 from .config import Config
 from .framing import FrameError
 from .hub import Hub
@@ -60,8 +61,7 @@ class Server:
         self._rview = memoryview(self._rbuf)
         self._tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         self._shutdown_deadline = 0.0
-        # Closed connections' counters (frames in, frames out, bytes in, bytes
-        # out), so totals never go down.
+        # Closed connections' frames in/out, bytes in/out: totals never go down.
         self.closed_totals = [0, 0, 0, 0]
         self.loop.add_before_sleep(self.flush)
 
@@ -101,7 +101,8 @@ class Server:
             # The handshake runs on the loop like any other I/O (see
             # _handshake); the accept path never blocks on a slow client.
             sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return self.attach(StreamTransport(sock, self.config.max_frame), peer)
+        # sniff: raw or HTTP, the first bytes decide (sniffing.py)
+        return self.attach(StreamTransport(sock, self.config.max_frame, sniff=True), peer)
 
     def attach(self, transport, peer=None) -> Session:
         """A new session over ``transport`` (a socket's, or an in-memory one in tests)."""
@@ -113,7 +114,7 @@ class Server:
         self.stats["accepted"] += 1
         if self._live >= self.config.max_connections or self.shutting_down:
             self.stats["refused_limit"] += 1
-            self.protocol.fatal(sess, P.LIMIT, "server is full (max_connections)")
+            sniffing.refuse(self, sess)  # ERROR LIMIT in its own transport (section 11)
             return sess
         # Counted until its socket is closed: a closing connection still
         # holds a file descriptor.
@@ -173,15 +174,13 @@ class Server:
         """Advance a non-blocking TLS handshake by whatever the socket allows."""
         transport = sess.transport
         if sess.state != HELLO_WAIT:
-            # Refused (LIMIT) or timed out before the handshake finished:
-            # there is no TLS session to send the ERROR through.
+            # Refused or timed out mid-handshake: no TLS session to send an ERROR in.
             self._close(sess)
             return
         try:
             wanted = transport.handshake()
         except (ssl.SSLError, OSError) as exc:
-            # A plain-TCP client, a wrong certificate, a scanner: close this
-            # one quietly and carry on with everyone else.
+            # A plain-TCP client, a wrong certificate, a scanner: close it quietly.
             self.stats["refused_tls_handshake"] += 1
             log.info(
                 "TLS handshake failed for #%d from %s: %s", sess.id, sess.peer, exc,
@@ -220,14 +219,23 @@ class Server:
         transport.bytes_in += len(data)
         sess.last_rx = self.loop.now
         if sess.state > OPEN:
-            return  # CLOSING / DRAINING: input is read and thrown away
+            # CLOSING / DRAINING: input is thrown away (a WebSocket's Close ends the drain).
+            if sess.state == DRAINING and transport.drained(data):
+                self._close(sess)
+            return
         try:
+            if transport.first is not None:  # sniffing may make it a WebSocket
+                transport, data = sniffing.first_bytes(self, sess, data)
+                if data is None:
+                    return
             try:
                 frames = transport.receive(data)
                 error = None
             except FrameError as exc:
                 frames, error = exc.frames, exc
             self.protocol.receive(sess, frames, error)
+            if transport.wants is not None:
+                sniffing.transport_wants(self, sess, transport)
         except Exception:
             self._internal_error(sess, "handling its input")
 
@@ -305,6 +313,7 @@ class Server:
     # ============================================================= closing
     def closing(self, sess: Session) -> None:
         """SessionProtocol's host hook: its last frame is queued; close once it is sent."""
+        sess.transport.closing()
         timeout = self.config.drain_timeout
         if self.shutting_down:
             timeout = max(0.0, self._shutdown_deadline - self.loop.time())

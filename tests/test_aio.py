@@ -58,6 +58,9 @@ def run(coro, timeout: float = 30.0):
 
 
 async def connect(srv, nick=None, **kw) -> AsyncClient:
+    # These tests are about one connection: reconnecting (the default) only
+    # where a test asks for it.
+    kw.setdefault("reconnect", False)
     return await AsyncClient.connect(srv.host, srv.port, nick=nick, **kw)
 
 
@@ -91,14 +94,16 @@ def test_requests(server):
             await b.join("games")
             assert await recv_type(a, Presence) == Presence("join", "games", "bob")
             assert await b.emit("chat", "hi", room="games", ack=True) == 1
-            assert await recv_type(a, Event) == Event("chat", b"hi", "bob", "room", "games")
+            assert await recv_type(a, Event) == Event(
+                "chat", b"hi", "bob", "room", "games", P.PAYLOAD_TEXT
+            )
             assert await a.who("games") == ["alice", "bob"]
             assert await b.rooms() == [RoomInfo("games", 2)]
             assert (await b.rooms(all=True)).total == 1
             await b.set_nick("robert")
             assert b.nick == "robert"
             assert await recv_type(a, Presence) == Presence("nick", "games", "bob", "robert")
-            assert await a.emit("psst", b"\x00", to="robert", ack=True) == 1
+            assert await a.emit("psst", b"\x00", nick="robert", ack=True) == 1
             ev = await recv_type(b, Event)
             assert (ev.kind, ev.payload) == ("direct", b"\x00")
             assert await a.emit("all", "x", broadcast=True, ack=True) == 1
@@ -117,7 +122,7 @@ def test_request_errors(server):
             with pytest.raises(NotMember):
                 await a.emit("chat", "x", room="games", ack=True)
             with pytest.raises(NoSuchTarget):
-                await a.emit("chat", "x", to="nobody", ack=True)
+                await a.emit("chat", "x", nick="nobody", ack=True)
             with pytest.raises(NickTaken):
                 await a.set_nick("bob")
             with pytest.raises(InvalidName):
@@ -158,7 +163,7 @@ def test_emit_ack_without_wait(server):
             reqs = await asyncio.gather(
                 *(a.emit("chat", str(n), room="r", ack=True, wait=False) for n in range(20))
             )
-            bad = await a.emit("chat", "x", to="nobody", ack=True, wait=False)
+            bad = await a.emit("chat", "x", nick="nobody", ack=True, wait=False)
             while len(acks) < 20 or not errors:
                 await a.poll(10)
             assert sorted(ack.req for ack in acks) == sorted(reqs)

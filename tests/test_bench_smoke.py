@@ -19,14 +19,18 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import pytest  # noqa: E402
+
 from bench.loadgen import TS, LoadGen, MuxAdapter, Phase, Workload, _Sampler  # noqa: E402
+from bench.wsload import WsCounter, WsMuxAdapter  # noqa: E402
 
 RECEIVERS = 10
 
 
-def test_counted_deliveries_equal_what_the_server_acknowledged(server):
+@pytest.mark.parametrize("adapter_class", [MuxAdapter, WsMuxAdapter])  # raw TCP, WebSocket
+def test_counted_deliveries_equal_what_the_server_acknowledged(server, adapter_class):
     wl = Workload("smoke", f"1 -> {RECEIVERS}", 1, RECEIVERS, window=512, batch=32)
-    adapter = MuxAdapter(wl, ack=True)
+    adapter = adapter_class(wl, ack=True)
     gen = LoadGen(adapter, server.address, wl, timeout=10)
     try:
         gen.setup()
@@ -67,3 +71,19 @@ def test_percentiles_are_nearest_rank():
     assert phase.percentile(50) == 50.0
     assert phase.percentile(99) == 99.0
     assert Phase(1.0, 0, 0, 0.0).percentile(99) is None
+
+
+def test_ws_counter_counts_payload_across_split_headers():
+    payloads = [b"a" * 5, b"b" * 300, b"c" * 70_000]
+    heads = [bytes((0x82, 5)), bytes((0x82, 126)) + (300).to_bytes(2, "big")]
+    heads.append(bytes((0x82, 127)) + (70_000).to_bytes(8, "big"))
+    stream = b"".join(h + p for h, p in zip(heads, payloads, strict=True))
+    for cut in (1, 2, 3, 9, 4096):
+        counter, total, out = WsCounter(), 0, b""
+        for start in range(0, len(stream), cut):
+            chunk = stream[start : start + cut]
+            buf = bytearray(chunk) + bytearray(16)
+            n = counter.feed(buf, len(chunk), compact=True)
+            total += n
+            out += bytes(buf[:n])
+        assert total == sum(map(len, payloads)) and out == b"".join(payloads), cut

@@ -150,7 +150,8 @@ def test_errors_are_one_line(server, chats):
 
 
 def test_colour_only_on_a_terminal(server, chats):
-    tty = chats(server, "--nick", "painted", "--room", "r", colour=True)
+    # --plain: the line mode on a terminal (the interactive one is test_chatui.py's).
+    tty = chats(server, "--nick", "painted", "--room", "r", "--plain", colour=True)
     tty.expect(r"you joined")
     tty.say("/quit")
     tty.finish()
@@ -231,3 +232,84 @@ def test_tls(server_factory, tmp_path, chats):
         f"muxchat: TLS with 127.0.0.1:{srv.port} failed: certificate verify failed: "
         "unable to get local issuer certificate (trust its CA with --ca PATH)\n"
     )
+
+
+def test_what_really_happened(server, chats):
+    """Leaving a room one is not in, an empty room, most-recent switching, aliases."""
+    chat = chats(server, "--nick", "dora", "--room", "one")
+    chat.expect(r"\* you joined #one")
+    chat.say("/leave nowhere")
+    chat.expect(r"! you are not in #nowhere; nothing to leave")
+    chat.say("/who nowhere")
+    chat.expect(r"\* #nowhere does not exist: nobody is in it")
+    chat.say("/j two")
+    chat.expect(r"\* you joined #two")
+    chat.say("/j three")
+    chat.expect(r"\* you joined #three")
+    chat.say("/switch one")
+    chat.expect(r"\* now talking in #one")
+    chat.say("/switch three")
+    chat.expect(r"\* now talking in #three")
+    chat.say("/leave")
+    chat.expect(r"\* you left #three")
+    chat.expect(r"\* now talking in #one")  # the one used last, not the oldest (#two)
+    chat.say("/w")
+    chat.expect(r"\* #one: dora \(1 member\)")
+    chat.say("/m nobody hi")
+    chat.expect(r"! NO_SUCH_TARGET")
+    chat.say("/leave one")
+    chat.expect(r"\* now talking in #two")
+    chat.say("/leave")
+    chat.expect(r"\* you are in no room now: /join ROOM to talk")
+    chat.say("/q")
+    assert chat.finish() == 0
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*muxchat_argv(), *args], capture_output=True, text=True, env=env or chat_env(),
+        timeout=30, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def test_bad_options_are_errors(server):
+    for bad in ("99999", "-1", "http"):
+        out = _run("--port", bad)
+        assert out.returncode == 2, out
+        assert "--port" in out.stderr and ("0..65535" in out.stderr or "not a port" in out.stderr)
+    empty = _run("--port", str(server.port), "--room", "")
+    assert empty.returncode == 2
+    assert "--room: a room name cannot be empty" in empty.stderr
+
+
+def test_token_needed_says_how(server_factory):
+    srv = server_factory("--token", "sesame")
+    env = {k: v for k, v in chat_env().items() if k not in ("MUXSERVER_TOKEN", "MUXCHAT_TOKEN")}
+    out = _run("--port", str(srv.port), env=env)
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"muxchat: 127.0.0.1:{srv.port} needs a token: pass --token TOKEN or set MUXSERVER_TOKEN\n"
+    )
+    wrong = _run("--port", str(srv.port), "--token", "nope", env=env)
+    assert wrong.returncode == 1
+    assert "refused the token (AUTH_FAILED" in wrong.stderr and "--token" in wrong.stderr
+    ok = subprocess.run(
+        [*muxchat_argv(), "--port", str(srv.port), "--nick", "t"], input="/quit\n",
+        capture_output=True, text=True, env=dict(env, MUXSERVER_TOKEN="sesame"), timeout=30,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "connected to" in ok.stdout
+
+
+def test_arrow_keys_are_not_sent_as_text(server, chats):
+    """The line mode on a terminal (--plain): keys a terminal turns into escape codes."""
+    chat = chats(server, "--nick", "kay", "--room", "r", "--plain")
+    chat.expect(r"\* you joined #r")
+    with Client.connect(server.host, server.port, nick="reader", reconnect=False) as reader:
+        reader.join("r")
+        chat.expect(r"\* reader joined #r")
+        chat.say("up\x1b[A and\x1bOB\tdown")
+        got = reader.recv(10)
+        assert got.text == "up and down"
+    chat.say("/quit")
+    assert chat.finish() == 0

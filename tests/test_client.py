@@ -63,6 +63,9 @@ def connect(server):
 
     def make(nick: str | None = None, srv=None, **kw) -> Client:
         srv = srv or server
+        # These tests are about one connection: reconnecting (the default) only
+        # where a test asks for it.
+        kw.setdefault("reconnect", False)
         client = Client.connect(srv.host, srv.port, nick=nick, **kw)
         clients.append(client)
         return client
@@ -231,8 +234,9 @@ def test_emit_room(connect):
     b.join("games")
     assert a.emit("chat", "hi bob", room="games", ack=True) == 1
     ev = recv_type(b, Event)
-    assert ev == Event("chat", b"hi bob", "alice", "room", "games")
-    assert ev.text == "hi bob"
+    # A str goes as text (protocol version 2, the default): it comes back a str.
+    assert ev == Event("chat", b"hi bob", "alice", "room", "games", P.PAYLOAD_TEXT)
+    assert ev.text == ev.data == "hi bob"
     assert a.emit("bin", b"\x00\xff" * 10, room="games") is None
     assert recv_type(b, Event).payload == b"\x00\xff" * 10
     a.emit("empty", room="games", ack=True)
@@ -249,7 +253,7 @@ def test_emit_echo(connect):
 
 def test_emit_direct_and_broadcast(connect):
     a, b, c = connect("alice"), connect("bob"), connect("carol")
-    assert a.emit("psst", "just you", to="bob", ack=True) == 1
+    assert a.emit("psst", "just you", nick="bob", ack=True) == 1
     ev = recv_type(b, Event)
     assert (ev.kind, ev.room, ev.sender, ev.text) == ("direct", None, "alice", "just you")
     assert a.emit("hey", "everyone", broadcast=True, ack=True) == 2
@@ -265,11 +269,11 @@ def test_emit_errors_with_ack(connect):
         a.emit("chat", "x", room="games", ack=True)
     assert "games" in info.value.message
     with pytest.raises(NoSuchTarget):
-        a.emit("chat", "x", to="nobody", ack=True)
+        a.emit("chat", "x", nick="nobody", ack=True)
     with pytest.raises(InvalidName):
         a.emit("", "x", broadcast=True, ack=True)
     with pytest.raises(InvalidName):
-        a.emit("chat", "x", to="two words", ack=True)
+        a.emit("chat", "x", nick="two words", ack=True)
 
 
 def test_emit_error_without_ack_raised_by_recv(connect):
@@ -288,7 +292,7 @@ def test_emit_error_without_ack_goes_to_on_error(connect):
     a = connect("alice")
     errors = []
     a.on_error(errors.append)
-    a.emit("chat", "x", to="nobody")
+    a.emit("chat", "x", nick="nobody")
     poll_until(a, lambda: errors)
     assert isinstance(errors[0], NoSuchTarget)
 
@@ -300,9 +304,13 @@ def test_emit_argument_errors(server_factory):
         with pytest.raises(ValueError):
             c.emit("chat", "no target")
         with pytest.raises(ValueError):
-            c.emit("chat", "two targets", room="r", to="b")
-        with pytest.raises(TypeError):
-            c.emit("chat", 42, room="r")
+            c.emit("chat", "two targets", room="r", nick="b")
+        with pytest.raises(TypeError, match="JSON value"):
+            c.emit("chat", object(), room="r")
+        with pytest.raises(TypeError, match=r"room='games'.*nick='games'"):
+            c.emit("chat", "x", to="games")
+        with pytest.raises(ValueError, match="reserved"):
+            c.emit("connect", "x", room="r")
         with pytest.raises(TooLarge):  # refused before sending: no fatal TOO_LARGE
             c.emit("chat", b"x" * 2000, room="r")
         assert c.max_frame == 1024
@@ -405,7 +413,7 @@ def test_emit_ack_without_wait_answers_through_handlers(connect):
     a.on_ack(acks.append)
     a.on_error(errors.append)
     good = [a.emit("chat", str(n), room="r", ack=True, wait=False) for n in range(5)]
-    bad = a.emit("chat", "x", to="nobody", ack=True, wait=False)
+    bad = a.emit("chat", "x", nick="nobody", ack=True, wait=False)
     poll_until(a, lambda: len(acks) == 5 and errors)
     assert [ack.req for ack in acks] == good and {ack.recipients for ack in acks} == {1}
     assert isinstance(errors[0], NoSuchTarget) and errors[0].req == bad
@@ -527,8 +535,8 @@ def test_handlers_poll_and_run_forever(connect):
 def test_heartbeat_answered_and_idle_timeout(server_factory):
     srv = server_factory("--ping-interval", "0.3", "--ping-timeout", "1")
     with (
-        Client.connect(srv.host, srv.port, nick="awake") as awake,
-        Client.connect(srv.host, srv.port, nick="asleep") as asleep,
+        Client.connect(srv.host, srv.port, nick="awake", reconnect=False) as awake,
+        Client.connect(srv.host, srv.port, nick="asleep", reconnect=False) as asleep,
     ):
         # awake reads for 2.5 s: the server PINGs it every 0.3 s and it PONGs.
         assert awake.recv(2.5) is None
@@ -563,7 +571,7 @@ def test_server_full_is_limit(server_factory):
 def test_slow_consumer_gets_events_then_error(server_factory):
     srv = server_factory("--max-output", "65536")
     with (
-        Client.connect(srv.host, srv.port, nick="slow") as slow,
+        Client.connect(srv.host, srv.port, nick="slow", reconnect=False) as slow,
         Client.connect(srv.host, srv.port, nick="fast") as fast,
     ):
         slow.join("r")
@@ -637,7 +645,7 @@ def test_undecodable_server_frame_closes():
 
     srv = ScriptedServer(script)
     try:
-        c = Client.connect("127.0.0.1", srv.port, nick="alice")
+        c = Client.connect("127.0.0.1", srv.port, nick="alice", reconnect=False)
         with pytest.raises(UnknownType) as info:
             c.ping()
         assert isinstance(info.value, ConnectionClosed)
@@ -648,7 +656,7 @@ def test_undecodable_server_frame_closes():
 def test_server_eof_without_error():
     srv = ScriptedServer(lambda conn: conn.shutdown(socket.SHUT_WR))
     try:
-        c = Client.connect("127.0.0.1", srv.port, nick="alice")
+        c = Client.connect("127.0.0.1", srv.port, nick="alice", reconnect=False)
         with pytest.raises(ConnectionClosed) as info:
             c.recv(10)
         assert info.value.code is None and "closed" in info.value.message
@@ -663,7 +671,7 @@ def test_lost_connection_keeps_the_unanswered_acks():
 
     srv = ScriptedServer(script)
     try:
-        a = Client.connect("127.0.0.1", srv.port, nick="alice")
+        a = Client.connect("127.0.0.1", srv.port, nick="alice", reconnect=False)
         lost = []
         a.on_disconnect(lambda exc: lost.append(a.pending_acks))
         reqs = {a.emit("e", str(n), broadcast=True, ack=True, wait=False) for n in range(2)}

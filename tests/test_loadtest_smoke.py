@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from loadtests.tally import (  # noqa: E402
     SequenceTracker,
     Tally,
     bucket,
+    format_progress,
     format_summary,
     make_payload,
     percentile,
@@ -39,7 +41,10 @@ from loadtests.tally import (  # noqa: E402
 )
 
 USERS = 24
-COMMON = ["--users", str(USERS), "--spawn-rate", "100", "--duration", "4s", "--rate", "5"]
+COMMON = [
+    "--users", str(USERS), "--spawn-rate", "100", "--duration", "4s", "--rate", "5",
+    "--progress-every", "1",
+]  # fmt: skip
 RUNS = {
     "chat": ["--scenario", "chat"],
     "broadcast": ["--scenario", "broadcast", "--publishers", "4"],
@@ -47,6 +52,8 @@ RUNS = {
     "churn": ["--scenario", "churn"],
     # Workers report their counters to the master: the summary must still add up.
     "chat-distributed": ["--scenario", "chat", "--processes", "2"],
+    # make loadtest TRANSPORT=ws: the same users and rows over WebSocket (/ws).
+    "chat-ws": ["--scenario", "chat", "--transport", "ws"],
 }
 TIMEOUT = 180  # far beyond a healthy run (~10 s); only a hang gets here
 
@@ -112,6 +119,20 @@ def test_scenario_runs_without_failures_or_loss(runs, name):
     if name.endswith("distributed"):
         assert summary["processes"] == 2
 
+    # What a person reads: progress while it runs, the summary once, 100 columns,
+    # the server's log (at info) listed with the reports.
+    progress = [line for line in output.splitlines() if re.match(r"loadtest +\d+ s", line)]
+    assert len(progress) >= 2, output
+    assert all("users" in line and "deliveries/s" in line for line in progress)
+    assert "loss so far 0" in progress[-1]
+    assert output.count("muxserver load test:") == 1, output
+    # (The report paths are as long as the directory the caller chose.)
+    wide = [line for line in output.splitlines() if len(line) > 100 and str(out) not in line]
+    assert not wide, wide
+    server_log = out / f"loadtest-{scenario}-server.log"
+    assert f"loadtest-{scenario}-server.log (the server's log, at info)" in output
+    assert " INFO " in server_log.read_text()
+
 
 # ------------------------------------------------------- the counting, directly
 def test_payload_carries_sender_sequence_and_time():
@@ -165,3 +186,19 @@ def test_tallies_merge_across_processes_through_plain_data():
     summary = summary_dict(merged, "chat", acks=True, sample=1, offered=5.0)
     assert not summary["passed"]  # an error, and 14 received against 10 expected
     assert "SLOW_CONSUMER" in format_summary(summary)
+
+
+def test_progress_line_and_summary_fit_100_columns():
+    line = format_progress(10.2, 30, 200, 1234.4, 0)
+    assert line == "loadtest   10 s of 30 s   200 users   1,234 deliveries/s   loss so far 0"
+    draining = format_progress(31, 30, 2000, 0, 7, draining=True)
+    assert draining == "loadtest   31 s, draining   2,000 users   0 deliveries/s   loss so far 7"
+    huge = format_progress(1e9, 1e9, 10**9, 1e12, 10**12)
+    assert len(huge) <= 100
+    t = Tally(t_start=1.0)
+    for i in range(40):
+        t.error(f"SOME_VERY_LONG_ERROR_NAME_{i}", 1000 + i)
+    summary = summary_dict(t, "chat", acks=True, sample=1, offered=5.0)
+    text = format_summary(summary)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "SOME_VERY_LONG_ERROR_NAME_39 x1039" in text.replace("\n" + " " * 24, " ")

@@ -84,15 +84,13 @@ def test_malformed_hello_is_bad_frame(connect):
     c.expect_error(P.BAD_FRAME)
 
 
-def test_token_auth(server_factory):
+def test_token_auth(server_factory, connect):
     srv = server_factory("--token", "sesame")
-    bad = RawClient(srv.address)
+    bad = connect(hello=False, srv=srv)
     bad.send(P.Hello(1, "/", "a", "wrong"))
     bad.expect_error(P.AUTH_FAILED)
-    good = RawClient(srv.address)
+    good = connect(hello=False, srv=srv)
     assert good.hello("a", token="sesame").nick == "a"
-    bad.close()
-    good.close()
 
 
 def test_token_ignored_when_server_has_none(connect):
@@ -102,10 +100,9 @@ def test_token_ignored_when_server_has_none(connect):
 # ------------------------------------------------------------ framing errors
 
 
-def test_too_large_decided_from_length_alone(server_factory):
+def test_too_large_decided_from_length_alone(server_factory, connect):
     srv = server_factory("--max-frame", "1000")
-    c = RawClient(srv.address)
-    c.hello("a")
+    c = connect("a", srv=srv)
     c.send_raw(struct.pack(">I", 1001))  # no body follows: must not wait for it
     c.expect_error(P.TOO_LARGE)
 
@@ -173,9 +170,9 @@ def test_join_leave_who_rooms(connect):
     assert empty.body == struct.pack(">IH", 0, 0)
 
 
-def test_who_lists_fewer_to_stay_under_max_frame(server_factory):
+def test_who_lists_fewer_to_stay_under_max_frame(server_factory, connect):
     srv = server_factory("--max-frame", "200")
-    clients = [RawClient(srv.address) for _ in range(30)]
+    clients = [connect(hello=False, srv=srv) for _ in range(30)]
     for i, c in enumerate(clients):
         c.hello(f"member-number-{i:03d}")
         c.join("r")
@@ -183,15 +180,12 @@ def test_who_lists_fewer_to_stay_under_max_frame(server_factory):
     total, listed = struct.unpack(">IH", reply.body[:6])
     assert total == 30 and 0 < listed < 30
     assert len(P.encode(reply)) - 4 <= 200
-    for c in clients:
-        c.close()
 
 
-def test_request_errors(server_factory):
+def test_request_errors(server_factory, connect):
     srv = server_factory("--max-rooms", "2")
-    a, b = RawClient(srv.address), RawClient(srv.address)
-    a.hello("a")
-    b.hello("b")
+    a = connect("a", srv=srv)
+    connect("b", srv=srv)  # holds the nick "b" for NICK_TAKEN below
     assert a.join("").status == P.INVALID_NAME
     assert a.join("x\x01").status == P.INVALID_NAME
     a.join("r1")
@@ -207,8 +201,6 @@ def test_request_errors(server_factory):
     a.send(P.Emit(0, 0, "elsewhere", "e", b""))
     failed = a.recv_type(P.Reply)
     assert (failed.req, failed.status) == (0, P.NOT_MEMBER)
-    a.close()
-    b.close()
 
 
 def test_ping_pong_both_ways(connect):
@@ -305,7 +297,7 @@ def _recv_all_events(clients, expected, timeout=60.0):
             c = key.data
             data = c.sock.recv(1 << 20)
             assert data, "server closed a receiver"
-            for ftype, body in c.decoder.feed(data):
+            for ftype, body in c.feed(data):
                 msg = P.decode(ftype, body)
                 if ftype != P.EVENT or len(got[id(c)]) >= expected:
                     c.frames.append(msg)  # keep it for the next reader
@@ -352,19 +344,13 @@ def test_broadcast_to_1000_members_of_one_room(connect):
 # ------------------------------------------------------------ limits
 
 
-def test_slow_consumer_is_cut_others_get_everything(server_factory):
+def test_slow_consumer_is_cut_others_get_everything(server_factory, connect):
     # A long drain timeout: the slow member only starts reading at the end,
     # and must then still find the ERROR behind what reached its socket.
     srv = server_factory("--max-output", "200000", "--drain-timeout", "120")
-    slow = RawClient(srv.address)
-    slow.hello("slow")
-    slow.join("r")
-    fast = RawClient(srv.address)
-    fast.hello("fast")
-    fast.join("r")
-    pub = RawClient(srv.address)
-    pub.hello("pub")
-    pub.join("r")
+    slow, fast, pub = (connect(n, srv=srv) for n in ("slow", "fast", "pub"))
+    for c in (slow, fast, pub):
+        c.join("r")
     # More than the kernel's socket buffers can hide (several MiB on loopback),
     # in batches the fast member keeps up with, so only the slow one lags.
     n, batch = 16000, 100
@@ -387,7 +373,7 @@ def test_slow_consumer_is_cut_others_get_everything(server_factory):
         data = slow.sock.recv(65536)
         if not data:
             break
-        for ftype, body in slow.decoder.feed(data):
+        for ftype, body in slow.feed(data):
             msg = P.decode(ftype, body)
             if isinstance(msg, P.Event):
                 assert error is None, "event after the error"
@@ -400,22 +386,18 @@ def test_slow_consumer_is_cut_others_get_everything(server_factory):
     # The publisher is still fine.
     pub.send(P.Ping(9))
     assert pub.recv_type(P.ServerPong).nonce == 9
-    for c in (slow, fast, pub):
-        c.close()
 
 
-def test_idle_timeout_short_settings(server_factory):
+def test_idle_timeout_short_settings(server_factory, connect):
     srv = server_factory("--ping-interval", "0.3", "--ping-timeout", "0.3")
-    c = RawClient(srv.address)
-    c.hello("idle")
+    c = connect("idle", srv=srv)
     assert isinstance(c.recv(), P.ServerPing)
     c.expect_error(P.IDLE_TIMEOUT)
 
 
-def test_client_that_answers_stays(server_factory):
+def test_client_that_answers_stays(server_factory, connect):
     srv = server_factory("--ping-interval", "0.2", "--ping-timeout", "0.3")
-    c = RawClient(srv.address)
-    c.hello("awake")
+    c = connect("awake", srv=srv)
     for _ in range(4):
         ping = c.recv(timeout=5)
         assert isinstance(ping, P.ServerPing)
@@ -429,12 +411,14 @@ def test_client_that_answers_stays(server_factory):
         c.send(P.Pong(frame.nonce))
 
 
-def test_max_connections(server_factory):
+def test_max_connections(server_factory, connect, transport):
     srv = server_factory("--max-connections", "3")
-    ok = [RawClient(srv.address) for _ in range(3)]
-    for i, c in enumerate(ok):
-        c.hello(f"c{i}")
-    extra = RawClient(srv.address)
+    ok = [connect(f"c{i}", srv=srv) for i in range(3)]
+    # Section 11: refused in its own transport once its first bytes show
+    # which (a WebSocket gets its upgrade, then ERROR LIMIT and Close 4011).
+    extra = connect(hello=False, srv=srv)
+    if transport == "tcp":
+        extra.send(P.Hello(1, "/", "extra", ""))
     extra.expect_error(P.LIMIT)
     ok[0].send(P.Ping(4))
     assert ok[0].recv() == P.ServerPong(4)
@@ -442,10 +426,8 @@ def test_max_connections(server_factory):
     ok[0].expect_closed()
     ok[0].close()  # the server counts a connection until its socket is closed
     time.sleep(0.3)
-    again = RawClient(srv.address)
+    again = connect(hello=False, srv=srv)
     assert again.hello("again").nick == "again"
-    for c in [*ok, extra, again]:
-        c.close()
 
 
 def test_client_killed_mid_frame_does_not_disturb_others(connect):
@@ -465,11 +447,9 @@ def test_client_killed_mid_frame_does_not_disturb_others(connect):
 # ------------------------------------------------------------ process level
 
 
-def test_sigterm_flushes_queue_then_shutting_down_then_exit_0(server_factory):
+def test_sigterm_flushes_queue_then_shutting_down_then_exit_0(server_factory, connect):
     srv = server_factory()
-    a, b = RawClient(srv.address), RawClient(srv.address)
-    a.hello("a")
-    b.hello("b")
+    a, b = connect("a", srv=srv), connect("b", srv=srv)
     a.join("r")
     b.join("r")
     for i in range(200):
@@ -510,7 +490,8 @@ def test_port_in_use_exits_1_with_one_line(server):
         timeout=30,
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"muxserver: port {server.port} is already in use"
+    assert proc.stderr.startswith(f"muxserver: port {server.port} is already in use (pick another")
+    assert proc.stderr.count("\n") == 1
     assert proc.stdout == ""
 
 
@@ -554,14 +535,14 @@ def test_ready_line_exact(server):
     assert server.ready_line == f"muxserver listening on 127.0.0.1:{server.port}\n"
 
 
-def test_ipv6_loopback(server_factory):
+def test_ipv6_loopback(server_factory, connect):
     if not socket.has_ipv6:
         pytest.fail("IPv6 not available")
     srv = server_factory("--host", "::1")
     assert srv.ready_line.startswith("muxserver listening on [::1]:")
-    c = RawClient(("::1", srv.port))
+    assert srv.address == ("::1", srv.port)
+    c = connect(hello=False, srv=srv)
     assert c.hello("six").nick == "six"
-    c.close()
 
 
 def test_one_read_mixing_emits_and_requests(connect):

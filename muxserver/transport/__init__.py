@@ -2,7 +2,9 @@
 
 A transport owns a socket (or, in tests, an in-memory pipe) and the bytes in
 both directions; the session above it sees frames only. ``stream.py`` is raw
-TCP and TLS. A transport offers the same small interface to the server:
+TCP and TLS; ``websocket.py`` is the browser side (HTTP sniffing, the RFC 6455
+upgrade, inbound messages, hand-built outbound headers; protocol.md section
+11). A transport offers the same small interface to the server:
 
 * ``out``: a plain list of ready frame bytes the router appends to (the very
   same bytes object to every member: encode once, share everywhere);

@@ -55,10 +55,13 @@ def server_tls_context(cert: str, key: str = "") -> ssl.SSLContext:
 class StreamTransport:
     __slots__ = (
         "sock", "fd", "decoder", "interest", "callback", "out", "chunks", "woff", "wbytes",
-        "eof", "tls", "handshaking", "closed", "bytes_in", "bytes_out",
+        "eof", "tls", "handshaking", "closed", "bytes_in", "bytes_out", "first",
     )  # fmt: skip
 
-    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+    # Set by a transport that needs its host after a read (websocket.py); never here.
+    wants = None
+
+    def __init__(self, sock: socket.socket, max_frame: int, sniff: bool = False) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.decoder = FrameDecoder(max_frame)
@@ -73,11 +76,18 @@ class StreamTransport:
         self.handshaking = self.tls  # TLS handshake still to finish
         self.closed = False
         self.bytes_in = self.bytes_out = 0
+        # The first bytes while a new socket's protocol is undecided (the
+        # server's sniff, protocol section 11); None once decided.
+        self.first: bytearray | None = bytearray() if sniff else None
 
     # ------------------------------------------------------------ input
     def receive(self, data) -> list[tuple[int, bytes]]:
         """Complete frames in ``data`` (plus what was buffered); raises FrameError."""
         return self.decoder.feed(data)
+
+    def drained(self, data) -> bool:
+        """DRAINING: does this input end the connection? (A raw stream waits for EOF.)"""
+        return False
 
     def more_buffered(self) -> bool:
         """TLS: decrypted bytes waiting in the SSL object raise no readiness event."""
@@ -209,6 +219,9 @@ class StreamTransport:
         return dropped
 
     # -------------------------------------------------------------- close
+    def closing(self) -> None:
+        """The session queued its last frame; a raw stream adds nothing (WebSocket: its Close)."""
+
     def half_close(self) -> None:
         """Send FIN after the last byte, keep reading (protocol section 6)."""
         try:
