@@ -324,8 +324,9 @@ class Monitor:
         try:
             if path == "/metrics":
                 page = render_metrics(snap)
-                if self.server.backplane is not None:
-                    page += self.server.backplane.metrics_text()
+                backplane = getattr(self.server, "backplane", None)  # cluster mode
+                if backplane is not None:
+                    page += backplane.metrics_text()
                 self._respond(client, 200, page, "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/healthz":
                 if snap.shutting_down:

@@ -51,7 +51,6 @@ class Server:
         self.stats = new_counters()  # plain ints, read when scraped
         self.protocol = SessionProtocol(config, self.hub, self.router, self.loop, self, self.stats)
         self.sessions: dict[int, Session] = {}  # conn id -> session
-        self.backplane = None  # cluster mode: set by backplane.cluster.Backplane
         self.listeners: list[Listener] = []
         self.address: tuple[str, int] | None = None
         self.shutting_down = False
@@ -238,15 +237,6 @@ class Server:
                 sniffing.transport_wants(self, sess, transport)
         except Exception:
             self._internal_error(sess, "handling its input")
-
-    def pause_reading(self, sess: Session) -> None:
-        """Host hook: the session waits on the cluster backplane (until resume_reading)."""
-        sess.transport.set_interest(self.loop, sess.transport.interest & ~EVENT_READ)
-
-    def resume_reading(self, sess: Session) -> None:
-        sess.transport.set_interest(self.loop, sess.transport.interest | EVENT_READ)
-        if sess.transport.more_buffered():
-            self.loop.call_later(0, self._read_again, sess)
 
     def writable(self, sess: Session) -> None:
         """The kernel has room again (EVENT_WRITE, or an in-memory peer that read)."""

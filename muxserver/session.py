@@ -6,9 +6,9 @@ EVENT prefixes carrying its nick, its rate-limit bucket, liveness times);
 LEAVE, NICK, EMIT, WHO, ROOMS, PING, PONG, BYE. It imports no socket and no
 loop. What it produces is bytes on ``out`` lists (through the router, the
 one delivery path) and requests to its host, the server: "this session
-is closing" (after BYE or a fatal ERROR), and in cluster mode "stop / resume
-reading it" while a request waits on the backplane (see ``block``). Tests
-drive it over an in-memory transport (muxserver.testing).
+is closing" (after BYE or a fatal ERROR) and nothing else (in cluster mode
+the backplane pauses a session's reading while it waits: see ``block``).
+Tests drive it over an in-memory transport (muxserver.testing).
 
 The EMIT path is the hot one and is written out by hand in
 :meth:`SessionProtocol.handle`: a run of plain room EMITs from one read to
@@ -154,6 +154,8 @@ class SessionProtocol:
         # The cluster backplane (muxserver.backplane.cluster), or None. While it
         # is set, the handlers below hand cluster-wide requests to it.
         self.backplane = None
+        # on_block(session, blocked): the backplane stops reading a blocked session.
+        self.on_block = None
         # True sends every EMIT through _on_emit (rate limit, cluster outage).
         self._slow_emit = bool(self._rate)
         self.frames_in_by_type = [0] * 256
@@ -200,12 +202,13 @@ class SessionProtocol:
     def block(self, sess: Session) -> None:
         """Hold the session's input until ``unblock`` (one backplane round trip).
 
-        The host stops reading from it meanwhile: what is held is bounded by
-        the read that was being handled, and the peer feels TCP backpressure.
+        ``on_block`` stops reading from it meanwhile: what is held is bounded
+        by the read that was being handled, and the peer feels TCP backpressure.
         """
         if sess.deferred is None:
             sess.deferred = []
-            self.host.pause_reading(sess)
+            if self.on_block is not None:
+                self.on_block(sess, True)
 
     def unblock(self, sess: Session) -> None:
         """Handle what arrived while blocked, in order (it may block again)."""
@@ -216,8 +219,8 @@ class SessionProtocol:
         if held:
             error = held.pop()[1] if held[-1][0] is None else None
             self._receive(sess, held, error)
-        if sess.deferred is None and sess.state <= OPEN:
-            self.host.resume_reading(sess)
+        if sess.deferred is None and sess.state <= OPEN and self.on_block is not None:
+            self.on_block(sess, False)
 
     def handle(self, sess: Session, frames: list) -> None:
         """Handle one read's frames in order (see the module docstring for the run)."""

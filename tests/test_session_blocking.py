@@ -5,7 +5,10 @@ that session's later frames wait (SessionProtocol.block/unblock). A fake
 backplane stands in for Redis here so the ordering rule is checked alone.
 """
 
+import functools
+
 from muxserver import protocol as P
+from muxserver.backplane.cluster import set_reading
 from muxserver.loop import EVENT_READ
 from muxserver.testing import MemoryPair, memory_server
 
@@ -47,6 +50,7 @@ def test_frames_after_a_blocked_request_wait_and_keep_their_order():
     a.frames(), b.frames()
     fake = FakeBackplane(server)
     server.protocol.backplane = server.router.backplane = fake
+    server.protocol.on_block = functools.partial(set_reading, server)
     b.send(P.Join(1, "r"))
     fake.waiting.pop()()
     assert b.frames() == [P.Reply(1, P.OK)]

@@ -53,6 +53,7 @@ seq jump filled from ``scripts.room_range`` before delivering.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -63,8 +64,20 @@ from muxserver.backplane.redis import RedisError, RedisLink
 from muxserver.backplane.requests import Requests
 from muxserver.backplane.scripts import room_base
 from muxserver.hub import Change, Room, nick_key
+from muxserver.loop import EVENT_READ
 
 log = logging.getLogger("muxserver.backplane")
+
+
+def set_reading(server, sess, blocked: bool) -> None:
+    """``SessionProtocol.on_block``: no reads from a session waiting on Redis."""
+    transport = sess.transport
+    if blocked:
+        transport.set_interest(server.loop, transport.interest & ~EVENT_READ)
+        return
+    transport.set_interest(server.loop, transport.interest | EVENT_READ)
+    if transport.more_buffered():  # TLS bytes already decrypted raise no event
+        server.loop.call_later(0, server._read_again, sess)
 
 
 class Channel:
@@ -125,6 +138,7 @@ class Backplane(Requests):
         self.ups = 0
         server.backplane = self
         self.protocol.backplane = self
+        self.protocol.on_block = functools.partial(set_reading, server)
         self.router.backplane = self
 
     # ============================================================ lifecycle
