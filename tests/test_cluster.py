@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import RawClient, ServerProcess, reply_count
+from conftest import RawClient, ServerProcess, WsRawClient, reply_count
 from test_redis_link import RedisServer
 
 from muxserver import protocol as P
@@ -492,3 +492,21 @@ def test_pubsub_connection_cut_by_redis_output_limit_recovers(tmp_path):
         for node in started:
             node.stop(timeout=5)
         redis.kill()
+
+
+def test_websocket_clients_on_two_nodes(nodes):
+    a, b = nodes(2)
+    ws_a, ws_b = WsRawClient(a.address), WsRawClient(b.address)
+    try:
+        ws_a.hello("wa")
+        ws_b.send(P.Hello(1, "/", "WA", ""))  # unique across transports and nodes
+        ws_b.expect_error(P.NICK_TAKEN)
+        ws_b.close()
+        ws_b = WsRawClient(b.address)
+        ws_b.hello("wb")
+        assert ws_a.join("r").status == ws_b.join("r").status == P.OK
+        assert reply_count(ws_a.emit_room("r", "m", b"over ws")) == 1
+        assert events(ws_b, 1)[0].payload == b"over ws"
+    finally:
+        ws_a.close()
+        ws_b.close()
