@@ -60,7 +60,7 @@ BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | cksum | cut -d' ' -f1
 MICRO := $(PY) -m pytest tests/benchmarks -o python_files='bench_*.py' -q \
 	--benchmark-columns=mean,median,ops,rounds --benchmark-sort=name
 
-.PHONY: bench bench-quick bench-deps
+.PHONY: bench bench-quick bench-deps bench-cluster
 
 $(BENCH_STAMP): $(STAMP)
 	$(PIP) install --quiet -e '.[test,bench]'
@@ -87,6 +87,12 @@ bench: bench-deps
 	mkdir -p reports
 	$(MICRO) --benchmark-autosave --benchmark-json=reports/micro.json $(MICRO_ARGS)
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.cluster --json reports/bench-cluster.json
+
+# Cluster cells only (docs/cluster.md): 2 and 4 nodes on one redis-server.
+bench-cluster: bench-deps
+	mkdir -p reports
+	$(PY) -m bench.cluster --json reports/bench-cluster.json
 
 bench-quick: bench-deps
 	mkdir -p reports

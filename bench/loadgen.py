@@ -335,9 +335,11 @@ class Phase:
 class LoadGen:
     """Connections of one workload against one server, and the timed phases."""
 
-    def __init__(self, adapter, address: tuple[str, int], workload: Workload, timeout=20.0):
+    def __init__(self, adapter, address, workload: Workload, timeout=20.0):
+        """``address``: (host, port), or a list of them: connections take turns (a cluster)."""
         self.adapter = adapter
         self.address = address
+        self._addresses = address if isinstance(address, list) else [address]
         self.workload = workload
         self.timeout = timeout
         self.fs = adapter.frame_size
@@ -391,7 +393,8 @@ class LoadGen:
         for role, idx in chunk:
             roles = ("pub", "sub") if role == "member" and self.adapter.split_member else (role,)
             for r in roles:
-                sock = socket.create_connection(self.address, timeout=self.timeout)
+                address = self._addresses[len(self._all) % len(self._addresses)]
+                sock = socket.create_connection(address, timeout=self.timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._all.append(sock)
                 data, done = self.adapter.handshake("pub" if r == "pub" else "sub", idx)

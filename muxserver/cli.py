@@ -147,6 +147,13 @@ OPTIONS = [
         "HTTP port for /metrics /healthz /connz /roomz; 0 picks a free one",
     ),
     ("metrics-host", str, "127.0.0.1", "address of the monitoring port"),
+    (
+        "redis",
+        str,
+        "",
+        "cluster mode: redis://HOST:PORT/DB (rediss:// for TLS) shared by all nodes",
+    ),
+    ("workers", _count, 0, "run N worker processes on one port (needs --redis; 0: no workers)"),
 ]
 
 
@@ -313,6 +320,8 @@ def check_config(argv: list[str]) -> int:
         value = values[key]
         if key == "token" and value:
             shown = "(set, hidden)"
+        elif key == "redis" and value:
+            shown = _redacted(value)
         elif value == "":
             shown = '""'
         else:
@@ -331,6 +340,23 @@ def main(argv: list[str] | None = None) -> int:
     stats_interval = values.pop("stats_interval")
     metrics_host, metrics_port = values.pop("metrics_host"), values.pop("metrics_port")
     token_file = values.pop("token_file")
+    redis_url, workers = values.pop("redis"), values.pop("workers")
+    if workers and not redis_url:
+        print(
+            "muxserver: error: --workers needs --redis: the workers share rooms and nicks"
+            " through Redis (e.g. --redis redis://127.0.0.1:6379/0)",
+            file=sys.stderr,
+        )
+        return 2
+    if redis_url:
+        why = _check_redis(redis_url)
+        if why:
+            print(f"muxserver: {why}", file=sys.stderr)
+            return 1
+    if workers:
+        from .workers import supervise
+
+        return supervise(args, workers, values["host"], values["port"])
     if token_file:
         if values["token"]:
             print("muxserver: error: give --token or --token-file, not both", file=sys.stderr)
@@ -354,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     values["web"] = not values.pop("no_web")
     config = Config(**values)
+    config.reuse_port = bool(os.environ.get("MUXSERVER_WORKER"))  # a --workers child
     try:
         server = Server(config)
     except (OSError, ssl.SSLError) as exc:
@@ -400,6 +427,19 @@ def main(argv: list[str] | None = None) -> int:
         log.info("metrics on http://%s:%d/metrics", mshown, mport)
     if stats_interval:
         StatsReporter(server, stats_interval).start()
+    backplane = None
+    if redis_url:
+        from .backplane.cluster import Backplane
+
+        backplane = Backplane(server, redis_url)
+        backplane.start()
+        # Wait (briefly) for Redis so the first HELLO is not refused UNAVAILABLE;
+        # a node that cannot reach it still starts and keeps retrying.
+        deadline = server.loop.time() + 5.0
+        while not backplane.up and server.loop.time() < deadline:
+            server.loop.run_once(0.05)
+        if not backplane.up:
+            log.warning("cluster: Redis at %s is not reachable yet; retrying", _redacted(redis_url))
 
     interrupted = []
 
@@ -423,15 +463,50 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     try:
         server.run()
+        if backplane is not None:
+            _leave_cluster(server, backplane)
     finally:
         if monitor is not None:
             monitor.close()
+        if backplane is not None:
+            backplane.close()
         server.close()
         server.loop.close()
     if interrupted:
         return 130
     log.info("muxserver stopped")
     return 0
+
+
+def _redacted(url: str) -> str:
+    """The Redis URL without its password, for logs and check-config."""
+    head, sep, tail = url.rpartition("@")
+    if not sep:
+        return url
+    scheme, _, userinfo = head.partition("://")
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{tail}"
+
+
+def _check_redis(url: str) -> str:
+    """Why --redis cannot work (bad URL, no hiredis), or ''."""
+    from .backplane.resp import hiredis_module, parse_url
+
+    try:
+        parse_url(url)
+        hiredis_module()
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return ""
+
+
+def _leave_cluster(server, backplane) -> None:
+    """After the drain: take this node's nicks and members out of Redis (bounded wait)."""
+    done = []
+    backplane.shutdown(lambda: done.append(1))
+    deadline = server.loop.time() + 2.0
+    while not done and server.loop.time() < deadline:
+        server.loop.run_once(0.05)
 
 
 log = logging.getLogger("muxserver")

@@ -37,3 +37,4 @@ class Config:
     history_ttl: float = 120.0  # seconds a message (and an empty room's numbering) lives
     history_memory: int = 64 * 1024 * 1024  # all rooms together
     resume_window: float = 120.0  # seconds a lost session stays parked; 0 turns resume off
+    reuse_port: bool = False  # SO_REUSEPORT: set in --workers children (workers.py)

@@ -87,7 +87,7 @@ class Member:
 
 
 class Room:
-    __slots__ = ("name", "key", "members", "watchers", "legacy", "seq", "held", "parked")
+    __slots__ = ("name", "key", "members", "watchers", "legacy", "seq", "held", "parked", "remote")
 
     def __init__(self, name: str, key=None) -> None:
         self.name = name
@@ -101,13 +101,14 @@ class Room:
         self.seq: dict = {}
         self.held: dict = {}
         self.parked = 0  # members without a connection (section 10): not recipients
+        self.remote = 0  # members on other cluster nodes, as last known (backplane)
 
     def __len__(self) -> int:
         return len(self.members)
 
 
 class Namespace:
-    __slots__ = ("name", "members", "nicks", "rooms", "legacy", "parked")
+    __slots__ = ("name", "members", "nicks", "rooms", "legacy", "parked", "remote")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -116,6 +117,7 @@ class Namespace:
         self.rooms: dict[str, Room] = {}
         self.legacy = 0  # members speaking protocol version 1
         self.parked = 0  # members without a connection (section 10): not recipients
+        self.remote = 0  # members on other cluster nodes, as last known (backplane)
 
 
 class Hub:

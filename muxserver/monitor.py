@@ -323,9 +323,11 @@ class Monitor:
         snap = self.server.snapshot()
         try:
             if path == "/metrics":
-                self._respond(
-                    client, 200, render_metrics(snap), "text/plain; version=0.0.4; charset=utf-8"
-                )
+                page = render_metrics(snap)
+                backplane = getattr(self.server, "backplane", None)  # cluster mode
+                if backplane is not None:
+                    page += backplane.metrics_text()
+                self._respond(client, 200, page, "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/healthz":
                 if snap.shutting_down:
                     self._respond(client, 503, "draining\n")

@@ -1,17 +1,9 @@
 """The frame types of wire protocol versions 1 and 2 as small immutable types, with encode/decode.
 
-Pure code: no sockets, no I/O. ``decode(type, body)`` turns a frame body into
-one of the NamedTuples below or raises :class:`ProtocolError` with the status
-code the protocol names (BAD_FRAME for a body that does not parse,
-UNKNOWN_TYPE for a type byte nobody defined); ``encode(msg)`` returns the
-whole frame as bytes. Name checks live here too, with a small cache, because
-the server checks the same room and event names over and over on its hot
-path.
-
-The server's EMIT fast path uses :func:`parse_emit_head` and the prefix
-builders directly instead of building an ``Emit`` tuple per message: the
-EVENT frame ends with the same three fields as the EMIT body, so a room
-broadcast forwards the EMIT's tail behind a new prefix without re-encoding.
+Pure code. ``decode(type, body)`` gives a NamedTuple or raises
+:class:`ProtocolError` with the status the protocol names; ``encode(msg)``
+the whole frame. The EMIT fast path slices instead (:func:`parse_emit_head`,
+the prefix helpers): an EVENT ends with the EMIT body's last three fields.
 """
 
 from __future__ import annotations
@@ -670,6 +662,16 @@ def listing_reply(req: int, entries: list[bytes], max_frame: int) -> bytes:
 def event_prefix(source_kind: int, sender_nick: bytes) -> bytes:
     """The EVENT bytes between the frame header and the forwarded EMIT tail."""
     return bytes((EVENT, source_kind, len(sender_nick))) + sender_nick
+
+
+def direct_tail(emit_body: bytes) -> bytes:
+    """A direct EVENT's tail: empty source, then the EMIT's event and payload."""
+    return b"\x00" + emit_body[emit_event_offset(emit_body) :]
+
+
+def typed_prefix(prefix: bytes, ptype: int) -> bytes:
+    """An EVENT prefix with a version-2 payload type in its source_kind byte."""
+    return prefix[:1] + bytes((prefix[1] | ptype << EVENT_TYPE_SHIFT,)) + prefix[2:]
 
 
 def event_kind_byte(kind: int, payload_type: int) -> int:

@@ -28,9 +28,12 @@ from .protocol import PRESENCE, encode
 
 
 class Router:
-    __slots__ = ("pending", "deliveries", "frames_out_by_type", "_queued")
+    __slots__ = ("pending", "deliveries", "frames_out_by_type", "_queued", "backplane")
 
     def __init__(self) -> None:
+        # The cluster backplane (muxserver.backplane.cluster) or None: every
+        # room and namespace run is handed to it after local delivery.
+        self.backplane = None
         self.pending: set = set()  # sessions with output queued this turn
         self.deliveries = 0  # EVENTs queued, one per recipient
         # Frames queued by type byte, for those not counted as deliveries.
@@ -65,6 +68,8 @@ class Router:
             queued.add(group)
             self.pending.update(members)
         self.deliveries += count * messages
+        if self.backplane is not None:
+            count += self.backplane.publish(sender, group, data, legacy, messages)
         return count
 
     def fanout_seq(
@@ -106,6 +111,21 @@ class Router:
             self.pending.update(members)
         self.deliveries += count * messages
         return count
+
+    def remote(self, group, data: bytes, legacy: bytes | None, messages: int) -> None:
+        """A run from another cluster node: queue it to every local member of ``group``."""
+        members = group.members
+        if legacy is None or not group.legacy:
+            for member in members:
+                member.out.append(data)
+        else:
+            for member in members:
+                member.out.append(legacy if member.version < 2 else data)
+        queued = self._queued
+        if group not in queued:
+            queued.add(group)
+            self.pending.update(members)
+        self.deliveries += len(members) * messages
 
     def to_one(self, sender, target, data: bytes, legacy: bytes | None, echo) -> int:
         """A direct message; to oneself it follows the echo rule like any other."""

@@ -5,17 +5,15 @@ Nothing here knows a byte offset or a protocol rule: those live in the codec
 life of a connection and the shape of one loop turn:
 
 1. ``select`` says which sockets are readable; each gets *one* ``recv_into``
-   of the shared read buffer (that caps what one flooding client can take
-   per turn), its transport decodes the frames, and its session handles
-   them in one pass.
+   of the shared read buffer (capping what a flooding client takes per
+   turn); its transport decodes the frames, its session handles them.
 2. Handlers never send. The router appends finished frame bytes to the
    recipients' ``out`` lists and puts them in ``pending``.
 3. Right before the next ``select`` (a before-sleep hook), every pending
    connection is flushed with one send; the output bound is checked there.
 
-A bug in handling one connection (any exception that is not the peer's
-protocol error) is contained: logged once with its traceback, counted, and
-that connection closed; the loop and everyone else carry on.
+A bug in handling one connection (any exception but the peer's protocol
+error) is logged with its traceback, counted, and closes that connection.
 """
 
 from __future__ import annotations
@@ -52,6 +50,7 @@ class Server:
         self.protocol = SessionProtocol(config, self.hub, self.router, self.loop, self, self.stats)
         self.limits = InputLimits(config, self.protocol, self.stats)
         self.sessions: dict[int, Session] = {}  # conn id -> session
+        self._close_timers: dict = {}  # session -> close timer (closing ones only)
         self.listeners: list[Listener] = []
         self.address: tuple[str, int] | None = None
         self.shutting_down = False
@@ -70,7 +69,7 @@ class Server:
     def start(self) -> tuple[str, int]:
         """Bind and listen; returns the (host, port) actually bound."""
         cfg = self.config
-        listener = Listener(self.loop, cfg.host, cfg.port, self.adopt)
+        listener = Listener(self.loop, cfg.host, cfg.port, self.adopt, reuse_port=cfg.reuse_port)
         self.listeners.append(listener)
         self.address = listener.address
         listener.start()
@@ -205,7 +204,7 @@ class Server:
             return
         self.received(sess, self._rview[:n])
         sess = sess.successor or sess
-        if sess.state <= OPEN and transport.more_buffered():
+        if sess.state <= OPEN and sess.deferred is None and transport.more_buffered():
             self.loop.call_later(0, self._read_again, sess)
 
     def received(self, sess: Session, data) -> None:
@@ -308,9 +307,13 @@ class Server:
         self._restart_close_timer(sess, timeout)
 
     def _restart_close_timer(self, sess: Session, timeout: float) -> None:
-        if sess.close_timer is not None:
-            sess.close_timer.cancel()
-        sess.close_timer = self.loop.call_later(timeout, self._close, sess)
+        self._cancel_close_timer(sess)
+        self._close_timers[sess] = self.loop.call_later(timeout, self._close, sess)
+
+    def _cancel_close_timer(self, sess: Session) -> None:
+        timer = self._close_timers.pop(sess, None)
+        if timer is not None:
+            timer.cancel()
 
     def _finish_output(self, sess: Session) -> None:
         """Everything is sent: FIN, then discard input until EOF or timeout."""
@@ -328,9 +331,7 @@ class Server:
         if sess.state in (OPEN, HELLO_WAIT):
             sess = self.protocol.release(sess)
         sess.state = CLOSED
-        if sess.close_timer is not None:
-            sess.close_timer.cancel()
-            sess.close_timer = None
+        self._cancel_close_timer(sess)
         transport = sess.transport
         transport.close(self.loop)
         self.limits.closed(sess)
@@ -376,7 +377,7 @@ class Server:
         for sess in list(self.sessions.values()):
             if sess.state in (OPEN, HELLO_WAIT):
                 self.protocol.fatal(sess, P.SHUTTING_DOWN, "server is shutting down")
-            elif sess.close_timer is not None:
+            elif sess in self._close_timers:
                 self._restart_close_timer(sess, drain)
         self.loop.call_later(drain, self._force_stop)
         if not self.sessions:

@@ -36,6 +36,7 @@ from .framing import LENGTH
 from .history import History
 from .hub import HubError
 from .logs import pack_peer, unpack_peer
+from .requests import RequestHandlers
 from .resume import PARK_CODES, Resumer
 from .sequenced import Sequencer, gauges
 
@@ -86,7 +87,8 @@ class Session:
         "id", "_peer", "state", "version", "transport", "out",
         "nick", "ns", "rooms", "_prefix_room", "_prefix_direct", "_prefix_bcast",
         "bucket", "connected_at", "last_rx", "last_ping",
-        "counted", "close_timer", "frames_in", "frames_out", "successor", "resume_key",
+        "counted", "frames_in", "frames_out", "successor", "resume_key",
+        "deferred",
     )  # fmt: skip
 
     def __init__(self, conn_id: int, transport, peer, now: float) -> None:
@@ -103,10 +105,12 @@ class Session:
         self.bucket = None  # [tokens, when]: the rate-limit bucket, from HELLO, if limited
         self.connected_at = self.last_rx = self.last_ping = now
         self.counted = False  # held against max_connections
-        self.close_timer = None
         self.frames_in = self.frames_out = 0
         self.successor = None  # the session this connection was handed to (resume)
         self.resume_key = ""  # selector of its resume token (muxserver.resume)
+        # Frames read while the session waits on the cluster backplane (a nick
+        # claim, a subscription): None when not blocked. See SessionProtocol.block.
+        self.deferred: list | None = None
 
     def __repr__(self) -> str:
         return f"<Session #{self.id} {self.nick or '-'} state={self.state}>"
@@ -156,12 +160,7 @@ class Session:
         return self._prefix_bcast
 
 
-def typed_prefix(prefix: bytes, ptype: int) -> bytes:
-    """An EVENT prefix with a version-2 payload type in its source_kind byte."""
-    return prefix[:1] + bytes((prefix[1] | ptype << P.EVENT_TYPE_SHIFT,)) + prefix[2:]
-
-
-class SessionProtocol:
+class SessionProtocol(RequestHandlers):
     """The protocol rules for every session of one server.
 
     ``host`` is told ``closing(session)`` when a session has queued its last
@@ -182,6 +181,13 @@ class SessionProtocol:
         self._rooms = P.NameCache("room")
         self._events = P.NameCache("event")
         self._nicks = P.NameCache("nick")
+        # The cluster backplane (muxserver.backplane.cluster), or None. While it
+        # is set, the handlers below hand cluster-wide requests to it.
+        self.backplane = None
+        # on_block(session, blocked): the backplane stops reading a blocked session.
+        self.on_block = None
+        # True sends every EMIT through _on_emit (rate limit, cluster outage).
+        self._slow_emit = bool(self._rate)
         self.frames_in_by_type = [0] * 256
         self._ping_nonce = 0
         self.history = History(
@@ -219,6 +225,17 @@ class SessionProtocol:
     def receive(self, sess: Session, frames: list, error=None) -> None:
         """One read's frames, then the framing error that ended the read, if any."""
         sess.frames_in += len(frames)
+        held = sess.deferred
+        if held is not None:
+            # Waiting on the backplane: keep the session's order, handle later.
+            # Reading is paused meanwhile, so this is at most one read's frames.
+            held += frames
+            if error is not None:
+                held.append((None, error))
+            return
+        self._receive(sess, frames, error)
+
+    def _receive(self, sess: Session, frames: list, error) -> None:
         try:
             self.handle(sess, frames)
         except P.ProtocolError as exc:
@@ -226,7 +243,33 @@ class SessionProtocol:
             return
         sess = sess.successor or sess  # a resuming HELLO hands the connection over
         if error is not None and sess.state <= OPEN:
-            self.fatal(sess, error.code, error.message)
+            if sess.deferred is not None:
+                sess.deferred.append((None, error))
+            else:
+                self.fatal(sess, error.code, error.message)
+
+    def block(self, sess: Session) -> None:
+        """Hold the session's input until ``unblock`` (one backplane round trip).
+
+        ``on_block`` stops reading from it meanwhile: what is held is bounded
+        by the read that was being handled, and the peer feels TCP backpressure.
+        """
+        if sess.deferred is None:
+            sess.deferred = []
+            if self.on_block is not None:
+                self.on_block(sess, True)
+
+    def unblock(self, sess: Session) -> None:
+        """Handle what arrived while blocked, in order (it may block again)."""
+        held = sess.deferred
+        sess.deferred = None
+        if sess.state > OPEN:
+            return
+        if held:
+            error = held.pop()[1] if held[-1][0] is None else None
+            self._receive(sess, held, error)
+        if sess.deferred is None and sess.state <= OPEN and self.on_block is not None:
+            self.on_block(sess, False)
 
     def handle(self, sess: Session, frames: list) -> None:
         """Handle one read's frames in order (see the module docstring for the run)."""
@@ -254,7 +297,7 @@ class SessionProtocol:
         splen = seq = 0  # EVENT_SEQ length = splen + len(EMIT body); seq of the last message
         run_head = None  # body[4:eend] of the run's EMITs: flags, kind, room, event
         run_room = None
-        run_echo = run_type = 0
+        run_echo = run_type = run_count = 0
         parts: list[bytes] = []  # [length, prefix, tail] per EMIT of the run
         sparts: list[bytes] | None = None  # one EVENT_SEQ frame per EMIT, when needed
         acks = sess.out
@@ -262,6 +305,7 @@ class SessionProtocol:
         # an empty tuple of prefixes matches nothing (no run yet).
         run_key: bytes | tuple = ()
         last_n, last_len = -1, b""
+        frames = iter(frames)  # a handler that blocks takes the rest (see block)
         for ftype, body in frames:
             if ftype == emit_type and body.startswith(run_key):
                 by_type[emit_type] += 1
@@ -287,12 +331,12 @@ class SessionProtocol:
                         # SEQUENCED members: its EVENT_SEQ frame, one pack.
                         sparts.append(pack_seq(splen + len(body), seq_type, seq, sprefix) + tail)
                     if req:
-                        acks.append(ack(req, len(run_room.members) - run_room.parked - 1, seq))
+                        acks.append(ack(req, run_count, seq))
                         out_by_type[P.REPLY] += 1
                         router.pending.add(sess)
                     continue
             by_type[ftype] += 1
-            if ftype == emit_type and not self._rate and sess.state == OPEN:
+            if ftype == emit_type and not self._slow_emit and sess.state == OPEN:
                 n = len(body)
                 if n > 7:
                     req, flags, kind, tlen = head(body)
@@ -317,7 +361,7 @@ class SessionProtocol:
                                 run_type = ptype
                                 prefix = sess.prefix_room
                                 if ptype:
-                                    prefix = typed_prefix(prefix, ptype)
+                                    prefix = P.typed_prefix(prefix, ptype)
                                 plen = len(prefix) - _DELTA
                                 tail = body[tail_at:]
                                 parts += (pack_len(plen + n), prefix, tail)
@@ -329,10 +373,12 @@ class SessionProtocol:
                                     sparts = [pack_seq(splen + n, seq_type, seq, sprefix) + tail]
                                 else:
                                     sparts = None
+                                # Recipients: no one joins or leaves during a run.
+                                run_count = (
+                                    len(run_room.members) - run_room.parked + run_room.remote - 1
+                                )
                                 if req:
-                                    acks.append(
-                                        ack(req, len(run_room.members) - run_room.parked - 1, seq)
-                                    )
+                                    acks.append(ack(req, run_count, seq))
                                     out_by_type[P.REPLY] += 1
                                     router.pending.add(sess)
                                 continue
@@ -348,8 +394,14 @@ class SessionProtocol:
                 if handler is None:
                     raise P.ProtocolError(P.UNKNOWN_TYPE, f"unknown frame type 0x{ftype:02x}")
                 handler(sess, body)
+                if sess.deferred is not None:
+                    sess.deferred += frames
+                    return
             elif state == HELLO_WAIT:
                 self._on_hello(sess, ftype, body)
+                if sess.deferred is not None:
+                    sess.deferred += frames
+                    return
                 if sess.successor is not None:
                     sess = sess.successor  # resumed: the rest of the read is the old session's
                     acks = sess.out
@@ -374,8 +426,9 @@ class SessionProtocol:
             n = len(parts) // 3
             self.sequencer.keep(room.key, parts[2::3], seq - n + 1, sprefix)
         legacy = None
-        if ptype and room.legacy:
-            # Version-1 members get the same frames without the payload type.
+        if ptype and (room.legacy or self.backplane is not None):
+            # Version-1 members (here or, in a cluster, on other nodes) get the
+            # same frames without the payload type.
             old = parts.copy()
             old[1::3] = [sess.prefix_room] * (len(parts) // 3)
             legacy = b"".join(old)
@@ -405,33 +458,45 @@ class SessionProtocol:
             raise P.ProtocolError(P.AUTH_FAILED, "authentication failed")
         sess.version = hello.version
         resumed = None
-        if hello.resume and self.resumer.window:
+        if hello.resume and self.resumer.window and self.backplane is None:
             # An unknown, used or expired token is no error: a fresh session.
+            # (Resume is per node: a cluster session starts afresh.)
             resumed = self.resumer.resume(sess, hello)
         if resumed is not None:
-            sess = resumed
-        else:
-            nick = hello.nick or self._guest_nick(hello.namespace, sess.id)
-            try:
-                self.hub.attach(sess, hello.namespace, nick)
-            except HubError as exc:
-                raise P.ProtocolError(exc.status, exc.message) from None
-            sess.state = OPEN
-            if self._rate:
-                sess.bucket = [self._burst, self.clock.now]
-            sess.set_prefixes()
+            self._welcome(resumed, resumed=True)
+            return
+        nick = hello.nick or self._guest_nick(hello.namespace, sess.id)
+        if self.backplane is not None:
+            self.backplane.hello(sess, hello.namespace, nick, bool(hello.nick))
+            return
+        self.admit(sess, hello.namespace, nick)
+
+    def admit(self, sess: Session, namespace: str, nick: str) -> None:
+        """HELLO accepted: join the namespace under ``nick`` and send WELCOME."""
+        try:
+            self.hub.attach(sess, namespace, nick)
+        except HubError as exc:
+            raise P.ProtocolError(exc.status, exc.message) from None
+        sess.state = OPEN
+        if self._rate:
+            sess.bucket = [self._burst, self.clock.now]
+        sess.set_prefixes()
+        self._welcome(sess, resumed=False)
+
+    def _welcome(self, sess: Session, resumed: bool) -> None:
         cfg = self.config
-        v2 = hello.version >= 2
+        v2 = sess.version >= 2
         welcome = P.Welcome(
-            hello.version,
+            sess.version,
             sess.id,
             sess.nick,
             cfg.max_frame,
             int(cfg.ping_interval * 1000),
             cfg.name,
-            self.resumer.issue(sess) if v2 else "",
-            int(self.resumer.window * 1000) if v2 else 0,
-            1 if resumed is not None else 0,
+            # Resume is per node: a cluster node offers none (section 10 off).
+            self.resumer.issue(sess) if v2 and self.backplane is None else "",
+            int(self.resumer.window * 1000) if v2 and self.backplane is None else 0,
+            1 if resumed else 0,
         )
         self.router.reply(sess, P.encode(welcome))
 
@@ -467,11 +532,15 @@ class SessionProtocol:
                 self._reply_error(sess, req, P.INVALID_NAME, self._nicks.why(rtarget))
                 return
             target = self.hub.find(sess, nick)
+            if target is None and self.backplane is not None:
+                data, legacy = self._event(sess.prefix_direct, ptype, P.direct_tail(body), True)
+                self.backplane.direct(sess, req, nick, data, legacy)
+                return
             if target is None:
                 self._reply_error(sess, req, P.NO_SUCH_TARGET, f"no one is called {nick!r} here")
                 return
             # Source is empty for a direct message: str8 "" then event + payload.
-            tail = b"\x00" + body[P.emit_event_offset(body) :]
+            tail = P.direct_tail(body)
             data, legacy = self._event(sess.prefix_direct, ptype, tail, target.version < 2)
             count = router.to_one(sess, target, data, legacy, echo)
         else:
@@ -491,11 +560,12 @@ class SessionProtocol:
             # The EMIT tail (str8 target, str8 event, payload) *is* the EVENT
             # tail for a room, and for a broadcast (its target is empty).
             tail = body[_ROOM_TAIL:]
-            data, legacy = self._event(prefix, ptype, tail, bool(group.legacy))
+            want_legacy = bool(group.legacy) or self.backplane is not None
+            data, legacy = self._event(prefix, ptype, tail, want_legacy)
             history = self.history
             if kind == P.TARGET_ROOM and (history.enabled or group.seq or group.held):
                 seq = history.next_seq(group.key, self.clock.now)
-                tprefix = typed_prefix(prefix, ptype) if ptype else prefix
+                tprefix = P.typed_prefix(prefix, ptype) if ptype else prefix
                 if history.enabled:
                     self.sequencer.keep(group.key, [tail], seq, tprefix[1:])
                 if group.seq or group.held:
@@ -503,11 +573,15 @@ class SessionProtocol:
                     count = router.fanout_seq(sess, group, data, legacy, frame, 1, echo)
                 else:
                     count = router.fanout(sess, group, data, legacy, 1, echo)
+                if self.backplane is not None and not self.backplane.emitted(sess, req):
+                    return  # the cluster link is down: UNAVAILABLE was the answer
                 if req:
                     router.reply(sess, P.reply_count_seq(req, count, seq) if sess.version >= 2
                                  else P.reply_count(req, count))  # fmt: skip
                 return
             count = router.fanout(sess, group, data, legacy, 1, echo)
+            if self.backplane is not None and not self.backplane.emitted(sess, req):
+                return  # the cluster link is down: UNAVAILABLE was the answer
         if req:
             router.reply(sess, P.reply_count_seq0(req, count) if sess.version >= 2
                          else P.reply_count(req, count))  # fmt: skip
@@ -516,7 +590,7 @@ class SessionProtocol:
         """(frame, version-1 frame or None) for an EVENT with this prefix and tail."""
         if not ptype:
             return P.event_frame(prefix, tail), None
-        typed = P.event_frame(typed_prefix(prefix, ptype), tail)
+        typed = P.event_frame(P.typed_prefix(prefix, ptype), tail)
         return typed, (P.event_frame(prefix, tail) if want_legacy else None)
 
     def _take_token(self, sess: Session) -> bool:
@@ -532,85 +606,6 @@ class SessionProtocol:
             return False
         bucket[0] = tokens - 1.0
         return True
-
-    # ============================================================ requests
-    def _reply_error(self, sess: Session, req: int, status: int, message: str) -> None:
-        self.router.reply(sess, P.reply_error(req, status, message))
-        errors = self.stats["reply_errors"]
-        errors[status] = errors.get(status, 0) + 1
-
-    def _membership(self, sess: Session, req: int, change) -> None:
-        """JOIN, LEAVE, NICK: run the hub change, tell the watchers, answer."""
-        try:
-            changes = change()
-        except HubError as exc:
-            self._reply_error(sess, req, exc.status, exc.message)
-            return
-        self.router.presence(changes)
-        self.router.reply(sess, P.reply_ok(req))
-
-    def _on_join(self, sess: Session, body: bytes) -> None:
-        msg = P.decode_join(body, sess.version)
-        presence = bool(msg.flags & P.JOIN_PRESENCE)
-        if sess.version < 2 or not msg.flags & P.JOIN_SEQUENCED:
-            self._membership(sess, msg.req, lambda: self.hub.join(sess, msg.room, presence))
-            room = sess.rooms.get(msg.room)
-            if room is not None and (sess in room.seq or sess in room.held):
-                self.sequencer.unsequence(sess, room)  # the latest JOIN's flags decide
-            return
-        try:
-            changes = self.hub.join(sess, msg.room, presence)
-        except HubError as exc:
-            self._reply_error(sess, msg.req, exc.status, exc.message)
-            return
-        self.router.presence(changes)
-        self.router.reply(sess, self.sequencer.join(sess, sess.rooms[msg.room], msg))
-
-    def _on_leave(self, sess: Session, body: bytes) -> None:
-        msg = P.decode(P.LEAVE, body)
-        self._membership(sess, msg.req, lambda: self.hub.leave(sess, msg.room))
-
-    def _on_nick(self, sess: Session, body: bytes) -> None:
-        msg = P.decode(P.NICK, body)
-
-        def rename():
-            changes = self.hub.rename(sess, msg.nick)
-            sess.set_prefixes()  # EVENTs carry the new nick from now on
-            return changes
-
-        self._membership(sess, msg.req, rename)
-
-    def _on_who(self, sess: Session, body: bytes) -> None:
-        msg = P.decode(P.WHO, body)
-        try:
-            nicks = self.hub.who(sess, msg.room)
-        except HubError as exc:
-            self._reply_error(sess, msg.req, exc.status, exc.message)
-            return
-        entries = [P.str8(n) for n in nicks]
-        self.router.reply(sess, P.listing_reply(msg.req, entries, self.config.max_frame))
-
-    def _on_rooms(self, sess: Session, body: bytes) -> None:
-        msg = P.decode(P.ROOMS, body)
-        rooms = self.hub.rooms(sess, all_rooms=msg.scope == 1)
-        entries = [P.str8(name) + P.U32.pack(count) for name, count in rooms]
-        self.router.reply(sess, P.listing_reply(msg.req, entries, self.config.max_frame))
-
-    def _on_ping(self, sess: Session, body: bytes) -> None:
-        nonce = P.decode(P.PING, body).nonce  # exactly 8 bytes, or BAD_FRAME
-        self.router.reply(sess, P.ping_frame(P.SERVER_PONG, nonce))
-
-    def _on_pong(self, sess: Session, body: bytes) -> None:
-        P.decode(P.PONG, body)  # any frame counts as alive: last_rx is already set
-
-    def _on_bye(self, sess: Session, body: bytes) -> None:
-        P.decode(P.BYE, body)  # must be empty
-        log.debug(
-            "bye #%d %s from %s", sess.id, sess.nick, sess.peer,
-            extra={"conn": sess.id, "peer": sess.peer, "nick": sess.nick, "reason": "BYE"},
-        )  # fmt: skip
-        self.detach(sess)
-        self.begin_close(sess)
 
     # ============================================================ liveness
     def sweep(self, sessions, now: float) -> None:
@@ -689,6 +684,9 @@ class SessionProtocol:
         if sess.resume_key:
             self.resumer.forget(sess)
         if sess.ns is not None:
+            if self.backplane is not None:
+                self.backplane.detach(sess)
+                return
             self.router.presence(self.hub.detach(sess))
 
     def begin_close(self, sess: Session) -> None:
