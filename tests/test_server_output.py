@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,33 @@ def test_ready_line_appears_once(server_factory):
     out, err = srv.proc.stdout.read(), srv.proc.stderr.read()
     everything = srv.ready_line + out + err
     assert everything.count("listening on") == 1, everything
+
+
+def test_shutdown_says_what_it_waits_for(server_factory):
+    srv = server_factory("--log-level", "info", "--drain-timeout", "5")
+    quiet = socket.create_connection(srv.address)  # connected, no HELLO yet
+    try:
+        time.sleep(0.2)
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0
+        err = srv.proc.stderr.read()
+    finally:
+        quiet.close()
+    assert "shutting down: waiting for 1 connection (no HELLO yet) up to 5 s" in err, err
+
+
+def test_waiting_for_counts_in_words():
+    from muxserver.session import CLOSING, HELLO_WAIT, OPEN
+    from muxserver.stats import waiting_for
+
+    class S:
+        def __init__(self, state):
+            self.state = state
+
+    assert waiting_for([]) == "no connections"
+    assert waiting_for([S(OPEN)]) == "1 connection (open)"
+    many = [S(OPEN), S(OPEN), S(HELLO_WAIT), S(CLOSING)]
+    assert waiting_for(many) == "4 connections (2 open, 1 no HELLO yet, 1 closing)"
 
 
 def test_environment_errors_read_like_command_line_errors():
