@@ -157,19 +157,5 @@ def ws_socket(host: str, port: int, timeout: float) -> socket.socket:
 class WsClient(Client):
     """muxserver.client.Client over ``/ws`` (same API, same behaviour)."""
 
-    def _open(self) -> None:
-        # Client._open, with the socket made by ws_socket (no TLS here).
-        sock = ws_socket(self.host, self.port, self.timeout)
-        deadline = time.monotonic() + self.timeout
-        self._fresh_session()
-        self._sock = sock
-        self._broken = None
-        try:
-            self._send(self._hello_frame())
-            while self._welcome is None:
-                if not self._pump(deadline):
-                    raise TimeoutError(f"no WELCOME within {self.timeout:g} s")
-        except BaseException:
-            self._drop()
-            raise
-        self._accept_welcome()
+    def _dial(self):
+        return ws_socket(self.host, self.port, self.timeout)  # no TLS here

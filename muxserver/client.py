@@ -377,9 +377,9 @@ class Client(_Core):
             self._drop()
 
     # ------------------------------------------------------------ guts
-    def _open(self) -> None:
+    def _dial(self) -> socket.socket:
+        """A connected socket to the server (a subclass may speak another transport)."""
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        deadline = time.monotonic() + self.timeout
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
@@ -389,6 +389,11 @@ class Client(_Core):
         except BaseException:
             sock.close()
             raise
+        return sock
+
+    def _open(self) -> None:
+        sock = self._dial()
+        deadline = time.monotonic() + self.timeout
         self._fresh_session()
         self._sock = sock
         self._broken = None

@@ -227,15 +227,8 @@ class StreamTransport:
         """
         chunks = self.chunks
         while chunks:
-            head = memoryview(chunks[0])[self.woff :]
-            try:
-                if self.tls:  # SSLSocket has no sendmsg
-                    sent = self.sock.send(head)
-                else:
-                    bufs = [head]
-                    bufs.extend(chunks[i] for i in range(1, min(len(chunks), _IOV_BATCH)))
-                    sent = self.sock.sendmsg(bufs)
-            except WOULD_BLOCK:
+            sent = self.send_backlog()
+            if sent < 0:
                 break
             self.bytes_out += sent
             self.wbytes -= sent
@@ -250,6 +243,19 @@ class StreamTransport:
             self.woff = 0
             self.set_interest(loop, self.interest & ~EVENT_WRITE)
         return self.wbytes
+
+    def send_backlog(self) -> int:
+        """One send of the backlog's head (from ``woff``) and what follows it; -1: kernel full."""
+        chunks = self.chunks
+        head = memoryview(chunks[0])[self.woff :]
+        try:
+            if self.tls:  # SSLSocket has no sendmsg
+                return self.sock.send(head)
+            bufs = [head]
+            bufs.extend(chunks[i] for i in range(1, min(len(chunks), _IOV_BATCH)))
+            return self.sock.sendmsg(bufs)
+        except WOULD_BLOCK:
+            return -1
 
     def discard_unsent(self) -> int:
         """Drop queued output, keeping the rest of a partly-sent frame.

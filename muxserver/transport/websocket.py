@@ -283,10 +283,8 @@ FLUSH = 1  # bytes of its own are queued (the 101, a Pong): flush this turn
 END = 2  # close once the queued output is out, without an ERROR frame
 # ... or (code, message): a fatal ERROR (LIMIT after an upgrade over max_connections).
 
-MAX_MESSAGE_OUT = (
-    1 << 20
-)  # section 11: a server message is at most 1 MiB, unless one frame is larger
-_IOV_BATCH = 64
+# Section 11: a server message is at most 1 MiB, unless one frame is larger.
+MAX_MESSAGE_OUT = 1 << 20
 _ERROR_CODE = struct.Struct(">H")
 _SHORT_HEADERS = tuple(bytes((0x80 | OP_BINARY, n)) for n in range(126))
 
@@ -589,15 +587,8 @@ class WebSocketTransport(StreamTransport):
     def on_writable(self, loop) -> int:
         chunks = self.chunks
         while chunks:
-            head = memoryview(chunks[0])[self.woff :]
-            try:
-                if self.tls:
-                    sent = self.sock.send(head)
-                else:
-                    bufs = [head]
-                    bufs.extend(chunks[i] for i in range(1, min(len(chunks), _IOV_BATCH)))
-                    sent = self.sock.sendmsg(bufs)
-            except WOULD_BLOCK:
+            sent = self.send_backlog()
+            if sent < 0:
                 break
             self.bytes_out += sent
             before = len(chunks)
