@@ -42,6 +42,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from .. import protocol as P
 from ..framing import LENGTH, FrameDecoder, FrameError
+from ..listener import HTTP, sniff
 from ..loop import EVENT_WRITE
 from .http import (  # noqa: F401  (re-exported: the HTTP front door lives in http.py)
     MAX_HEAD,
@@ -98,15 +99,8 @@ _CODE = struct.Struct(">H")
 
 # ============================================================== sniffing
 def looks_like_http(first4: bytes) -> bool:
-    """True when 4 bytes can start an HTTP request line (section 11).
-
-    An ASCII capital letter, then capitals or spaces: ``GET ``, ``POST``,
-    ``PUT ``. As a length prefix such bytes are at least 0x41202020, above
-    any allowed max_frame, so no raw-protocol client is ever mistaken.
-    """
-    if len(first4) < 4 or not 0x41 <= first4[0] <= 0x5A:
-        return False
-    return all(0x41 <= b <= 0x5A or b == 0x20 for b in first4[1:4])
+    """True when 4 bytes can start an HTTP request line (section 11): listener.sniff's rule."""
+    return sniff(first4) == HTTP
 
 
 # ============================================================ outbound
