@@ -49,7 +49,7 @@ def room(request):
 def _reset(server, conns, peers) -> None:
     for c in conns:
         c.out.clear()
-    server.pending.clear()
+    server.router.pending.clear()
     for p in peers:
         try:
             while p.recv(1 << 20):
@@ -78,7 +78,7 @@ def _queued(server, conns) -> int:
 def test_emit_handler_to_queues(benchmark, room):
     """BATCH EMITs straight into the EMIT handler: what one read costs, minus I/O."""
     server, conns, peers = room
-    handler, sender, body = server.handlers[P.EMIT], conns[0], _emit()[5:]
+    handler, sender, body = server.protocol.handlers[P.EMIT], conns[0], _emit()[5:]
 
     def emit_batch():
         for _ in range(BATCH):
@@ -118,8 +118,8 @@ def test_flush_queued_frames(benchmark, room):
         _reset(server, conns, peers)
         for c in conns:
             c.out.extend([frame] * BATCH)
-        server.pending.update(conns)
+        server.router.pending.update(conns)
 
     benchmark.pedantic(server.flush, setup=setup, rounds=300, warmup_rounds=20)
-    assert not server.pending and not conns[1].out
+    assert not server.router.pending and not conns[1].out
     _rate(benchmark, "deliveries_per_s", BATCH * len(conns))
