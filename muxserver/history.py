@@ -7,23 +7,29 @@ tests run on fake time; the epoch comes from an injectable ``randbits``
 (each message's tail: muxserver.sequenced) and counts ``len(item)`` against
 the byte bounds.
 
-Layout, chosen for the per-message hot path (``append`` is called once per
-room EMIT): each room keeps one deque of ``(gid, time, item)`` tuples. Every
-bound evicts a room's *oldest* message, so a room's deque always holds a
-contiguous run of seqs ending at ``room.last``: a seq is never stored, it is
-``last - len + 1 + index``. The global bound (``memory``) needs the oldest
+Layout, chosen for the per-message hot path (the server hands each run of
+EMITs to ``extend``, one call per run): each room keeps its items in a plain
+list, live from index ``head``, and one *stamp* ``(last seq, gid, time)`` per
+call that added to it (a batch: every message of one ``extend`` arrived in
+the same loop turn). So ``extend`` is ``list += items`` and a size eviction is
+``head += k``, both without a per-message step in Python; the dead front is
+cut off with one ``del`` once it is an eighth of the list (amortised O(1) per
+message; that eighth is the most the list holds beyond its live items). Every
+bound evicts a room's *oldest* message, so a room always holds a contiguous
+run of seqs ending at ``room.last``: a seq is never stored, it is
+``last - held + 1 + index``. The global bound (``memory``) needs the oldest
 message of all rooms; rather than a global FIFO of entries (which keeps one
 dead entry per message evicted by a room's own bounds, millions of them at
 500k messages/s) it is a heap with ONE entry per non-empty room, keyed by a
-global arrival counter (``gid``) of that room's front message at push time.
-Fronts only move forward, so a key is a lower bound; a stale top is re-keyed
-when met. The heap is touched only when the global bound or ``expire`` needs
-the global oldest, never by the common path. ``expire`` (the periodic timer)
-walks the same heap for aged messages, and an OrderedDict of memberless rooms
-(in idle order) for rooms whose history has run out: both stop at the first
-entry that is still young, so a tick costs what it removes, not what is held.
-Lookups also check age and idleness themselves, so results never depend on
-how often ``expire`` runs.
+global arrival counter (``gid``, one per batch) of that room's front batch at
+push time. Fronts only move forward, so a key is a lower bound; a stale top
+is re-keyed when met. The heap is touched only when the global bound or
+``expire`` needs the global oldest, never by the common path. ``expire`` (the
+periodic timer) walks the same heap for aged messages, and an OrderedDict of
+memberless rooms (in idle order) for rooms whose history has run out: both
+stop at the first entry that is still young, so a tick costs what it removes,
+not what is held. Lookups also check age and idleness themselves, so results
+never depend on how often ``expire`` runs.
 
 Readings of section 9 chosen here:
 
@@ -71,7 +77,6 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from heapq import heappop, heappush, heapreplace
-from itertools import islice
 from typing import NamedTuple
 
 # JoinPlan.recovery values: the u8 "recovery" of the REPLY to a SEQUENCED JOIN.
@@ -114,17 +119,48 @@ class Page(NamedTuple):
 
 
 class _Room:
-    __slots__ = ("key", "epoch", "last", "msgs", "bytes", "members", "idle_since", "in_heap")
+    __slots__ = (
+        "key", "epoch", "last", "items", "head", "stamps", "bytes", "members", "idle_since",
+        "in_heap",
+    )  # fmt: skip
 
     def __init__(self, key: Hashable, epoch: int, now: float) -> None:
         self.key = key
         self.epoch = epoch
         self.last = 0  # latest seq given out in this epoch
-        self.msgs: deque[tuple[int, float, bytes]] = deque()
+        self.items: list[bytes] = []  # held messages are items[head:], oldest first
+        self.head = 0
+        # (last seq, gid, time) per batch that added items, oldest first; the
+        # front one is the batch of items[head] (older ones are popped).
+        self.stamps: deque[tuple[int, int, float]] = deque()
         self.bytes = 0
         self.members = 0
         self.idle_since = now
         self.in_heap = False  # has its one entry in History._heap
+
+    @property
+    def held(self) -> int:
+        return len(self.items) - self.head
+
+    def front(self) -> tuple[int, int, float]:
+        """The stamp of the oldest held message (the room holds one)."""
+        stamps = self.stamps
+        first = self.last - len(self.items) + self.head + 1
+        while stamps[0][0] < first:
+            stamps.popleft()
+        return stamps[0]
+
+    def drop(self, k: int) -> int:
+        """Forget the ``k`` oldest held messages; return their bytes."""
+        items, head = self.items, self.head
+        n = sum(map(len, items[head : head + k]))
+        head += k
+        if head * 8 >= len(items):  # amortised: the live part moved is < 7x what went
+            del items[:head]
+            head = 0
+        self.head = head
+        self.bytes -= n
+        return n
 
 
 class History:
@@ -179,7 +215,7 @@ class History:
     @property
     def messages_held(self) -> int:
         # Summed on demand (a /metrics scrape) to keep a counter off the hot path.
-        return sum(len(room.msgs) for room in self._rooms.values())
+        return sum(room.held for room in self._rooms.values())
 
     # ----------------------------------------------------------- hot path
     def append(self, key: Hashable, item: bytes, now: float) -> int:
@@ -196,22 +232,20 @@ class History:
         if not room.in_heap:
             heappush(self._heap, (gid, room))
             room.in_heap = True
-        msgs = room.msgs
-        msgs.append((gid, now, item))
+        room.items.append(item)
+        room.stamps.append((seq, gid, now))
         n = len(item)
-        # The usual case at steady state: the room is at its size bound and
-        # its oldest message goes; anything rarer takes the slow path.
-        if len(msgs) > self.size:
-            n -= len(msgs.popleft()[2])
         room.bytes += n
         self.bytes_held += n
-        if (
-            room.bytes > self.max_bytes
-            or now - msgs[0][1] >= self.ttl
-            or self.bytes_held > self.memory
-        ):
+        # The usual case at steady state: the room is at its size bound and
+        # its oldest message goes; anything rarer takes the slow path.
+        if len(room.items) - room.head > self.size:
+            self.bytes_held -= room.drop(1)
+        if room.bytes > self.max_bytes or self.bytes_held > self.memory:
             self._trim(room, now)
             self._evict_memory()
+        elif now - room.front()[2] >= self.ttl:
+            self._trim(room, now)
         return seq
 
     def extend(self, key: Hashable, items: list[bytes], now: float) -> int:
@@ -220,6 +254,8 @@ class History:
         For the server's runs of EMITs (muxserver.session): one call and one
         room lookup per run, not per message.
         """
+        if not items:
+            return self.position(key, now)[1]
         room = self._rooms.get(key)
         n = sum(map(len, items))
         if room is None or room.members == 0 or self.bytes_held + n > self.memory:
@@ -230,24 +266,22 @@ class History:
             for item in items:
                 seq = self.append(key, item, now)
             return seq
-        msgs = room.msgs
-        gid = self._gid
+        self._gid = gid = self._gid + 1
         if not room.in_heap:
-            heappush(self._heap, (gid + 1, room))
+            heappush(self._heap, (gid, room))
             room.in_heap = True
-        for item in items:
-            gid += 1
-            msgs.append((gid, now, item))
-        self._gid = gid
-        room.last += len(items)
-        size = self.size
-        while len(msgs) > size:
-            n -= len(msgs.popleft()[2])
+        held = room.items
+        held += items
+        last = room.last = room.last + len(items)
+        room.stamps.append((last, gid, now))
         room.bytes += n
         self.bytes_held += n
-        if room.bytes > self.max_bytes or now - msgs[0][1] >= self.ttl:
+        over = len(held) - room.head - self.size
+        if over > 0:
+            self.bytes_held -= room.drop(over)
+        if room.bytes > self.max_bytes or now - room.front()[2] >= self.ttl:
             self._trim(room, now)
-        return room.last
+        return last
 
     def next_seq(self, key: Hashable, now: float) -> int:
         """The seq the next ``append`` to ``key`` will return (0 when off), for frames carrying it."""
@@ -297,7 +331,7 @@ class History:
         room = self._room(key, now)
         self._trim(room, now)
         last = room.last
-        oldest = last - len(room.msgs) + 1  # last + 1 when nothing is held
+        oldest = last - room.held + 1  # last + 1 when nothing is held
         if epoch == 0 or epoch != room.epoch or after > last:
             first = oldest
             if replay_max != REPLAY_ALL:
@@ -334,12 +368,11 @@ class History:
         if room is None or room.epoch != epoch:
             return Page([], from_seq, None, True, self.enabled)
         self._trim(room, now)
-        msgs = room.msgs
         last = room.last
         stop = last if until is None else min(until, last)
         if from_seq > stop:
             return Page([], from_seq, None, True)
-        oldest = last - len(msgs) + 1
+        oldest = last - room.held + 1
         gap = None
         if from_seq < oldest:
             gap = (from_seq, min(oldest - 1, stop))
@@ -348,8 +381,8 @@ class History:
                 return Page([], from_seq, gap, True)
         items: list[bytes] = []
         total = 0
-        for entry in islice(msgs, from_seq - oldest, stop - oldest + 1):
-            item = entry[2]
+        at = room.head - oldest
+        for item in room.items[at + from_seq : at + stop + 1]:
             if items and (len(items) >= max_items or total + len(item) > max_bytes):
                 break
             items.append(item)
@@ -365,9 +398,13 @@ class History:
         ttl = self.ttl
         while True:
             room = self._oldest()
-            if room is None or now - room.msgs[0][1] < ttl:
+            if room is None:
                 break
-            self._pop_front(room)
+            last, _, added = room.front()
+            if now - added < ttl:
+                break
+            # The whole front batch is as old: it goes at once.
+            self.bytes_held -= room.drop(last - room.last + room.held)
         idle = self._idle
         while idle:
             key = next(iter(idle))
@@ -404,40 +441,38 @@ class History:
         self._idle.pop(key, None)
         self.bytes_held -= room.bytes
         room.bytes = 0
-        room.msgs.clear()  # its heap entry, if any, is discarded when met
+        room.items.clear()  # its heap entry, if any, is discarded when met
+        room.head = 0
+        room.stamps.clear()
 
     def _trim(self, room: _Room, now: float) -> None:
         """Apply the room's own bounds (size, bytes, age), oldest first."""
-        msgs = room.msgs
-        size, max_bytes, ttl = self.size, self.max_bytes, self.ttl
-        while msgs and (len(msgs) > size or room.bytes > max_bytes or now - msgs[0][1] >= ttl):
-            n = len(msgs.popleft()[2])
-            room.bytes -= n
-            self.bytes_held -= n
+        over = room.held - self.size
+        if over > 0:
+            self.bytes_held -= room.drop(over)
+        max_bytes, ttl = self.max_bytes, self.ttl
+        while room.held and (room.bytes > max_bytes or now - room.front()[2] >= ttl):
+            self.bytes_held -= room.drop(1)
 
     def _oldest(self) -> _Room | None:
         """The room holding the oldest message of all, fixing stale heap keys on the way."""
         heap = self._heap
         while heap:
             key, room = heap[0]
-            msgs = room.msgs
-            if not msgs:
+            if not room.held:
                 heappop(heap)
                 room.in_heap = False
-            elif msgs[0][0] != key:
-                heapreplace(heap, (msgs[0][0], room))
+                continue
+            gid = room.front()[1]
+            if gid != key:
+                heapreplace(heap, (gid, room))
             else:
                 return room
         return None
 
-    def _pop_front(self, room: _Room) -> None:
-        n = len(room.msgs.popleft()[2])
-        room.bytes -= n
-        self.bytes_held -= n
-
     def _evict_memory(self) -> None:
         while self.bytes_held > self.memory:
             room = self._oldest()
-            if room is None:  # cannot happen: held bytes live in some room's deque
+            if room is None:  # cannot happen: held bytes live in some room's list
                 break
-            self._pop_front(room)
+            self.bytes_held -= room.drop(1)

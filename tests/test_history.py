@@ -502,6 +502,18 @@ class HistoryMachine(RuleBasedStateMachine):
         got = self.h.append(key, data, self.now)
         assert got == self.m.append(key, data, self.now)
 
+    @rule(key=st.sampled_from(KEYS), pads=st.lists(st.integers(0, 12), min_size=1, max_size=9))
+    def extend(self, key, pads):
+        """A run of messages in one call (the server's batch) is appends in a row."""
+        items = []
+        for pad in pads:
+            self.n += 1
+            items.append(f"{self.n}".encode() + b"." * pad)
+        want = 0
+        for item in items:
+            want = self.m.append(key, item, self.now)
+        assert self.h.extend(key, items, self.now) == want
+
     @rule(key=st.sampled_from(KEYS), count=st.sampled_from([0, 0, 1, 3]))
     def set_members(self, key, count):
         self.h.set_members(key, count, self.now)
@@ -562,14 +574,17 @@ class HistoryMachine(RuleBasedStateMachine):
         rooms = list(h._rooms.values())
         assert h.bytes_held == sum(r.bytes for r in rooms)
         for r in rooms:
-            assert r.bytes == sum(len(e[2]) for e in r.msgs)
-            assert len(r.msgs) <= h.size
-            assert not r.msgs or r.in_heap
+            assert r.bytes == sum(map(len, r.items[r.head :]))
+            assert r.held <= h.size
+            assert r.head * 8 < len(r.items) or not r.items  # the dead front is cut in time
+            assert not r.held or r.in_heap
+            if r.held:
+                assert r.stamps[-1][0] == r.last  # the newest batch ends at the latest seq
         in_heap = [id(room) for _, room in h._heap]
         assert len(in_heap) == len(set(in_heap))  # one entry per room, never more
-        assert {id(r) for r in rooms if r.msgs} <= set(in_heap)
+        assert {id(r) for r in rooms if r.held} <= set(in_heap)
         for key, room in h._heap:
-            assert not room.msgs or key <= room.msgs[0][0]  # a key is a lower bound
+            assert not room.held or key <= room.front()[1]  # a key is a lower bound
         assert set(h._idle) == {r.key for r in rooms if r.members == 0}
         idle = [r.idle_since for r in h._idle.values()]
         assert idle == sorted(idle)  # what lets expire stop at the first young room
