@@ -5,8 +5,8 @@
 A SETUP is ``v1``, ``v2`` or ``seq`` (version 2, every member joins
 SEQUENCED), optionally with Config overrides: ``v1:history_size=0``. Each
 round sends BATCH EMITs of 64 bytes from one member into a room of MEMBERS
-over socketpairs and times the server's read path and flush (the
-/work/notes/ab_micro.py method); the best round of each set-up is printed.
+over socketpairs and times the server's read path and flush; the best round
+of each set-up is printed (bench.callgrind counts instructions the same way).
 Rounds alternate between set-ups so that a busy machine slows all alike.
 """
 
