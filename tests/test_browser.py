@@ -15,9 +15,11 @@ messages shown as earlier ones on joining; the page's socket cut while the
 Python client goes on sending, and after the reconnect the missed messages
 recovered (or, past a small ``--history-size``, the lost ones named), each
 message shown exactly once. A script run before the page's own wraps
-``WebSocket`` so that the test can close the live socket and refuse new ones
-for as long as it wants: the disconnection then lasts exactly over the
-messages the test sends.
+``WebSocket`` so that the test can mute the page (the server, hearing
+nothing for ``--ping-interval`` + ``--ping-timeout``, cuts it with
+IDLE_TIMEOUT and parks its session) and refuse it new sockets for as long as
+it wants: the disconnection then lasts exactly over the messages the test
+sends.
 
 Also runs the 15-line JavaScript example of docs/websocket.md in the page.
 A missing browser fails these tests; they are never skipped.
@@ -50,21 +52,28 @@ def browser():
 
 # Runs before the page's scripts (Playwright init scripts are not subject to the
 # page's CSP). A refused socket is a constructor that throws, which the client
-# retries with its backoff, as it would a browser's SecurityError.
+# retries with its backoff, as it would a browser's SecurityError; a muted
+# page sends nothing (not even PONG), as over a dead network.
 SOCKET_CONTROL = """
 (() => {
   const Real = window.WebSocket;
   window.__sockets = [];
   window.__refuseSockets = false;
+  window.__muted = false;
   window.WebSocket = class extends Real {
     constructor(url, protocols) {
       if (window.__refuseSockets) throw new DOMException("refused by the test", "NetworkError");
       super(url, protocols);
       window.__sockets.push(this);
     }
+    send(data) {
+      if (!window.__muted) super.send(data);
+    }
   };
 })();
 """
+# The server cuts a silent page after 1 + 1 s.
+QUICK_CUT = ("--ping-interval", "1", "--ping-timeout", "1")
 
 
 def open_chat(browser, url: str, nick: str, room: str = "lobby", init_script: str | None = None):
@@ -232,19 +241,22 @@ def recovery_lines(page, outcome: str):
 
 
 def disconnected_while(page, send) -> None:
-    """Close the page's socket, call ``send()`` while it is refused a new one, then let it back."""
-    page.evaluate("() => { window.__refuseSockets = true; window.__sockets.at(-1).close(); }")
+    """Have the server cut the page, ``send()`` while it is refused a new socket, then let it back."""
+    page.evaluate("() => { window.__refuseSockets = true; window.__muted = true; }")
     banner = page.get_by_test_id("status-banner")
-    expect(banner).to_have_attribute("data-state", "reconnecting", timeout=10000)
+    expect(banner).to_have_attribute("data-state", "reconnecting", timeout=15000)
+    expect(page.get_by_test_id("message-list")).to_contain_text("IDLE_TIMEOUT")
+    page.evaluate("() => { window.__muted = false; }")
     send()
     page.evaluate("() => { window.__refuseSockets = false; }")
     expect(banner).to_be_hidden(timeout=20000)
 
 
 def test_history_on_join_and_missed_messages_recovered(server_factory, browser):
-    srv = server_factory()
-    py = Client.connect(*srv.address, nick="turing")
-    py.join("lobby")
+    srv = server_factory(*QUICK_CUT)
+    # with the quick cut, a blocking client idle over 2 s needs the heartbeat
+    py = Client.connect(*srv.address, nick="turing", heartbeat=True)
+    py.join("lobby", presence=True)
     emit = lambda i: py.emit("msg", f"m{i}", room="lobby", ack=True)  # noqa: E731
     for i in range(1, 26):
         emit(i)
@@ -266,8 +278,13 @@ def test_history_on_join_and_missed_messages_recovered(server_factory, browser):
     assert room_texts(page) == [f"m{i}" for i in range(6, 51)]  # each exactly once, in order
     assert room_texts(page, "recovered") == [f"m{i}" for i in range(31, 43)]
     assert page.locator('[data-testid="message"][data-kind="recovery"]').count() == 2
-    # The session was resumed: still one "ada" in the room, no second login.
+    # The session was resumed: one "ada" in the room, who never left or re-joined.
     assert py.who("lobby") == ["turing", "ada"]
+    py.ping()  # a round trip: everything sent before it has arrived
+    seen = []
+    while (item := py.recv(timeout=0.2)) is not None:
+        seen.append(item)
+    assert [(p.kind, p.nick) for p in seen if isinstance(p, Presence)] == [("join", "ada")]
     assert page.evaluate("window.__sockets.length") == 2
     assert page.errors == []
     page.context.close()
@@ -275,8 +292,9 @@ def test_history_on_join_and_missed_messages_recovered(server_factory, browser):
 
 
 def test_messages_past_the_history_are_named_as_lost(server_factory, browser):
-    srv = server_factory("--history-size", "5")
-    py = Client.connect(*srv.address, nick="turing")
+    srv = server_factory("--history-size", "5", *QUICK_CUT)
+    # with the quick cut, a blocking client idle over 2 s needs the heartbeat
+    py = Client.connect(*srv.address, nick="turing", heartbeat=True)
     py.join("lobby")
     emit = lambda i: py.emit("msg", f"m{i}", room="lobby", ack=True)  # noqa: E731
     for i in range(1, 4):
