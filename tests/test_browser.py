@@ -245,7 +245,7 @@ def disconnected_while(page, send) -> None:
     page.evaluate("() => { window.__refuseSockets = true; window.__muted = true; }")
     banner = page.get_by_test_id("status-banner")
     expect(banner).to_have_attribute("data-state", "reconnecting", timeout=15000)
-    expect(page.get_by_test_id("message-list")).to_contain_text("IDLE_TIMEOUT")
+    expect(page.get_by_test_id("message-list")).to_contain_text("The connection went silent.")
     page.evaluate("() => { window.__muted = false; }")
     send()
     page.evaluate("() => { window.__refuseSockets = false; }")

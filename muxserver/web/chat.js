@@ -134,6 +134,8 @@ const FRIENDLY = {
   DISCONNECTED: "Not connected. Reconnecting...",
   TIMEOUT: "The server did not answer in time.",
   SHUTTING_DOWN: "The server is restarting.",
+  IDLE_TIMEOUT: "The connection went silent. Reconnecting...",
+  SLOW_CONSUMER: "The connection fell behind. Reconnecting...",
   UNAVAILABLE: "The server is temporarily unavailable.",
 };
 

@@ -53,6 +53,7 @@ test("formatting helpers", () => {
   assert.equal(presenceText({ kind: "leave", nick: "bob" }), "bob left");
   assert.equal(presenceText({ kind: "nick", nick: "bob", newNick: "rob" }), "bob is now known as rob");
   assert.match(errorText(new MuxError("NICK_TAKEN", "x")), /already taken/);
+  assert.match(errorText(new MuxError("IDLE_TIMEOUT", "nothing received for 2 s")), /went silent/);
   assert.match(errorText(new MuxError("INVALID_NAME", "nick must be 1..32 bytes")), /1\.\.32/);
   assert.equal(errorText(new Error("boom")), "boom");
 });
