@@ -85,3 +85,12 @@ export async function connected(opts = {}) {
   const c = await p;
   return { c, ws };
 }
+
+/** Resolves once `cond()` is true (polled every 2 ms); fails after `ms`, so a slow machine only waits longer. */
+export async function until(cond, what, ms = 5000) {
+  const deadline = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}

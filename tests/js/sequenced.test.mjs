@@ -8,7 +8,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import { T, Writer, decodePayload, decodeServerFrame, encode, parseReply, splitFrames } from "../../muxserver/web/muxclient.js";
-import { FakeWebSocket, connected, fixtures, hex, replyOk, revive, tick, unhex } from "./helpers.mjs";
+import { FakeWebSocket, connected, fixtures, hex, replyOk, revive, tick, unhex, until } from "./helpers.mjs";
 
 const EPOCH = 2n ** 64n - 3n; // above 2**53: a Number would round it
 const text = (s) => new TextEncoder().encode(s);
@@ -131,7 +131,7 @@ test("a throwing handler leaves the position, and the re-join asks for that even
   assert.deepEqual(errors, ["handler broke on 5"]);
   assert.deepEqual(c.position("lobby"), { epoch: EPOCH, last: 4 });
   ws.drop(1006);
-  await new Promise((r) => setTimeout(r, 20));
+  await until(() => FakeWebSocket.all.length === 2, "the reconnect");
   const ws2 = FakeWebSocket.all.at(-1);
   ws2.accept();
   ws2.push(new Writer().u8(2).u32(2).str8("ann").u32(1048576).u32(25000).str8("muxserver")
@@ -197,9 +197,8 @@ test("reconnect: resume token, every room re-joined, COMPLETE / GAP / RESET repo
   c.on("reconnect", (r) => events.push(["reconnect", r.resumed, r.rooms]));
   c.on("recovery", (r) => events.push(["recovery", r.room, r.outcome]));
   ws.drop(1006);
-  await new Promise((r) => setTimeout(r, 20));
+  await until(() => FakeWebSocket.all.length === 2, "the reconnect");
   const ws2 = FakeWebSocket.all.at(-1);
-  assert.notEqual(ws2, ws);
   ws2.accept();
   const hello = ws2.last().r;
   hello.u8(); hello.str8(); hello.str8(); hello.str8();
@@ -244,9 +243,8 @@ test("a socket that cannot even be created is retried", async () => {
   let refused = 0;
   c._WebSocket = class { constructor() { refused += 1; throw new Error("SecurityError"); } };
   ws.drop(1006);
-  await new Promise((r) => setTimeout(r, 40));
-  assert.ok(refused >= 2, `retried after a constructor failure (${refused} tries)`);
+  await until(() => refused >= 2, "a second try after a constructor failure");
   c._WebSocket = real;
-  await new Promise((r) => setTimeout(r, 20));
-  assert.ok(FakeWebSocket.all.length >= 2);
+  await until(() => FakeWebSocket.all.length === 2, "a socket once the constructor works");
+  assert.equal(c.connected, false); // not accepted yet: the fake server has not answered
 });
