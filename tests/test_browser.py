@@ -10,6 +10,17 @@ shown as text, and reconnecting after the server restarts on the same port.
 A screenshot of the conversation is written to reports/web-chat.png on every
 run (docs/web-chat.png is one good copy of it).
 
+Sequenced rooms (protocol sections 9 and 10) in the page: the latest
+messages shown as earlier ones on joining; the page's socket cut while the
+Python client goes on sending, and after the reconnect the missed messages
+recovered (or, past a small ``--history-size``, the lost ones named), each
+message shown exactly once. A script run before the page's own wraps
+``WebSocket`` so that the test can mute the page (the server, hearing
+nothing for ``--ping-interval`` + ``--ping-timeout``, cuts it with
+IDLE_TIMEOUT and parks its session) and refuse it new sockets for as long as
+it wants: the disconnection then lasts exactly over the messages the test
+sends.
+
 Also runs the 15-line JavaScript example of docs/websocket.md in the page.
 A missing browser fails these tests; they are never skipped.
 """
@@ -39,9 +50,37 @@ def browser():
         browser.close()
 
 
-def open_chat(browser, url: str, nick: str, room: str = "lobby"):
+# Runs before the page's scripts (Playwright init scripts are not subject to the
+# page's CSP). A refused socket is a constructor that throws, which the client
+# retries with its backoff, as it would a browser's SecurityError; a muted
+# page sends nothing (not even PONG), as over a dead network.
+SOCKET_CONTROL = """
+(() => {
+  const Real = window.WebSocket;
+  window.__sockets = [];
+  window.__refuseSockets = false;
+  window.__muted = false;
+  window.WebSocket = class extends Real {
+    constructor(url, protocols) {
+      if (window.__refuseSockets) throw new DOMException("refused by the test", "NetworkError");
+      super(url, protocols);
+      window.__sockets.push(this);
+    }
+    send(data) {
+      if (!window.__muted) super.send(data);
+    }
+  };
+})();
+"""
+# The server cuts a silent page after 1 + 1 s.
+QUICK_CUT = ("--ping-interval", "1", "--ping-timeout", "1")
+
+
+def open_chat(browser, url: str, nick: str, room: str = "lobby", init_script: str | None = None):
     context = browser.new_context(viewport={"width": 1180, "height": 720}, color_scheme="light")
     page = context.new_page()
+    if init_script:
+        page.add_init_script(init_script)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.errors = errors
@@ -187,6 +226,93 @@ def test_reconnecting_state_is_visible(server_factory, browser):
     expect(banner).to_have_attribute("data-state", "reconnecting")
     expect(banner).to_contain_text("Reconnecting")
     page.context.close()
+
+
+def room_texts(page, replayed: str | None = None) -> list[str]:
+    sel = '[data-testid="message"][data-kind="room"]'
+    if replayed:
+        sel += f'[data-replayed="{replayed}"]'
+    return page.locator(f"{sel} .text").all_text_contents()
+
+
+def recovery_lines(page, outcome: str):
+    sel = f'[data-testid="message"][data-kind="recovery"][data-outcome="{outcome}"] .text'
+    return page.locator(sel)
+
+
+def disconnected_while(page, send) -> None:
+    """Have the server cut the page, ``send()`` while it is refused a new socket, then let it back."""
+    page.evaluate("() => { window.__refuseSockets = true; window.__muted = true; }")
+    banner = page.get_by_test_id("status-banner")
+    expect(banner).to_have_attribute("data-state", "reconnecting", timeout=15000)
+    expect(page.get_by_test_id("message-list")).to_contain_text("The connection went silent.")
+    page.evaluate("() => { window.__muted = false; }")
+    send()
+    page.evaluate("() => { window.__refuseSockets = false; }")
+    expect(banner).to_be_hidden(timeout=20000)
+
+
+def test_history_on_join_and_missed_messages_recovered(server_factory, browser):
+    srv = server_factory(*QUICK_CUT)
+    # with the quick cut, a blocking client idle over 2 s needs the heartbeat
+    py = Client.connect(*srv.address, nick="turing", heartbeat=True)
+    py.join("lobby", presence=True)
+    emit = lambda i: py.emit("msg", f"m{i}", room="lobby", ack=True)  # noqa: E731
+    for i in range(1, 26):
+        emit(i)
+    page = open_chat(browser, f"http://127.0.0.1:{srv.port}/", "ada", init_script=SOCKET_CONTROL)
+    # The latest 20 (of 25), marked as earlier messages, under one line saying so.
+    expect(recovery_lines(page, "fresh")).to_have_text("20 earlier messages in #lobby")
+    expect(page.locator('[data-replayed="earlier"]')).to_have_count(20)
+    assert room_texts(page, "earlier") == [f"m{i}" for i in range(6, 26)]
+    for i in range(26, 31):
+        emit(i)
+    expect(last_message(page, "room").locator(".text")).to_have_text("m30")
+
+    # The page is away while turing sends 12 more, then comes back and keeps up.
+    disconnected_while(page, lambda: [emit(i) for i in range(31, 43)])
+    expect(recovery_lines(page, "complete")).to_have_text("recovered 12 missed messages in #lobby")
+    for i in range(43, 51):
+        emit(i)
+    expect(last_message(page, "room").locator(".text")).to_have_text("m50")
+    assert room_texts(page) == [f"m{i}" for i in range(6, 51)]  # each exactly once, in order
+    assert room_texts(page, "recovered") == [f"m{i}" for i in range(31, 43)]
+    assert page.locator('[data-testid="message"][data-kind="recovery"]').count() == 2
+    # The session was resumed: one "ada" in the room, who never left or re-joined.
+    assert py.who("lobby") == ["turing", "ada"]
+    py.ping()  # a round trip: everything sent before it has arrived
+    seen = []
+    while (item := py.recv(timeout=0.2)) is not None:
+        seen.append(item)
+    assert [(p.kind, p.nick) for p in seen if isinstance(p, Presence)] == [("join", "ada")]
+    assert page.evaluate("window.__sockets.length") == 2
+    assert page.errors == []
+    page.context.close()
+    py.close()
+
+
+def test_messages_past_the_history_are_named_as_lost(server_factory, browser):
+    srv = server_factory("--history-size", "5", *QUICK_CUT)
+    # with the quick cut, a blocking client idle over 2 s needs the heartbeat
+    py = Client.connect(*srv.address, nick="turing", heartbeat=True)
+    py.join("lobby")
+    emit = lambda i: py.emit("msg", f"m{i}", room="lobby", ack=True)  # noqa: E731
+    for i in range(1, 4):
+        emit(i)
+    page = open_chat(browser, f"http://127.0.0.1:{srv.port}/", "ada", init_script=SOCKET_CONTROL)
+    expect(recovery_lines(page, "fresh")).to_have_text("3 earlier messages in #lobby")
+    # 12 sent while away, the history holds the last 5: m4..m10 are gone.
+    disconnected_while(page, lambda: [emit(i) for i in range(4, 16)])
+    expect(recovery_lines(page, "gap")).to_have_text(
+        ["messages 4..10 in #lobby were lost", "recovered 5 missed messages in #lobby"]
+    )
+    emit(16)
+    expect(last_message(page, "room").locator(".text")).to_have_text("m16")
+    assert room_texts(page) == ["m1", "m2", "m3", "m11", "m12", "m13", "m14", "m15", "m16"]
+    assert room_texts(page, "recovered") == [f"m{i}" for i in range(11, 16)]
+    assert page.errors == []
+    page.context.close()
+    py.close()
 
 
 def docs_example() -> str:

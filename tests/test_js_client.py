@@ -4,9 +4,11 @@ The fixtures are made here, with muxserver/protocol.py (the codec the server
 uses), so the JavaScript encoder and decoder are held to the same bytes as
 the server: client frames must encode to exactly these bytes, server frames
 must decode to these values. Version-2 fields the Python codec does not
-build yet (HELLO resume, WELCOME resume fields, payload-type bits, EVENT_SEQ,
-GAP, the v2 EMIT reply) are composed from its own primitives (encode_frame,
-str8, the structs).
+build (HELLO resume, WELCOME resume fields, payload-type bits, the v2 EMIT
+reply) are composed from its own primitives (encode_frame, str8, the
+structs). ``sequenced_fixtures`` holds section 9: SEQUENCED JOINs as the
+client must send them, the JOIN REPLY of each recovery outcome, EVENT_SEQ
+and GAP, all from the codec the server uses.
 
 Node is required: a missing ``node`` fails this test, it is not skipped.
 """
@@ -69,12 +71,8 @@ def server_fixtures() -> list[dict]:
     event_json = P.encode(P.Event(0 | (2 << 4), "ann", "lobby", "cfg", b'{"x":"\xc3\xa9"}'))
     event_text = P.encode(P.Event(1 | (1 << 4), "bob", "", "say", "hi ✓".encode()))
     event_bin = P.encode(P.Event(2, "cy", "", "blob", b"\x00\x01"))
-    event_seq = encode_frame(
-        0x88,
-        P.U64.pack(2**63 + 5) + bytes((0 | (1 << 4),)) + P.str8("ann") + P.str8("lobby")
-        + P.str8("say") + b"seq",
-    )  # fmt: skip
-    gap = encode_frame(0x89, P.str8("lobby") + P.U64.pack(3) + P.U64.pack(9))
+    event_seq = P.encode(P.EventSeq(2**63 + 5, 0 | (1 << 4), "ann", "lobby", "say", b"seq"))
+    gap = P.encode(P.Gap("lobby", 3, 9))
     who = P.encode(P.Reply(8, P.OK, P.U32.pack(3) + P.U16.pack(2) + P.str8("ann") + P.str8("bob")))
     rooms = P.encode(
         P.Reply(
@@ -131,12 +129,106 @@ def server_fixtures() -> list[dict]:
     ]  # fmt: skip
 
 
+def sequenced_fixtures() -> dict:
+    """Section 9 bytes: JOINs the client sends, and REPLY / EVENT_SEQ / GAP it reads."""
+    seq = P.JOIN_SEQUENCED
+    big = 0x1122334455667788
+    # join(): {room, options} for MuxClient.join on a fresh client (first req is 1);
+    # encode: the same through encode.join with an explicit position.
+    joins = [
+        {
+            "room": "games",
+            "options": {"history": 20},
+            "hex": P.encode(P.Join(1, "games", seq, 0, 0, 20)).hex(),
+        },
+        {
+            "room": "lobby",
+            "options": {"presence": True},
+            "hex": P.encode(P.Join(1, "lobby", seq | P.JOIN_PRESENCE, 0, 0, 0)).hex(),
+        },
+        {
+            "room": "ünï",
+            "options": {"history": 0xFFFF},
+            "hex": P.encode(P.Join(1, "ünï", seq, 0, 0, P.REPLAY_ALL)).hex(),
+        },
+    ]
+    encodes = [
+        # the worked example of docs/recovery.md
+        {
+            "args": [8, "lobby", 1, "u64:" + str(big), "u64:41", P.REPLAY_ALL],
+            "hex": P.encode(P.Join(8, "lobby", seq | P.JOIN_PRESENCE, big, 41, P.REPLAY_ALL)).hex(),
+        },
+        {
+            "args": [0xFFFFFFFF, "x", 0, "u64:" + str(2**64 - 1), "u64:" + str(2**53 + 1), 0],
+            "hex": P.encode(P.Join(0xFFFFFFFF, "x", seq, 2**64 - 1, 2**53 + 1, 0)).hex(),
+        },
+    ]
+    U = "u64:"
+    replies = [
+        {
+            "hex": P.reply_join_seq(5, rec, epoch, first, last).hex(),
+            "expect": {
+                "recovery": rec,
+                "epoch": U + str(epoch),
+                "first": U + str(first),
+                "last": U + str(last),
+            },
+        }
+        for rec, epoch, first, last in [
+            (P.FRESH, 2**64 - 1, 38, 57),
+            (P.COMPLETE, big, 42, 57),
+            (P.GAP_RECOVERY, big, 45, 57),
+            (P.RESET, 7, 1, 0),
+        ]
+    ]
+    frames = [
+        {
+            "hex": P.encode(P.EventSeq(45, 0, "alice", "lobby", "chat", b"hi!")).hex(),
+            "expect": {
+                "type": "EVENT_SEQ",
+                "seq": U + "45",
+                "kind": "room",
+                "ptype": 0,
+                "sender": "alice",
+                "source": "lobby",
+                "event": "chat",
+                "value": "hex:686921",
+            },
+        },
+        {
+            "hex": P.encode(P.EventSeq(1, 2 << 4, "bob", "ünï", "cfg", b'{"a":1}')).hex(),
+            "expect": {
+                "type": "EVENT_SEQ",
+                "seq": U + "1",
+                "kind": "room",
+                "ptype": 2,
+                "sender": "bob",
+                "source": "ünï",
+                "event": "cfg",
+                "value": {"a": 1},
+            },
+        },
+        {
+            "hex": P.gap_frame("ünï".encode(), 40, 57).hex(),
+            "expect": {"type": "GAP", "room": "ünï", "first": U + "40", "last": U + "57"},
+        },
+    ]
+    return {"joins": joins, "encodes": encodes, "replies": replies, "frames": frames}
+
+
 def test_muxclient_js(tmp_path: Path) -> None:
     node = shutil.which("node")
     assert node, "node is required for the JavaScript client tests (Node 20+)"
     fixtures = tmp_path / "fixtures.json"
     fixtures.write_text(
-        json.dumps({"client": client_fixtures(), "server": server_fixtures()}), "utf-8"
+        json.dumps(
+            {
+                "client": client_fixtures(),
+                "server": server_fixtures(),
+                "sequenced": sequenced_fixtures(),
+            }
+        ),
+        "utf-8",
     )
     files = sorted(str(p) for p in JS_TESTS.glob("*.test.mjs"))
     assert files, "no JavaScript tests found"

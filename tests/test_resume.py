@@ -352,3 +352,36 @@ def test_bad_history_options_exit_2():
         proc = subprocess.run([sys.executable, "-m", "muxserver", *args],
                               capture_output=True, text=True, timeout=20)  # fmt: skip
         assert proc.returncode == 2 and args[0] in proc.stderr, (args, proc.stderr)
+
+
+def test_real_server_resume_after_idle_timeout_over_websocket(server_factory):
+    # A parked WebSocket session: the loop may still call the connection's
+    # first (sniffing) transport, which must reach the shell that now holds
+    # it, not the parked session (once a crash of the whole server).
+    from conftest import WsRawClient
+
+    from muxserver.client import Client, Event, Presence
+
+    srv = server_factory("--ping-interval", "0.5", "--ping-timeout", "0.5")
+    w = Client.connect(*srv.address, nick="w", heartbeat=True)  # stays alive meanwhile
+    w.join("r", presence=True)
+    a = WsRawClient(srv.address)
+    a.send(P.Hello(2, "/", "a", "", ""))
+    token = a.recv_type(P.Welcome).resume_token
+    epoch = P.parse_join_reply(a.request(P.Join(1, "r", SEQ, 0, 0, 0)).body)[1]
+    assert w.recv(timeout=5) == Presence("join", "r", "a", None)
+    a.expect_error(P.IDLE_TIMEOUT, timeout=5)  # silent: never answers the PING
+    assert a.close_code == 4000 + P.IDLE_TIMEOUT
+    for i in range(2):
+        w.emit("m", b"%d" % i, room="r", ack=True)
+    b = WsRawClient(srv.address)
+    b.send(P.Hello(2, "/", "", "", token))
+    assert (b.recv_type(P.Welcome).resumed, srv.proc.poll()) == (1, None)
+    reply = b.request(P.Join(2, "r", SEQ, epoch, 0, P.REPLAY_ALL))
+    assert P.parse_join_reply(reply.body) == (P.COMPLETE, epoch, 1, 2)
+    assert [b.recv_type(P.EventSeq).payload for _ in range(2)] == [b"0", b"1"]
+    w.emit("m", b"live", room="r", ack=True)
+    assert b.recv_type(P.EventSeq).seq == 3
+    item = w.recv(timeout=0.3)
+    assert item is None or isinstance(item, Event), item  # the session never left: no PRESENCE
+    w.close()

@@ -254,6 +254,7 @@ def test_own_origin_with_default_port() -> None:
     [
         ("/", "index.html", b"text/html"),
         ("/muxclient.js", "muxclient.js", b"text/javascript"),
+        ("/muxcodec.js", "muxcodec.js", b"text/javascript"),
         ("/chat.js", "chat.js", b"text/javascript"),
         ("/chat.css", "chat.css", b"text/css"),
     ],

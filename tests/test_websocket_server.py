@@ -147,6 +147,7 @@ def test_static_files(server):
         ("/", "text/html"),
         ("/index.html", "text/html"),
         ("/muxclient.js", "text/javascript"),
+        ("/muxcodec.js", "text/javascript"),
         ("/chat.js", "text/javascript"),
         ("/chat.css", "text/css"),
     ]:

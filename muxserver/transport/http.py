@@ -64,6 +64,7 @@ STATIC = {
     "/chat.css": _Static("chat.css", b"text/css; charset=utf-8"),
     "/chat.js": _Static("chat.js", b"text/javascript; charset=utf-8"),
     "/muxclient.js": _Static("muxclient.js", b"text/javascript; charset=utf-8"),
+    "/muxcodec.js": _Static("muxcodec.js", b"text/javascript; charset=utf-8"),
 }
 
 # The page loads only its own files and talks only to its own /ws, so even a

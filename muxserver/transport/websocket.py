@@ -327,6 +327,11 @@ def _close_for(out: list) -> tuple[int, str]:
     return CLOSE_NORMAL, "BYE"
 
 
+def _forward(ws: WebSocketTransport, mask: int) -> None:
+    """A replaced StreamTransport's callback: the event goes to ws's current owner."""
+    ws.callback(ws.owner, mask)
+
+
 class WebSocketTransport(StreamTransport):
     """A connection sniffed as HTTP: HTTP phase, then our frames in binary messages.
 
@@ -380,8 +385,11 @@ class WebSocketTransport(StreamTransport):
         ws.out = stream.out  # the session holds this very list
         ws.bytes_in, ws.bytes_out = stream.bytes_in, stream.bytes_out
         ws.handshaking = stream.handshaking
-        # The loop still calls ``stream`` until ws changes its interest; it
-        # forwards to the session, whose transport is ws by then.
+        # The loop still calls ``stream`` until ws changes its interest, so
+        # ``stream`` forwards to whoever holds ws *now*: a parked session
+        # hands its connection to a shell (handover.py rebinds ws only), and
+        # the old owner has no transport any more.
+        stream.callback, stream.owner = _forward, ws
         return ws
 
     # ------------------------------------------------------------ input

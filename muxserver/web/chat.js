@@ -8,8 +8,11 @@
 //   room-input, join-room-button, refresh-rooms
 //   room-title, leave-button
 //   status-banner          hidden when online; data-state="connecting|reconnecting|error"
-//   message-list           <li data-testid="message" data-kind="room|direct|broadcast|note|error">
-//                          with <time>, .sender and .text
+//   message-list           <li data-testid="message" data-kind="room|direct|broadcast|note|error|recovery">
+//                          with <time>, .sender and .text; a replayed room message
+//                          also has data-replayed="earlier" (history shown on
+//                          joining) or "recovered" (missed while disconnected);
+//                          a recovery line has data-outcome="fresh|complete|gap|reset"
 //   message-input, send-button
 //   member-list            <li data-testid="member" data-nick=NICK> (click: whisper)
 //   member-count
@@ -18,6 +21,12 @@
 // /nick NEW, /join ROOM, /leave, /help. Plain lines go to the current room.
 // Chat lines travel as event "msg" with a text payload, like the terminal
 // muxchat; a v1 client's binary payload is shown as UTF-8.
+//
+// Rooms are joined sequenced (protocol.md section 9), with the latest EARLIER
+// messages replayed and marked as earlier ones. After a reconnect the client
+// resumes from each room's position, and the page says what came back
+// ("recovered 12 missed messages in #games") or what is gone ("messages
+// 40..57 in #games were lost"); muxclient.js drops anything seen twice.
 //
 // All text from the network is put in the page with textContent (see el()):
 // never innerHTML, so "<img onerror=...>" shows literally. The pure parts
@@ -28,6 +37,7 @@ import { MuxClient, checkName } from "./muxclient.js";
 
 export const EVENT = "msg";
 const ROOM_REFRESH_MS = 15000;
+export const EARLIER = 20; // history replayed on joining a room
 
 // ------------------------------------------------------------ pure helpers
 /** One line typed into the composer -> what to do. */
@@ -92,6 +102,26 @@ export function presenceText(p) {
   return `${p.nick}: ${p.kind}`;
 }
 
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+/** The lines a 'recovery' of muxclient.js puts in the room's log (none when nothing happened). */
+export function recoveryLines(r) {
+  const where = `#${r.room}`;
+  const lines = [];
+  if (r.outcome === "reset") {
+    lines.push(`the history of ${where} restarted: messages sent while you were away cannot be recovered`);
+  }
+  if (r.outcome === "gap" && r.missing) {
+    const [a, b] = r.missing;
+    lines.push(a === b ? `message ${a} in ${where} was lost` : `messages ${a}..${b} in ${where} were lost`);
+  }
+  // A GAP frame comes in the middle of a replay already announced.
+  const announce = r.outcome !== "fresh" && (r.outcome !== "gap" || r.rejoin);
+  if (r.outcome === "fresh" && r.replayed) lines.push(`${plural(r.replayed, "earlier message")} in ${where}`);
+  if (announce && r.replayed) lines.push(`recovered ${plural(r.replayed, "missed message")} in ${where}`);
+  return lines;
+}
+
 const FRIENDLY = {
   NICK_TAKEN: "That nickname is already taken. Pick another one.",
   INVALID_NAME: "That name is not allowed",
@@ -104,6 +134,8 @@ const FRIENDLY = {
   DISCONNECTED: "Not connected. Reconnecting...",
   TIMEOUT: "The server did not answer in time.",
   SHUTTING_DOWN: "The server is restarting.",
+  IDLE_TIMEOUT: "The connection went silent. Reconnecting...",
+  SLOW_CONSUMER: "The connection fell behind. Reconnecting...",
   UNAVAILABLE: "The server is temporarily unavailable.",
 };
 
@@ -134,7 +166,9 @@ export class ChatState {
   room(name) {
     let r = this.joined.get(name);
     if (!r) {
-      r = { messages: [], members: [], unread: 0 };
+      // replay: how replayed messages are marked ("earlier" on joining,
+      // "recovered" after a reconnect), from the room's latest recovery.
+      r = { messages: [], members: [], unread: 0, replay: "earlier" };
       this.joined.set(name, r);
     }
     return r;
@@ -183,11 +217,14 @@ export function el(doc, tag, { className, text, attrs } = {}, ...children) {
   return node;
 }
 
-/** One message line: {kind, time, sender, text, mine}. */
+/** One message line: {kind, time, sender, text, mine, replayed, outcome}. */
 export function renderMessage(doc, m) {
   const classes = ["msg", m.kind];
   if (m.mine) classes.push("mine");
-  const li = el(doc, "li", { className: classes.join(" "), attrs: { "data-testid": "message", "data-kind": m.kind } });
+  const attrs = { "data-testid": "message", "data-kind": m.kind };
+  if (m.replayed) { classes.push(m.replayed); attrs["data-replayed"] = m.replayed; }
+  if (m.outcome) attrs["data-outcome"] = m.outcome;
+  const li = el(doc, "li", { className: classes.join(" "), attrs });
   li.appendChild(el(doc, "time", { text: formatTime(m.time), attrs: { datetime: m.time.toISOString() } }));
   if (m.sender !== undefined) {
     let label = m.sender;
@@ -237,8 +274,8 @@ export function boot(doc, win) {
     b.dataset.state = text ? kind : "online";
   };
 
-  function note(text, kind = "note", room = null) {
-    const target = state.addMessage(room, { kind, time: new Date(), text });
+  function note(text, kind = "note", room = null, extra = {}) {
+    const target = state.addMessage(room, { kind, time: new Date(), text, ...extra });
     if (target === state.current) appendMessage(state.messagesOf(target).at(-1));
     renderRooms();
   }
@@ -300,7 +337,7 @@ export function boot(doc, win) {
     const why = checkName(room, "room");
     if (why) { note(`Cannot join: ${why}.`, "error"); return; }
     try {
-      await client.join(room, { presence: true });
+      await client.join(room, { presence: true, history: EARLIER });
       state.room(room);
       switchTo(room);
       note(`You joined ${room}.`, "note", room);
@@ -375,7 +412,14 @@ export function boot(doc, win) {
   function wire(c) {
     c.on(EVENT, (data, meta) => {
       const m = { kind: meta.kind, time: new Date(), sender: meta.sender, text: messageText(data) };
+      if (meta.replayed) m.replayed = state.room(meta.room).replay;
       show(meta.kind === "room" ? meta.room : null, m);
+    });
+    // Comes as the JOIN's REPLY is read, before the replayed messages.
+    c.on("recovery", (r) => {
+      const room = state.room(r.room);
+      if (r.outcome !== "gap" || r.rejoin) room.replay = r.outcome === "fresh" ? "earlier" : "recovered";
+      for (const line of recoveryLines(r)) note(line, "recovery", r.room, { outcome: r.outcome });
     });
     c.on("presence", (p) => {
       state.presence(p);

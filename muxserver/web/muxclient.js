@@ -1,316 +1,52 @@
 // muxclient.js: the browser client of muxserver, protocol version 2 over WebSocket.
 //
 // An ES module with no build step and no dependencies (served by the server at
-// /muxclient.js). Every WebSocket binary message carries one or more whole
-// frames (protocol.md sections 1 and 11), so decoding is per message: a message
-// that ends inside a frame is the server's bug and ends the connection.
+// /muxclient.js, with its byte layer /muxcodec.js, re-exported here). Every
+// WebSocket binary message carries one or more whole frames (protocol.md
+// sections 1 and 11), so decoding is per message: a message that ends inside a
+// frame is the server's bug and ends the connection.
 //
 //   import { MuxClient } from "/muxclient.js";
 //   const c = await MuxClient.connect("ws://host:port/ws", { nick: "ann", reconnect: true });
-//   c.on("say", (data, meta) => console.log(meta.sender, data));
-//   await c.join("lobby", { presence: true });
+//   c.on("say", (data, meta) => console.log(meta.sender, data, meta.seq, meta.replayed));
+//   c.on("recovery", (r) => console.log(r.room, r.outcome, r.missing));
+//   await c.join("lobby", { presence: true, history: 20 });  // -> the recovery object
 //   await c.emit("say", { text: "hi" }, { room: "lobby" }, { ack: true });  // -> recipients
 //
 // Decisions worth knowing about:
 // * The payload type travels with the message (EMIT flag bits 1-2, EVENT
 //   source_kind bits 4-5): a string is text, a plain object/array (or number,
-//   boolean, null) is JSON, an ArrayBuffer or typed array is binary. Handlers
-//   get the value decoded by that type, so a Python sender's dict arrives as an
-//   object here.
+//   boolean, null) is JSON, an ArrayBuffer or typed array is binary.
 // * Failures are Promise rejections with a MuxError whose .status (and .name)
 //   is the protocol status name ("NOT_MEMBER"), or "DISCONNECTED" / "TIMEOUT"
 //   for what the client itself detects.
-// * Reconnect keeps the nick and re-joins every room with its presence flag;
-//   the backoff is 0.5 s doubling to 30 s with +-20 % jitter. u64 fields
-//   (nonces, seq, epoch) are BigInt.
-// * Sequenced rooms (EVENT_SEQ, GAP, resume) are parsed now; each room's
-//   position lives in `client.joined.get(name)` as {epoch, lastSeq} so a later
-//   SEQUENCED re-join can resume from it.
+// * Rooms are joined SEQUENCED by default (section 9): each keeps a position
+//   (epoch, last seq handled) in `client.joined`, set from the JOIN REPLY and
+//   advanced only once every handler of an event has returned (a throwing
+//   handler leaves it, so that event comes again if the connection drops
+//   before a later one is handled). Events at or below the position are
+//   duplicates and are dropped. The REPLY's state is taken as it is
+//   dispatched, before the replayed frames behind it in the same message.
+// * Reconnect resumes the session with the WELCOME's token (section 10) and
+//   re-joins every room: plain rooms with their presence flag, sequenced ones
+//   from their position with no replay cap, so nothing in the history is lost
+//   and what is gone is reported ('recovery' with outcome "gap"). The backoff
+//   is 0.5 s doubling to 30 s with +-20 % jitter.
+// * u64 fields: epochs stay BigInt (random 64-bit numbers); the seqs handed to
+//   handlers (meta.seq, recovery first/last/missing) are Numbers, as seqs
+//   count messages and stay far below 2**53; positions compare as BigInt.
 
-export const VERSION = 2;
+import {
+  DEFAULT_MAX_FRAME, JOIN_PRESENCE, MuxError, RECOVERY, REPLAY_ALL, SERVER_SLACK, STATUS_NAMES,
+  decodePayload, decodeServerFrame, encode, encodePayload, parseReply, requireName, splitFrames,
+  statusName,
+} from "./muxcodec.js";
 
-export const T = Object.freeze({
-  HELLO: 0x01, JOIN: 0x02, LEAVE: 0x03, NICK: 0x04, EMIT: 0x05, PING: 0x06, PONG: 0x07,
-  WHO: 0x08, ROOMS: 0x09, BYE: 0x0a,
-  WELCOME: 0x81, REPLY: 0x82, EVENT: 0x83, PRESENCE: 0x84, ERROR: 0x85,
-  SERVER_PING: 0x86, SERVER_PONG: 0x87, EVENT_SEQ: 0x88, GAP: 0x89,
-});
+export * from "./muxcodec.js";
 
-export const STATUS_NAMES = [
-  "OK", "BAD_FRAME", "UNKNOWN_TYPE", "NOT_HELLO", "AUTH_FAILED", "UNSUPPORTED_VERSION",
-  "TOO_LARGE", "NICK_TAKEN", "INVALID_NAME", "NOT_MEMBER", "NO_SUCH_TARGET", "LIMIT",
-  "RATE_LIMITED", "SLOW_CONSUMER", "IDLE_TIMEOUT", "SHUTTING_DOWN", "REPLACED", "UNAVAILABLE",
-];
-
-export const KINDS = ["room", "direct", "broadcast"];
-export const PAYLOAD = Object.freeze({ BINARY: 0, TEXT: 1, JSON: 2 });
-const PRESENCE_KINDS = { 1: "join", 2: "leave", 3: "nick" };
-const RESERVED = new Set(["presence", "connect", "disconnect", "reconnect", "error", "gap"]);
+const RESERVED = new Set(["presence", "connect", "disconnect", "reconnect", "error", "recovery"]);
 // Fatal errors after which trying again cannot help.
 const NO_RETRY = new Set(["AUTH_FAILED", "UNSUPPORTED_VERSION", "INVALID_NAME", "REPLACED", "NOT_HELLO"]);
-const DEFAULT_MAX_FRAME = 1024 * 1024;
-const SERVER_SLACK = 512;
-
-const encoder = new TextEncoder();
-const decoder = new TextDecoder("utf-8", { fatal: true });
-
-export class MuxError extends Error {
-  constructor(status, message) {
-    super(message ? `${status}: ${message}` : status);
-    this.status = status;
-    this.name = status;
-    this.detail = message || "";
-  }
-}
-
-export function statusName(code) {
-  return STATUS_NAMES[code] ?? `STATUS_${code}`;
-}
-
-// ------------------------------------------------------------------ names
-function badChar(cp, nick) {
-  return cp < 0x20 || (cp >= 0x7f && cp <= 0x9f) || (nick && /\s/u.test(String.fromCodePoint(cp)));
-}
-
-/** null if `name` is a valid room/event/namespace/nick, else why not (protocol.md section 1). */
-export function checkName(name, kind = "room") {
-  if (typeof name !== "string") return `${kind} must be a string`;
-  const n = encoder.encode(name).length;
-  const max = kind === "nick" ? 32 : 255;
-  if (n < 1 || n > max) return `${kind} must be 1..${max} bytes of UTF-8`;
-  if (kind === "namespace" && !name.startsWith("/")) return "namespace must start with '/'";
-  for (const ch of name) {
-    const cp = ch.codePointAt(0);
-    if (cp >= 0xd800 && cp <= 0xdfff) return `${kind} is not valid UTF-8`;
-    if (badChar(cp, kind === "nick")) {
-      return kind === "nick" ? "nick must not contain control characters or whitespace"
-        : `${kind} must not contain control characters`;
-    }
-  }
-  return null;
-}
-
-function requireName(name, kind) {
-  const why = checkName(name, kind);
-  if (why) throw new MuxError("INVALID_NAME", why);
-}
-
-// ------------------------------------------------------------------ codec
-/** Builds one frame: fields appended in order, `frame(type)` adds the length prefix. */
-export class Writer {
-  constructor() { this.parts = []; this.size = 0; }
-  bytes(b) { this.parts.push(b); this.size += b.length; return this; }
-  u8(v) { return this.bytes(Uint8Array.of(v & 0xff)); }
-  u16(v) { const b = new Uint8Array(2); new DataView(b.buffer).setUint16(0, v); return this.bytes(b); }
-  u32(v) { const b = new Uint8Array(4); new DataView(b.buffer).setUint32(0, v >>> 0); return this.bytes(b); }
-  u64(v) { const b = new Uint8Array(8); new DataView(b.buffer).setBigUint64(0, BigInt(v)); return this.bytes(b); }
-  str8(s) {
-    const raw = typeof s === "string" ? encoder.encode(s) : s;
-    if (raw.length > 255) throw new MuxError("INVALID_NAME", "string over 255 bytes");
-    return this.u8(raw.length).bytes(raw);
-  }
-  frame(type) {
-    const out = new Uint8Array(5 + this.size);
-    const dv = new DataView(out.buffer);
-    dv.setUint32(0, this.size + 1);
-    out[4] = type;
-    let pos = 5;
-    for (const p of this.parts) { out.set(p, pos); pos += p.length; }
-    return out;
-  }
-}
-
-/** Cursor over one frame body; running short is BAD_FRAME. */
-export class Reader {
-  constructor(body, kind) {
-    this.body = body;
-    this.dv = new DataView(body.buffer, body.byteOffset, body.byteLength);
-    this.pos = 0;
-    this.kind = kind;
-  }
-  need(n) {
-    const p = this.pos;
-    if (p + n > this.body.length) throw new MuxError("BAD_FRAME", `${this.kind} body too short`);
-    this.pos = p + n;
-    return p;
-  }
-  u8() { return this.body[this.need(1)]; }
-  u16() { return this.dv.getUint16(this.need(2)); }
-  u32() { return this.dv.getUint32(this.need(4)); }
-  u64() { return this.dv.getBigUint64(this.need(8)); }
-  raw8() { const n = this.u8(); const p = this.need(n); return this.body.subarray(p, p + n); }
-  str8() { return utf8(this.raw8(), this.kind); }
-  rest() { const p = this.pos; this.pos = this.body.length; return this.body.subarray(p); }
-  end() { if (this.pos !== this.body.length) throw new MuxError("BAD_FRAME", `${this.kind}: trailing bytes`); }
-}
-
-function utf8(bytes, kind) {
-  try {
-    return decoder.decode(bytes);
-  } catch {
-    throw new MuxError("BAD_FRAME", `${kind}: string is not valid UTF-8`);
-  }
-}
-
-/** Split one WebSocket message into whole frames [{type, body}]; a partial frame is BAD_FRAME. */
-export function splitFrames(data, maxFrame = DEFAULT_MAX_FRAME + SERVER_SLACK) {
-  const buf = data instanceof Uint8Array ? data : new Uint8Array(data);
-  const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  const frames = [];
-  let pos = 0;
-  while (pos < buf.length) {
-    if (buf.length - pos < 4) throw new MuxError("BAD_FRAME", "message ends inside a length prefix");
-    const len = dv.getUint32(pos);
-    if (len === 0) throw new MuxError("BAD_FRAME", "frame length 0");
-    if (len > maxFrame) throw new MuxError("TOO_LARGE", `frame of ${len} bytes over ${maxFrame}`);
-    if (pos + 4 + len > buf.length) throw new MuxError("BAD_FRAME", "message ends inside a frame");
-    frames.push({ type: buf[pos + 4], body: buf.subarray(pos + 5, pos + 4 + len) });
-    pos += 4 + len;
-  }
-  return frames;
-}
-
-export const encode = {
-  hello: ({ namespace = "/", nick = "", token = "", resume = "" } = {}) =>
-    new Writer().u8(VERSION).str8(namespace).str8(nick).str8(token).str8(resume).frame(T.HELLO),
-  join: (req, room, flags = 0, seq = null) => {
-    const w = new Writer().u32(req).u8(flags).str8(room);
-    if (seq) w.u64(seq.epoch).u64(seq.after).u16(seq.replayMax);
-    return w.frame(T.JOIN);
-  },
-  leave: (req, room) => new Writer().u32(req).str8(room).frame(T.LEAVE),
-  nick: (req, nick) => new Writer().u32(req).str8(nick).frame(T.NICK),
-  emit: (req, flags, kind, target, event, payload) =>
-    new Writer().u32(req).u8(flags).u8(kind).str8(target).str8(event).bytes(payload).frame(T.EMIT),
-  ping: (nonce) => new Writer().u64(nonce).frame(T.PING),
-  pong: (nonce) => new Writer().u64(nonce).frame(T.PONG),
-  who: (req, room) => new Writer().u32(req).str8(room).frame(T.WHO),
-  rooms: (req, scope) => new Writer().u32(req).u8(scope).frame(T.ROOMS),
-  bye: () => new Writer().frame(T.BYE),
-};
-
-function eventBody(r, seq) {
-  const sk = r.u8();
-  return {
-    seq,
-    kind: KINDS[sk & 3] ?? `kind${sk & 3}`,
-    ptype: (sk >> 4) & 3,
-    sender: r.str8(),
-    source: r.str8(),
-    event: r.str8(),
-    payload: r.rest(),
-  };
-}
-
-/** One server frame -> a plain object {type: "WELCOME", ...}. Throws MuxError(BAD_FRAME / UNKNOWN_TYPE). */
-export function decodeServerFrame(type, body) {
-  switch (type) {
-    case T.WELCOME: {
-      const r = new Reader(body, "WELCOME");
-      const w = {
-        type: "WELCOME", version: r.u8(), connId: r.u32(), nick: r.str8(), maxFrame: r.u32(),
-        pingIntervalMs: r.u32(), serverName: r.str8(),
-        resumeToken: "", resumeWindowMs: 0, resumed: false,
-      };
-      if (w.version >= 2) {
-        w.resumeToken = r.raw8().slice();
-        w.resumeWindowMs = r.u32();
-        w.resumed = r.u8() === 1;
-      }
-      r.end();
-      return w;
-    }
-    case T.REPLY: {
-      const r = new Reader(body, "REPLY");
-      return { type: "REPLY", req: r.u32(), status: r.u16(), body: r.rest() };
-    }
-    case T.EVENT:
-      return { type: "EVENT", ...eventBody(new Reader(body, "EVENT"), null) };
-    case T.EVENT_SEQ: {
-      const r = new Reader(body, "EVENT_SEQ");
-      const seq = r.u64();
-      return { type: "EVENT_SEQ", ...eventBody(r, seq) };
-    }
-    case T.PRESENCE: {
-      const r = new Reader(body, "PRESENCE");
-      const p = { type: "PRESENCE", kind: PRESENCE_KINDS[r.u8()] ?? "unknown", room: r.str8(), nick: r.str8(), newNick: r.str8() };
-      r.end();
-      return p;
-    }
-    case T.ERROR: {
-      const r = new Reader(body, "ERROR");
-      const code = r.u16();
-      return { type: "ERROR", code, status: statusName(code), message: new TextDecoder().decode(r.rest()) };
-    }
-    case T.SERVER_PING:
-    case T.SERVER_PONG: {
-      if (body.length !== 8) throw new MuxError("BAD_FRAME", "PING/PONG body must be 8 bytes");
-      const r = new Reader(body, "PING");
-      return { type: type === T.SERVER_PING ? "PING" : "PONG", nonce: r.u64() };
-    }
-    case T.GAP: {
-      const r = new Reader(body, "GAP");
-      const g = { type: "GAP", room: r.str8(), first: r.u64(), last: r.u64() };
-      r.end();
-      return g;
-    }
-    default:
-      throw new MuxError("UNKNOWN_TYPE", `unknown frame type 0x${type.toString(16)}`);
-  }
-}
-
-// REPLY bodies after req and status, by the request they answer.
-export const parseReply = {
-  empty: () => undefined,
-  emit: (body) => { const r = new Reader(body, "EMIT reply"); const n = r.u32(); if (body.length >= 12) r.u64(); r.end(); return n; },
-  who: (body) => {
-    const r = new Reader(body, "WHO reply");
-    const total = r.u32();
-    const nicks = Array.from({ length: r.u16() }, () => r.str8());
-    r.end();
-    return { total, nicks };
-  },
-  rooms: (body) => {
-    const r = new Reader(body, "ROOMS reply");
-    const total = r.u32();
-    const rooms = Array.from({ length: r.u16() }, () => ({ name: r.str8(), members: r.u32() }));
-    r.end();
-    return { total, rooms };
-  },
-  sequencedJoin: (body) => {
-    const r = new Reader(body, "JOIN reply");
-    const out = { recovery: r.u8(), epoch: r.u64(), first: r.u64(), last: r.u64() };
-    r.end();
-    return out;
-  },
-};
-
-// --------------------------------------------------------------- payloads
-function isPlainJson(v) {
-  if (v === null || typeof v === "number" || typeof v === "boolean" || Array.isArray(v)) return true;
-  if (typeof v !== "object") return false;
-  const proto = Object.getPrototypeOf(v);
-  return proto === Object.prototype || proto === null;
-}
-
-/** A value -> {ptype, bytes}: string text, ArrayBuffer/typed array binary, plain object/array JSON. */
-export function encodePayload(value) {
-  if (value === undefined) return { ptype: PAYLOAD.BINARY, bytes: new Uint8Array(0) };
-  if (typeof value === "string") return { ptype: PAYLOAD.TEXT, bytes: encoder.encode(value) };
-  if (value instanceof ArrayBuffer) return { ptype: PAYLOAD.BINARY, bytes: new Uint8Array(value) };
-  if (ArrayBuffer.isView(value)) {
-    return { ptype: PAYLOAD.BINARY, bytes: new Uint8Array(value.buffer, value.byteOffset, value.byteLength) };
-  }
-  if (isPlainJson(value)) return { ptype: PAYLOAD.JSON, bytes: encoder.encode(JSON.stringify(value)) };
-  throw new TypeError("payload must be a string, ArrayBuffer/typed array, or a plain object/array");
-}
-
-/** {ptype, bytes} -> the value: Uint8Array (a copy), string, or the parsed JSON. */
-export function decodePayload(ptype, bytes) {
-  if (ptype === PAYLOAD.TEXT) return new TextDecoder().decode(bytes);
-  if (ptype === PAYLOAD.JSON) return JSON.parse(new TextDecoder().decode(bytes));
-  return bytes.slice();
-}
 
 // ------------------------------------------------------------------ client
 export function backoffDelay(attempt, random = Math.random, initial = 500, max = 30000) {
@@ -331,6 +67,7 @@ export class MuxClient {
     this.token = options.token ?? "";
     this.reconnect = options.reconnect ?? true;
     this.requestTimeout = options.requestTimeout ?? 15000;
+    this.sequenced = options.sequenced ?? true; // join()'s default
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this._random = options.random ?? Math.random;
     this._backoff = { initial: 500, max: 30000, ...(options.backoff ?? {}) };
@@ -342,9 +79,11 @@ export class MuxClient {
     this.nick = options.nick ?? "";
     if (this.nick) requireName(this.nick, "nick");
     requireName(this.namespace, "namespace");
-    // room -> {presence, sequenced, epoch, lastSeq}: what a reconnect re-joins,
-    // and each sequenced room's position for a later resume.
+    // room -> {presence, sequenced, epoch, lastSeq, replayLast}: what a
+    // reconnect re-joins, and each sequenced room's position (epoch, lastSeq:
+    // BigInt) and the REPLY's last (what is "replayed").
     this.joined = new Map();
+    this.duplicatesDropped = 0;
     this.welcome = null;
     this.connected = false;
     this.maxFrame = DEFAULT_MAX_FRAME;
@@ -380,21 +119,72 @@ export class MuxClient {
     return this.on(event, wrapper);
   }
 
+  /** Call every handler of `event`; false if one threw (the others still ran). */
   _fire(event, ...args) {
+    let ok = true;
     for (const handler of [...(this._handlers.get(event) ?? [])]) {
       try {
         handler(...args);
       } catch (err) {
         // One broken handler must not stop the others or the connection.
+        ok = false;
         if (event !== "error") this._fire("error", err); else console.error(err);
       }
     }
+    return ok;
   }
 
   // ------------------------------------------------------------ requests
-  join(room, { presence = false } = {}) {
-    return this._request((req) => encode.join(req, room, presence ? 1 : 0), parseReply.empty, [[room, "room"]])
-      .then(() => { this.joined.set(room, { presence, sequenced: false, epoch: 0n, lastSeq: 0n }); });
+  /**
+   * Join `room`. Sequenced (the default): resolves with the recovery object
+   * (outcome "fresh") once the REPLY is in, and `history: N` replays the
+   * room's latest N messages first (meta.replayed true). `sequenced: false`:
+   * plain EVENTs, resolves with undefined.
+   */
+  join(room, { presence = false, sequenced = this.sequenced, history = 0 } = {}) {
+    if (!sequenced) return this._plainJoin(room, presence);
+    if (!Number.isInteger(history) || history < 0 || history > REPLAY_ALL) {
+      return Promise.reject(new RangeError(`history must be an integer 0..${REPLAY_ALL}, got ${history}`));
+    }
+    return this._sequencedJoin(room, presence, { epoch: 0n, after: 0n, replayMax: history }, false);
+  }
+
+  /** A sequenced room's position {epoch (BigInt), last (Number)}, or null. */
+  position(room) {
+    const info = this.joined.get(room);
+    return info?.sequenced ? { epoch: info.epoch, last: Number(info.lastSeq) } : null;
+  }
+
+  _plainJoin(room, presence) {
+    const parse = (body) => {
+      parseReply.empty(body);
+      this.joined.set(room, { presence, sequenced: false, epoch: 0n, lastSeq: 0n, replayLast: 0n });
+    };
+    return this._request((req) => encode.join(req, room, presence ? JOIN_PRESENCE : 0), parse, [[room, "room"]]);
+  }
+
+  // The parse callback runs as the REPLY is dispatched: the position must be
+  // in place before the replayed EVENT_SEQ frames that follow it, often in
+  // the same WebSocket message (a .then() would run after all of them).
+  _sequencedJoin(room, presence, seq, rejoin) {
+    const parse = (body) => {
+      const { recovery, epoch, first, last } = parseReply.sequencedJoin(body);
+      const outcome = RECOVERY[recovery];
+      if (!outcome) throw new MuxError("BAD_FRAME", `JOIN reply: unknown recovery ${recovery}`);
+      // Replayed: first..last; live: last+1 on. min() so that a reply with
+      // first > last + 1 cannot make live messages look like duplicates.
+      const start = first - 1n < last ? first - 1n : last;
+      this.joined.set(room, { presence, sequenced: true, epoch, lastSeq: start, replayLast: last });
+      const r = {
+        room, outcome, epoch, first: Number(first), last: Number(last),
+        missing: outcome === "gap" ? [Number(seq.after + 1n), Number(first - 1n)] : null,
+        replayed: first <= last ? Number(last - first + 1n) : 0, rejoin,
+      };
+      this._fire("recovery", r);
+      return r;
+    };
+    const build = (req) => encode.join(req, room, presence ? JOIN_PRESENCE : 0, seq);
+    return this._request(build, parse, [[room, "room"]]);
   }
 
   leave(room) {
@@ -429,7 +219,10 @@ export class MuxClient {
     const checks = [[event, "event"]];
     if (kind !== 2) checks.push([name, kind === 0 ? "room" : "nick"]);
     const build = (req) => encode.emit(req, flags, kind, name, event, payload.bytes);
-    if (ack) return this._request(build, parseReply.emit, checks);
+    if (ack) {
+      if (kind !== 0 || echo) return this._request(build, parseReply.emit, checks);
+      return this._request(build, (body) => this._ownSeq(name, parseReply.emitSeq(body)), checks);
+    }
     try {
       this._check(checks);
       this._send(build(0));
@@ -437,6 +230,16 @@ export class MuxClient {
       return Promise.reject(err);
     }
     return Promise.resolve();
+  }
+
+  // Our own message (not echoed) is in the room's history: when nothing lies
+  // between it and our position, the position moves past it, so a resume
+  // does not replay it to us. Anything between (we are still catching up)
+  // leaves the position alone: it will be replayed, never skipped.
+  _ownSeq(room, { recipients, seq }) {
+    const info = this.joined.get(room);
+    if (info?.sequenced && seq > 0n && seq === info.lastSeq + 1n) info.lastSeq = seq;
+    return recipients;
   }
 
   _check(checks) {
@@ -500,6 +303,8 @@ export class MuxClient {
       try {
         ws = new this._WebSocket(this.url, ["muxserver"]);
       } catch (err) {
+        // No socket, so no onclose to schedule the next try.
+        if (isReconnect && !this._closing) this._scheduleReconnect();
         reject(err);
         return;
       }
@@ -593,10 +398,16 @@ export class MuxClient {
       return;
     }
     // Every room back, with its presence flag (a JOIN of a room a resumed
-    // session is still in is OK and changes nothing).
-    const joins = [...this.joined].map(([room, info]) =>
-      this._request((req) => encode.join(req, room, info.presence ? 1 : 0), parseReply.empty, [[room, "room"]])
-        .then(() => null, (err) => ({ room, err })));
+    // session is still in is OK and changes nothing); sequenced rooms from
+    // their position, uncapped (a restarted history answers RESET).
+    const joins = [...this.joined].map(([room, info]) => {
+      const p = info.sequenced
+        ? this._sequencedJoin(room, info.presence, {
+          epoch: info.epoch, after: info.epoch === 0n ? 0n : info.lastSeq, replayMax: REPLAY_ALL,
+        }, true)
+        : this._plainJoin(room, info.presence);
+      return p.then(() => null, (err) => ({ room, err }));
+    });
     Promise.all(joins).then((results) => {
       for (const r of results) {
         if (r) { this.joined.delete(r.room); this._fire("error", r.err); }
@@ -654,23 +465,9 @@ export class MuxClient {
         return;
       }
       case "EVENT":
-      case "EVENT_SEQ": {
-        if (msg.seq !== null && msg.kind === "room") {
-          const info = this.joined.get(msg.source);
-          if (info) info.lastSeq = msg.seq;
-        }
-        let data;
-        try {
-          data = decodePayload(msg.ptype, msg.payload);
-        } catch {
-          this._fire("error", new MuxError("BAD_PAYLOAD", `event "${msg.event}" from ${msg.sender}: invalid JSON`));
-          return;
-        }
-        const meta = { sender: msg.sender, room: msg.kind === "room" ? msg.source : null, kind: msg.kind, event: msg.event };
-        if (msg.seq !== null) meta.seq = msg.seq;
-        this._fire(msg.event, data, meta);
+      case "EVENT_SEQ":
+        this._event(msg);
         return;
-      }
       case "PRESENCE":
         this._fire("presence", { kind: msg.kind, room: msg.room, nick: msg.nick, newNick: msg.newNick });
         return;
@@ -678,10 +475,52 @@ export class MuxClient {
         try { this._send(encode.pong(msg.nonce)); } catch { /* closing */ }
         return;
       case "GAP":
-        this._fire("gap", { room: msg.room, first: msg.first, last: msg.last });
+        this._gap(msg);
         return;
       default:
         return; // PONG: its arrival already counted as liveness
     }
+  }
+
+  _event(msg) {
+    const room = msg.kind === "room" ? msg.source : null;
+    const info = msg.seq !== null && room !== null ? this.joined.get(room) : undefined;
+    // seq 0: the server keeps no history, so there is no order to track.
+    const tracked = info?.sequenced === true && msg.seq > 0n;
+    if (tracked && msg.seq <= info.lastSeq) {
+      this.duplicatesDropped += 1;
+      return;
+    }
+    const meta = {
+      sender: msg.sender, room, kind: msg.kind, event: msg.event,
+      seq: msg.seq === null ? null : Number(msg.seq),
+      replayed: tracked && msg.seq <= info.replayLast,
+    };
+    let ok;
+    try {
+      const data = decodePayload(msg.ptype, msg.payload);
+      ok = this._fire(msg.event, data, meta);
+    } catch {
+      // Reported, and passed: a replay would bring the same bytes again.
+      this._fire("error", new MuxError("BAD_PAYLOAD", `event "${msg.event}" from ${msg.sender}: invalid JSON`));
+      ok = true;
+    }
+    // A handler may have left or re-joined the room: that position is gone.
+    if (tracked && ok && this.joined.get(room) === info) info.lastSeq = msg.seq;
+  }
+
+  // A slow replay met eviction (section 9): msg.first..msg.last are gone and
+  // the replay goes on after them.
+  _gap(msg) {
+    const info = this.joined.get(msg.room);
+    const sequenced = info?.sequenced === true;
+    const last = sequenced && info.replayLast > msg.last ? info.replayLast : msg.last;
+    const r = {
+      room: msg.room, outcome: "gap", epoch: sequenced ? info.epoch : 0n,
+      first: Number(msg.last + 1n), last: Number(last),
+      missing: [Number(msg.first), Number(msg.last)], replayed: Number(last - msg.last), rejoin: false,
+    };
+    const ok = this._fire("recovery", r);
+    if (sequenced && ok && this.joined.get(msg.room) === info && msg.last > info.lastSeq) info.lastSeq = msg.last;
   }
 }

@@ -6,7 +6,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import {
-  ChatState, errorText, formatTime, messageText, parseInput, presenceText,
+  ChatState, errorText, formatTime, messageText, parseInput, presenceText, recoveryLines,
   renderMember, renderMessage, renderRoomItem,
 } from "../../muxserver/web/chat.js";
 import { MuxError } from "../../muxserver/web/muxclient.js";
@@ -53,6 +53,7 @@ test("formatting helpers", () => {
   assert.equal(presenceText({ kind: "leave", nick: "bob" }), "bob left");
   assert.equal(presenceText({ kind: "nick", nick: "bob", newNick: "rob" }), "bob is now known as rob");
   assert.match(errorText(new MuxError("NICK_TAKEN", "x")), /already taken/);
+  assert.match(errorText(new MuxError("IDLE_TIMEOUT", "nothing received for 2 s")), /went silent/);
   assert.match(errorText(new MuxError("INVALID_NAME", "nick must be 1..32 bytes")), /1\.\.32/);
   assert.equal(errorText(new Error("boom")), "boom");
 });
@@ -102,4 +103,35 @@ test("ChatState: messages, unread counts, presence, room list", () => {
   for (let i = 0; i < 600; i++) s.addMessage("a", { text: String(i) });
   assert.equal(s.room("a").messages.length, 500);
   assert.equal(s.room("a").messages.at(-1).text, "599");
+});
+
+test("recovery lines: earlier, recovered, lost, reset; nothing when nothing happened", () => {
+  const r = (outcome, replayed, missing = null, rejoin = true) => ({ room: "games", outcome, replayed, missing, rejoin });
+  assert.deepEqual(recoveryLines(r("fresh", 20, null, false)), ["20 earlier messages in #games"]);
+  assert.deepEqual(recoveryLines(r("fresh", 0, null, false)), []);
+  assert.deepEqual(recoveryLines(r("complete", 12)), ["recovered 12 missed messages in #games"]);
+  assert.deepEqual(recoveryLines(r("complete", 1)), ["recovered 1 missed message in #games"]);
+  assert.deepEqual(recoveryLines(r("complete", 0)), []);
+  assert.deepEqual(recoveryLines(r("gap", 3, [40, 57])), [
+    "messages 40..57 in #games were lost", "recovered 3 missed messages in #games",
+  ]);
+  assert.deepEqual(recoveryLines(r("gap", 0, [40, 40])), ["message 40 in #games was lost"]);
+  // a GAP frame in the middle of a replay: the loss only (the count was told)
+  assert.deepEqual(recoveryLines(r("gap", 5, [3, 9], false)), ["messages 3..9 in #games were lost"]);
+  assert.deepEqual(recoveryLines(r("reset", 2)), [
+    "the history of #games restarted: messages sent while you were away cannot be recovered",
+    "recovered 2 missed messages in #games",
+  ]);
+});
+
+test("replayed messages and recovery lines carry their marks", () => {
+  const earlier = renderMessage(doc, { kind: "room", time: new Date(0), sender: "bob", text: "x", replayed: "earlier" });
+  assert.equal(earlier.attributes["data-replayed"], "earlier");
+  assert.match(earlier.className, /\bearlier\b/);
+  const live = renderMessage(doc, { kind: "room", time: new Date(0), sender: "bob", text: "x" });
+  assert.equal(live.attributes["data-replayed"], undefined);
+  const line = renderMessage(doc, { kind: "recovery", time: new Date(0), text: "lost", outcome: "gap" });
+  assert.equal(line.attributes["data-kind"], "recovery");
+  assert.equal(line.attributes["data-outcome"], "gap");
+  assert.equal(line.find("text").textContent, "lost");
 });
