@@ -1,6 +1,8 @@
 """Instructions per EMIT on the hot path, counted by callgrind: an A/B that noise cannot move.
 
     python -m bench.callgrind [--tree DIR] MEMBERS ROUNDS [key=value ...]
+    python -m bench.callgrind --server [--tree DIR] RECEIVERS MESSAGES
+
 
 Timings on this shared 2-core machine drift by 20 % between runs, which
 hides the few percent a change costs. ``valgrind --tool=callgrind`` counts
@@ -14,6 +16,15 @@ costs. ``--tree`` is a checkout of muxserver to measure (default: this one),
 so two commits compare in one command each; ``key=value`` are Config fields
 (``history_size=0``), plus ``version=2``. Needs valgrind (Debian's package);
 a round under callgrind is about 50x slower than without it.
+
+``--server`` measures the whole server process instead, loop and kernel
+calls included: ``python -m muxserver`` of ``tree`` runs under callgrind,
+RECEIVERS connections join room "r", and one more sends MESSAGES EMITs of
+64 bytes as fast as the socket takes them (pipelined, as bench.loadgen
+does); when every receiver has every EVENT the server gets SIGTERM. A second
+run with a tenth of the messages is subtracted, leaving instructions per
+delivered message. The server under callgrind is far slower than the sender,
+so its reads are always full and the count repeats to within a percent.
 """
 
 from __future__ import annotations
@@ -67,6 +78,77 @@ def workload(members: int, rounds: int, overrides: dict[str, int]) -> None:
         drain()
 
 
+def serve_and_count(tree: Path, receivers: int, messages: int) -> int:
+    """Instructions of a whole server process that delivers ``messages`` to ``receivers``."""
+    import selectors
+    import signal
+
+    sys.path.insert(0, str(tree))
+    from muxserver import protocol as P
+
+    env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
+    cmd = [
+        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        sys.executable, "-m", "muxserver", "--host", "127.0.0.1", "--port", "0",
+        "--ping-interval", "3600", "--log-level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = proc.stdout.readline()
+        found = re.search(r"listening on \S*?:(\d+)", line)
+        if not found:
+            raise SystemExit(f"server did not start: {line!r} {proc.stderr.read()[-2000:]}")
+        port = int(found.group(1))
+        socks = []
+        for i in range(receivers + 1):
+            s = socket.create_connection(("127.0.0.1", port), timeout=600)
+            s.sendall(P.encode(P.Hello(1, "/", f"m{i:04d}", "")) + P.encode(P.Join(1, "r")))
+            got = b""
+            while b"\x82\x00\x00\x00\x01" not in got:  # the JOIN's REPLY (req 1)
+                got += s.recv(65536)
+            socks.append(s)
+        sender, members = socks[-1], socks[:-1]
+        emit = P.encode(P.Emit(0, P.TARGET_ROOM, "r", "ev", b"x" * 64))
+        event = P.encode(P.Event(P.TARGET_ROOM, f"m{receivers:04d}", "r", "ev", b"x" * 64))
+        expected = len(event) * messages  # bytes each receiver gets
+        sel = selectors.DefaultSelector()
+        left = {}
+        for m in members:
+            m.setblocking(False)
+            sel.register(m, selectors.EVENT_READ)
+            left[m] = expected
+        sender.setblocking(False)
+        sel.register(sender, selectors.EVENT_WRITE)
+        out = memoryview(emit * messages)
+        while left:
+            for key, _ in sel.select(timeout=600):
+                sock = key.fileobj
+                if sock is sender:
+                    out = out[sender.send(out[: 1 << 16]) :]
+                    if not out:
+                        sel.unregister(sender)
+                    continue
+                n = len(sock.recv(1 << 20))
+                left[sock] -= n
+                if left[sock] <= 0:
+                    sel.unregister(sock)
+                    del left[sock]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=600)
+        for s in socks:
+            s.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    found = re.search(r"Collected : (\d+)", err)
+    if not found:
+        raise SystemExit(f"no callgrind total:\n{err[-2000:]}")
+    return int(found.group(1))
+
+
 def count(tree: Path, members: int, rounds: int, overrides: list[str]) -> int:
     """Instructions callgrind collected for one run of the workload in ``tree``."""
     # The child runs this file as a script, so that ``muxserver`` comes from
@@ -89,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--server", action="store_true", help="measure a whole server process")
     ap.add_argument("members", type=int)
     ap.add_argument("rounds", type=int)
     ap.add_argument("overrides", nargs="*", metavar="key=value")
@@ -106,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.callgrind needs valgrind: apt-get install valgrind", file=sys.stderr)
         return 1
     tree = args.tree.resolve()
+    if args.server:
+        n, r = args.rounds, args.members
+        total = serve_and_count(tree, r, n)
+        base = serve_and_count(tree, r, n // 10)
+        per = (total - base) / (n - n // 10)
+        print(f"{tree.name}: server, 1 -> {r}: {per:,.0f} instructions per message sent")
+        return 0
     base = count(tree, args.members, 0, args.overrides)
     total = count(tree, args.members, args.rounds, args.overrides)
     per = (total - base) / (args.rounds * BATCH)

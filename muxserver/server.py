@@ -145,7 +145,11 @@ class Server:
             log.exception("internal error while detaching #%d", sess.id)
             sess.ns = None
         sess.state = DRAINING  # _close must not detach again
-        self._close(sess)
+        try:
+            self._close(sess)
+        except Exception:  # the containment itself must never stop the loop
+            log.exception("internal error while closing #%d", sess.id)
+            self.sessions.pop(sess.id, None)
 
     def _on_writable(self, sess: Session) -> None:
         transport = sess.transport
@@ -159,9 +163,8 @@ class Server:
             if not left and not transport.out:
                 self._finish_output(sess)
             elif left < before and not self.shutting_down:
-                # A slow reader is still reading: the grace period counts
-                # from its last progress, so its ERROR (behind what the
-                # kernel already holds) is not cut off while it reads.
+                # A slow reader still reading: its grace counts from its last
+                # progress, so its ERROR is not cut off while it reads.
                 self._restart_close_timer(sess, self.config.drain_timeout)
 
     def _handshake(self, sess: Session) -> None:
@@ -265,8 +268,7 @@ class Server:
             pending = router.pending
             router.pending = set()
             router.new_turn()
-            # Members of a room get the very same frames in a turn: join them
-            # once and send that one bytes object to all of them.
+            # A room's members get the same frames in a turn: join them once.
             joined: dict = {}
             for sess in pending:
                 if sess.state >= CLOSED:  # or PARKED: no connection
@@ -336,11 +338,8 @@ class Server:
         transport.close(self.loop)
         self.limits.closed(sess)
         self.sessions.pop(sess.id, None)
-        closed = self.closed_totals
-        closed[0] += sess.frames_in
-        closed[1] += sess.frames_out
-        closed[2] += transport.bytes_in
-        closed[3] += transport.bytes_out
+        these = (sess.frames_in, sess.frames_out, transport.bytes_in, transport.bytes_out)
+        self.closed_totals = [a + b for a, b in zip(self.closed_totals, these, strict=True)]
         if sess.counted:
             self._live -= 1
         if self.shutting_down and not self.sessions:

@@ -180,3 +180,31 @@ def test_the_example_in_docs_architecture_runs():
     text = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "docs/architecture.md", "exec"), {})
+
+
+def test_a_bug_while_containing_a_bug_still_leaves_the_loop_running(srv, caplog, monkeypatch):
+    """The containment's own close failing (say, a transport already gone) stays contained."""
+    a, b = client(srv, "a"), client(srv, "b")
+    a.send(P.Join(1, "r"))
+    b.send(P.Join(1, "r"))
+    a.frames(), b.frames()
+
+    def broken(sess, body):
+        raise RuntimeError("boom")
+
+    transport = a.session.transport
+    close = type(transport).close
+
+    def close_fails(self, loop):
+        if self is transport:
+            raise AttributeError("'NoneType' object has no attribute 'close'")
+        close(self, loop)
+
+    monkeypatch.setitem(srv.protocol.handlers, P.WHO, broken)
+    monkeypatch.setattr(type(transport), "close", close_fails)
+    with caplog.at_level(logging.ERROR, logger="muxserver"):
+        a.send(P.Who(3, "r"))  # raised out of receive() before the fix
+    assert "internal error while closing" in caplog.text
+    assert a.session.id not in srv.sessions
+    b.send(P.Emit(4, P.TARGET_ROOM, "r", "m", b"still here"))
+    assert [f.status for f in b.frames()] == [P.OK]
