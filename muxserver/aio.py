@@ -373,7 +373,8 @@ class AsyncClient(_Core):
         calls = [(room, self._rejoin_call(room, flag)) for room, flag in self._joined.items()]
         loop = asyncio.get_running_loop()
         futs = {call.req: loop.create_future() for _, call in calls}
-        self._pending.update(futs)
+        for _, call in calls:
+            self._expect(call, futs[call.req])
         if calls:
             self._writer.write(b"".join(call.frame for _, call in calls))
         for room, call in calls:
@@ -434,7 +435,8 @@ class AsyncClient(_Core):
         self._ensure()
         fut = None
         if call.req:
-            fut = self._pending[call.req] = asyncio.get_running_loop().create_future()
+            fut = asyncio.get_running_loop().create_future()
+            self._expect(call, fut)
         await self._send(call.frame, call.req)
         if fut is None:
             return None

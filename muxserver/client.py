@@ -480,7 +480,7 @@ class Client(_Core):
         if not calls:
             return
         for _, call in calls:
-            self._pending[call.req] = None
+            self._expect(call, None)
         self._send(b"".join(call.frame for _, call in calls))
         for room, call in calls:
             try:
@@ -510,7 +510,7 @@ class Client(_Core):
     def _request(self, call: _Call) -> Any:
         self._ensure()
         if call.req:
-            self._pending[call.req] = None
+            self._expect(call, None)
         self._send(call.frame)
         if not call.req:
             return None

@@ -99,7 +99,7 @@ class _Call(NamedTuple):
     req: int
     frame: bytes
     finish: Callable[[bytes], Any]
-    join: PendingJoin | None = None  # a SEQUENCED JOIN: entered in the Tracker when sent
+    join: PendingJoin | None = None  # a SEQUENCED JOIN: entered in the Tracker by _expect
 
 
 def _check_nick_size(nick: str) -> None:
@@ -144,12 +144,11 @@ def tls_context(
 class _Core:
     """Session state and protocol logic shared by the blocking and asyncio clients.
 
-    Subclasses provide the I/O hooks ``_deliver`` (an Event, Presence, Ack or
-    MuxError for the receiving side), ``_on_reply``, ``_on_pong`` and
-    ``_write`` (send a frame now, best effort), keep ``_pending`` keyed by
-    the request ids they wait for, and enter an EMIT sent with
-    ``ack=True, wait=False`` in ``_acks`` (with :meth:`_ack_sent`) before
-    writing it.
+    Subclasses provide the I/O hooks ``_deliver`` (an Event, Presence, Ack,
+    Recovery or MuxError for the receiving side), ``_on_reply``, ``_on_pong``
+    and ``_write`` (send a frame now, best effort), and before writing enter
+    each request they will wait for with :meth:`_expect`, and an EMIT sent
+    with ``ack=True, wait=False`` with :meth:`_ack_sent`.
     """
 
     def __init__(
@@ -363,6 +362,7 @@ class _Core:
         self._pending.clear()
         self._acks.clear()
         self._abandoned.clear()
+        self._seq.new_session()
 
     def _accept_welcome(self) -> None:
         w = self._welcome
@@ -434,10 +434,6 @@ class _Core:
             self._joined[room] = presence
             return pending.recovery
 
-        # Entered now, before anything is written: the reader may see the
-        # REPLY before the writer returns. A JOIN that is never sent leaves
-        # an entry that nothing answers, which costs nothing but its bytes.
-        self._seq.sent(req, pending)
         return _Call(req, frame, done_seq, pending)
 
     def _rejoin_call(self, room: str, presence: bool) -> _Call:
@@ -497,6 +493,17 @@ class _Core:
         return _Call(
             req, self._encode(P.Emit(req, kind, target, event, payload, flags)), P.parse_count
         )
+
+    def _expect(self, call: _Call, waiter: Any) -> None:
+        """Enter a request about to be written: its waiter, and a SEQUENCED JOIN's Tracker entry.
+
+        Before writing, since the reader may see the REPLY before the write
+        returns; after the connection is up, since a new session forgets the
+        JOINs of the last one (_fresh_session), whose REPLYs never come.
+        """
+        self._pending[call.req] = waiter
+        if call.join is not None:
+            self._seq.sent(call.req, call.join)
 
     def _ack_sent(self, req: int) -> None:
         """Enter an EMIT sent with ``ack=True, wait=False``; call before writing it."""

@@ -121,6 +121,10 @@ class Tracker:
         """Enter a JOIN about to be written (before: the reader may see its REPLY first)."""
         self._joins[req] = pending
 
+    def new_session(self) -> None:
+        """A new connection: JOINs sent on the last one are never answered. Positions stay."""
+        self._joins.clear()
+
     # ------------------------------------------------------------ receipt
     def expects(self, req: int) -> bool:
         return req in self._joins

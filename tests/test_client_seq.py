@@ -20,7 +20,7 @@ import pytest
 from conftest import restart_on_same_port
 
 from muxserver import protocol as P
-from muxserver.client import Backoff, Client, ConnectionClosed, Event, Recovery
+from muxserver.client import Backoff, Client, ConnectionClosed, Event, InvalidName, Recovery
 from muxserver.clientseq import Quiet, Tracker, check_history
 
 FAST = Backoff(initial=0.05, maximum=0.2, jitter=0)
@@ -142,6 +142,20 @@ def test_tracker_refused_join_and_forget():
     assert type(rec) is Quiet and rec.recovery.outcome == "fresh"
     t.forget("r")
     assert t.positions == {} and "r" not in t
+    # A new connection: what was asked on the last one is never answered.
+    pending, _ = t.join(4, "r", 0, True)
+    t.sent(4, pending)
+    t.new_session()
+    assert not t.expects(4)
+
+
+def test_a_refused_sequenced_join_raises_and_leaves_no_position(server):
+    with Client.connect(server.host, server.port, nick="alice", reconnect=False) as alice:
+        with pytest.raises(InvalidName):
+            alice.join("bad\x01room")
+        assert alice.positions == {} and alice.joined == {}
+        assert alice.join("good").outcome == "fresh"
+        assert list(alice.positions) == ["good"]
 
 
 @pytest.mark.parametrize("bad", [-1, 0xFFFF, 1.5, True, "3"])
@@ -164,6 +178,7 @@ def test_client_routes_join_replies_events_and_gap_frames_without_a_server():
     c.on("chat", lambda e: seen.append((e.seq, e.replayed)))
     call = c._join_call("r", False)
     assert call.frame == P.encode(P.Join(call.req, "r", P.JOIN_SEQUENCED, 0, 0, 0))
+    c._expect(call, None)  # as the clients do before writing it
     feed(
         c,
         P.reply_join_seq(call.req, P.FRESH, EPOCH, 1, 9),
@@ -184,8 +199,10 @@ def test_client_routes_join_replies_events_and_gap_frames_without_a_server():
 def test_recv_hands_out_reconnect_recoveries_but_not_the_one_join_returned():
     c = Client()
     quiet = c._join_call("r", False)
+    c._expect(quiet, None)
     feed(c, P.reply_join_seq(quiet.req, P.FRESH, EPOCH, 1, 0), P.encode(seq_event(1)))
     loud = c._rejoin_call("r", False)
+    c._expect(loud, None)
     assert P.decode(loud.frame[4], loud.frame[5:]) == P.Join(
         loud.req, "r", P.JOIN_SEQUENCED, EPOCH, 0, P.REPLAY_ALL
     )
