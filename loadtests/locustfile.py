@@ -54,7 +54,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from loadtests import progress  # noqa: E402
+from loadtests import progress, recovery  # noqa: E402
 from loadtests.loadclient import LoadClient  # noqa: E402
 from loadtests.tally import (  # noqa: E402
     PAYLOAD_HEAD,
@@ -70,7 +70,7 @@ from muxserver.client import Ack, Client, Event, MuxError  # noqa: E402
 
 log = logging.getLogger("muxload")
 
-SCENARIOS = ("chat", "broadcast", "direct", "churn")
+SCENARIOS = ("chat", "broadcast", "direct", "churn", "recovery")
 DEFAULT_ADDRESS = ("127.0.0.1", 7878)
 ROOM_SIZE = 20  # chat: users per room when --rooms is 0, so load grows linearly with users
 TARGET_SAMPLED_PER_S = 10_000  # auto --deliver-sample keeps Locust events under this
@@ -88,7 +88,8 @@ def _add_options(parser) -> None:
     parser.add_argument(
         "--scenario", choices=SCENARIOS, default="chat",
         help="chat: rooms of users who all talk; broadcast: one hot room, few publishers; "
-        "direct: pairs whispering; churn: connect/join/leave/bye in a loop",
+        "direct: pairs whispering; churn: connect/join/leave/bye in a loop; "
+        "recovery: chat in sequenced rooms, users cutting their connections and resuming",
     )  # fmt: skip
     parser.add_argument(
         "--rooms", type=int, default=0,
@@ -168,7 +169,7 @@ def parse_host(host: str | None) -> tuple[str, int]:
 def estimate_deliveries(opts, users: int) -> float:
     """Deliveries/s the options ask for, to pick the sample rate before the run."""
     rate, users = max(opts.rate, 0.0) or 100.0, max(users, 1)
-    if opts.scenario == "chat":
+    if opts.scenario in ("chat", "recovery"):
         per_room = users / max(opts.rooms or math.ceil(users / ROOM_SIZE), 1)
         return users * rate * max(per_room - 1, 0)
     if opts.scenario == "broadcast":
@@ -211,6 +212,7 @@ class Node:
     token: str = ""  # makes this process's nicks unique
     counter: itertools.count = field(default_factory=itertools.count)
     online: set[int] = field(default_factory=set)  # direct: local indexes connected
+    talkers: list = field(default_factory=list)  # recovery: this process's recovery.Talkers
     worker_tallies: dict[str, Tally] = field(default_factory=dict)  # master only
     # master, for the progress line: worker id -> (delivered, loss) (loadtests/progress.py)
     progress: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -288,6 +290,7 @@ class MuxUser(User):
         self.seq = 0
         self.sender_id = int.from_bytes(os.urandom(8), "big") >> 1
         self.idx = -1
+        self.talker: recovery.Talker | None = None
 
     # ------------------------------------------------------------ set-up
     def on_start(self) -> None:
@@ -301,6 +304,11 @@ class MuxUser(User):
         self.pad = padding(cfg.size)
         if cfg.scenario == "churn":
             self.room = f"churn-{gidx % cfg.rooms}"
+            return
+        if cfg.scenario == "recovery":
+            room = f"recovery-{gidx % cfg.rooms}"
+            self.talker = recovery.Talker(self, NODE, room, _fire, _fail)
+            self.dead = not self.talker.start()
             return
         nick, self.room = None, None
         if cfg.scenario == "chat":
@@ -366,6 +374,8 @@ class MuxUser(User):
         client, self.client = self.client, None
         if client is not None:  # churn, stopped mid-cycle
             client.close()
+        if self.talker is not None:
+            self.talker.stop()
 
     # ------------------------------------------------------------ sending
     @task
@@ -374,6 +384,8 @@ class MuxUser(User):
             return
         if NODE.cfg.scenario == "churn":
             self._churn_cycle()
+        elif self.talker is not None:
+            self.talker.step()
         elif self.sends:
             self._send()
 
@@ -501,6 +513,10 @@ def _resolve(environment) -> Config:
         # with the rest (the user's own options stay as given, for the next run).
         users = getattr(runner, "target_user_count", 0) or opts.num_users or 1
         rooms = opts.rooms if opts.rooms > 0 else math.ceil(users / ROOM_SIZE)
+        if opts.scenario == "recovery" and isinstance(runner, MasterRunner):
+            # Each room within one worker (users go round-robin), which judges it alone.
+            workers = max(int(getattr(opts, "expect_workers", 1) or 1), 1)
+            rooms = math.ceil(rooms / workers) * workers
         sample = opts.deliver_sample
         if sample <= 0:
             sample = auto_sample(estimate_deliveries(opts, users))
@@ -640,6 +656,10 @@ class DrainWatch:
 
 def _drain_local() -> None:
     _stop_sending()
+    if NODE.cfg.scenario == "recovery":
+        recovery.settle(NODE)  # everyone back and quiet, then every tail checked
+        NODE.drained = True
+        return
     watch = DrainWatch(NODE.cfg.acks, NODE.cfg.drain_timeout)
     while not watch.done(NODE.tally):
         gevent.sleep(0.05)
@@ -664,7 +684,8 @@ def _drain_workers(runner: MasterRunner) -> None:
     workers = {c.id for c in runner.clients.all}
     NODE.worker_tallies.clear()
     runner.send_message("mux_drain", None)
-    watch = DrainWatch(NODE.cfg.acks, NODE.cfg.drain_timeout)
+    # recovery: workers report once settled; deliveries owed are not known from acks there.
+    watch = DrainWatch(NODE.cfg.acks and NODE.cfg.scenario != "recovery", NODE.cfg.drain_timeout)
     deadline = time.monotonic() + DRAIN_CAP_S + NODE.cfg.drain_timeout  # workers that never answer
     while time.monotonic() < deadline:
         gevent.sleep(0.1)
@@ -692,6 +713,8 @@ def _on_worker_tally(environment, msg, **_kw) -> None:
 def _on_drain_request(environment, msg, **_kw) -> None:
     """Worker: stop sending, then report counters until the master has seen enough."""
     _stop_sending()
+    if NODE.cfg.scenario == "recovery":
+        recovery.settle(NODE)  # within SETTLE_CAP_S, well inside the master's patience
     runner = environment.runner
     deadline = time.monotonic() + DRAIN_CAP_S + NODE.cfg.drain_timeout + 10.0
     NODE.stop_reporting = False
@@ -720,13 +743,14 @@ def _on_test_stop(environment, **_kw) -> None:
     else:
         _stop_sending()
         tally = NODE.tally
-    if cfg.acks and tally.expected > tally.delivered:
+    acks = cfg.acks and cfg.scenario not in ("churn", "recovery")  # recovery: seqs judge
+    if acks and tally.expected > tally.delivered:
         # Promised by the server, never received: loss the sequence check cannot see
         # (nothing came after it).
         count = tally.expected - tally.delivered
         _fire_failures("deliver", "MISSING", count)
     summary = summary_dict(
-        tally, cfg.scenario, cfg.acks and cfg.scenario != "churn", cfg.sample,
+        tally, cfg.scenario, acks, cfg.sample,
         offered_rate(cfg, tally.users),
     )  # fmt: skip
     if not getattr(environment.parsed_options, "compact", False):
