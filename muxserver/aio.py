@@ -38,6 +38,7 @@ from .clientcore import (
     MuxError,
     NotConnected,
     Presence,
+    Recovery,
     _Call,
     _Core,
     _why,
@@ -116,8 +117,12 @@ class AsyncClient(_Core):
             raise
 
     # ---------------------------------------------------------- requests
-    async def join(self, room: str, presence: bool = False) -> None:
-        await self._request(self._join_call(room, presence))
+    async def join(
+        self, room: str, presence: bool = False, *, sequenced: bool | None = None,
+        history: int = 0,
+    ) -> Recovery | None:  # fmt: skip
+        """As ``Client.join``: sequenced by default (version 2); returns the Recovery."""
+        return await self._request(self._join_call(room, presence, sequenced, history))
 
     async def leave(self, room: str) -> None:
         await self._request(self._leave_call(room))
@@ -202,16 +207,24 @@ class AsyncClient(_Core):
                 await writer.wait_closed()
 
     # --------------------------------------------------------- receiving
-    async def recv(self, timeout: float | None = None) -> Event | Presence | Ack | None:
-        """The next Event, Presence or Ack; None if ``timeout`` seconds pass first.
+    async def recv(self, timeout: float | None = None) -> Event | Presence | Ack | Recovery | None:
+        """The next Event, Presence, Ack or Recovery; None if ``timeout`` seconds pass first.
 
-        Raises an error that arrived for an EMIT sent without ack or without
-        waiting, and ConnectionClosed when the connection has ended for good.
+        As ``Client.recv``: a sequenced Event counts as handled once returned,
+        duplicates are dropped, and the Recovery a ``join()`` returned is not
+        handed out again. Raises an error that arrived for an EMIT sent
+        without ack or without waiting, and ConnectionClosed when the
+        connection has ended for good.
         """
-        item = await self._next(timeout)
-        if isinstance(item, MuxError):
-            raise item
-        return item
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            raw = await self._next(left)
+            if raw is None:
+                return None
+            item = self._for_recv(raw)
+            if item is not None:
+                return item
 
     async def poll(self, timeout: float | None = 0.0) -> int:
         """Dispatch what has arrived to the handlers, waiting up to ``timeout`` for the first."""
@@ -219,8 +232,7 @@ class AsyncClient(_Core):
         count = 0
         item = await self._next(timeout)
         while item is not None:
-            count += 1
-            await self._dispatch(item)
+            count += await self._dispatch(item)
             if self._closed:
                 break
             item = await self._next(0)
@@ -255,11 +267,17 @@ class AsyncClient(_Core):
             raise exc
         return item
 
-    async def _dispatch(self, item: Event | Presence | Ack | MuxError) -> None:
+    async def _dispatch(self, raw: Any) -> bool:
+        """Hand ``raw`` to its handlers; False for a duplicate, dropped instead."""
+        item = self._seq.take(raw)
+        if item is None:  # a duplicate of a sequenced message handled already
+            return False
         for fn in self._handlers_for(item):
             result = fn(item)
             if inspect.isawaitable(result):
                 await result
+        self._seq.done(item)  # only now: a handler that raised leaves the position
+        return True
 
     # ------------------------------------------------------------ guts
     async def _open(self) -> None:
@@ -351,8 +369,8 @@ class AsyncClient(_Core):
         return False
 
     async def _rejoin(self) -> None:
-        """Re-join every room with its presence flag (pipelined), then report the reconnect."""
-        calls = [(room, self._join_call(room, flag)) for room, flag in self._joined.items()]
+        """Re-join every room (sequenced ones from their positions, pipelined), then report."""
+        calls = [(room, self._rejoin_call(room, flag)) for room, flag in self._joined.items()]
         loop = asyncio.get_running_loop()
         futs = {call.req: loop.create_future() for _, call in calls}
         self._pending.update(futs)
@@ -369,7 +387,7 @@ class AsyncClient(_Core):
             try:
                 self._finish(call, reply)
             except MuxError as exc:
-                self._joined.pop(room, None)
+                self._rejoin_refused(room)
                 self._deliver(exc)
         self._up = True
         self._attempt = 0
@@ -444,7 +462,7 @@ class AsyncClient(_Core):
             raise TimeoutError(f"no {what} within {self.timeout:g} s") from None
 
     # I/O hooks for _Core.
-    def _deliver(self, item: Event | Presence | Ack | MuxError) -> None:
+    def _deliver(self, item: Event | Presence | Ack | Recovery | MuxError) -> None:
         self._queue.put_nowait(item)
 
     def _on_reply(self, reply: P.Reply) -> None:

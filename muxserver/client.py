@@ -74,6 +74,7 @@ from .clientcore import (
     NotMember,
     Presence,
     RateLimited,
+    Recovery,
     Replaced,
     RoomInfo,
     ShuttingDown,
@@ -92,7 +93,7 @@ from .heartbeat import Heartbeat
 __all__ = [
     "Ack", "AuthFailed", "Backoff", "BadFrame", "Client", "ConnectionClosed", "Event", "IdleTimeout",
     "InvalidName", "Limit", "Listing", "MuxError", "NickTaken", "NoSuchTarget", "NotConnected",
-    "NotHello", "NotMember", "Presence", "RateLimited", "Replaced", "RoomInfo", "ShuttingDown",
+    "NotHello", "NotMember", "Presence", "RateLimited", "Recovery", "Replaced", "RoomInfo", "ShuttingDown",
     "SlowConsumer", "TooLarge", "Unavailable", "UnknownType", "UnsupportedVersion", "connect",
     "error_for",
 ]  # fmt: skip
@@ -170,11 +171,13 @@ class Client(_Core):
 
         Arguments (one list, kept in ``_Core.__init__``): ``host``, ``port``,
         ``nick``, ``namespace``, ``token``, ``timeout``; keywords
-        ``reconnect=True``, ``backoff``, ``tls``, ``ca``, ``version`` and,
-        for this client, ``heartbeat``.
+        ``reconnect=True``, ``backoff``, ``tls``, ``ca``, ``version``,
+        ``sequenced=True`` and, for this client, ``heartbeat``.
 
         ``reconnect`` re-establishes a lost connection with ``backoff``, rooms
-        re-joined; ``version`` is the protocol version to ask for; ``heartbeat``
+        re-joined (sequenced ones from :attr:`positions`); ``version`` is the
+        protocol version to ask for; ``sequenced`` the default of ``join``;
+        ``heartbeat``
         (True, or seconds) keeps the connection alive from a background thread
         (muxserver/heartbeat.py). A port outside 0..65535 raises ValueError.
 
@@ -222,9 +225,16 @@ class Client(_Core):
         self.close()
 
     # ---------------------------------------------------------- requests
-    def join(self, room: str, presence: bool = False) -> None:
-        """Join ``room``; with ``presence`` receive Presence for it."""
-        self._request(self._join_call(room, presence))
+    def join(self, room: str, presence: bool = False, *, sequenced: bool | None = None,
+             history: int = 0) -> Recovery | None:  # fmt: skip
+        """Join ``room``; with ``presence`` receive Presence for it.
+
+        Version 2 joins *sequenced* (section 9) unless ``sequenced=False`` (or
+        ``Client(sequenced=False)``): events carry ``seq``, a reconnect catches
+        up, and this returns the :class:`Recovery` (None for a plain join).
+        ``history=N`` first replays the latest N messages (``replayed``).
+        """
+        return self._request(self._join_call(room, presence, sequenced, history))
 
     def leave(self, room: str) -> None:
         self._request(self._leave_call(room))
@@ -328,21 +338,22 @@ class Client(_Core):
                     break
 
     # --------------------------------------------------------- receiving
-    def recv(self, timeout: float | None = None) -> Event | Presence | Ack | None:
-        """The next Event, Presence or Ack; None if ``timeout`` seconds pass first.
+    def recv(self, timeout: float | None = None) -> Event | Presence | Ack | Recovery | None:
+        """The next Event, Presence, Ack or Recovery; None if ``timeout`` seconds pass first.
 
-        An Ack answers ``emit(..., ack=True, wait=False)``; only programs that
-        send those get one. Raises an error that arrived for an EMIT sent
-        without ack or without waiting, and ConnectionClosed when the
-        connection ends (with ``reconnect`` on, it reconnects instead and
-        keeps waiting).
+        An Ack answers ``emit(..., ack=True, wait=False)``, a Recovery a
+        re-join after a reconnect or a GAP in a replay (not ``join()``'s). A
+        sequenced Event counts as handled (:attr:`positions`) once returned.
+        Raises an error that arrived for an EMIT sent without ack or without
+        waiting, and ConnectionClosed when the connection ends (with
+        ``reconnect`` on, it reconnects instead and keeps waiting).
         """
-        if not self._wait_input(None if timeout is None else time.monotonic() + timeout):
-            return None
-        item = self._inbox.popleft()
-        if isinstance(item, MuxError):
-            raise item
-        return item
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._wait_input(deadline):
+            item = self._for_recv(self._inbox.popleft())
+            if item is not None:
+                return item
+        return None
 
     def poll(self, timeout: float | None = 0.0) -> int:
         """Dispatch what has arrived to the handlers, waiting up to ``timeout`` for something.
@@ -353,10 +364,13 @@ class Client(_Core):
             return 0
         count = 0
         while self._inbox and not self._closed:
-            item = self._inbox.popleft()
+            item = self._seq.take(self._inbox.popleft())
+            if item is None:  # a duplicate of a sequenced message handled already
+                continue
             count += 1
             for fn in self._handlers_for(item):
                 fn(item)
+            self._seq.done(item)  # only now: a handler that raised leaves the position
         return count
 
     def run_forever(self) -> None:
@@ -461,8 +475,8 @@ class Client(_Core):
             fn()
 
     def _rejoin(self) -> None:
-        """Re-join every room with its presence flag, pipelined; a refusal is delivered."""
-        calls = [(room, self._join_call(room, flag)) for room, flag in self._joined.items()]
+        """Re-join every room (sequenced: from its position), pipelined; refusals are delivered."""
+        calls = [(room, self._rejoin_call(room, flag)) for room, flag in self._joined.items()]
         if not calls:
             return
         for _, call in calls:
@@ -474,7 +488,7 @@ class Client(_Core):
             except ConnectionClosed:
                 raise
             except MuxError as exc:
-                self._joined.pop(room, None)
+                self._rejoin_refused(room)
                 self._deliver(exc)
 
     def _ensure(self, reconnect: bool = True) -> None:
@@ -659,7 +673,7 @@ class Client(_Core):
         return True
 
     # I/O hooks for _Core.
-    def _deliver(self, item: Event | Presence | Ack | MuxError) -> None:
+    def _deliver(self, item: Event | Presence | Ack | Recovery | MuxError) -> None:
         self._inbox.append(item)
 
     def _on_reply(self, reply: P.Reply) -> None:

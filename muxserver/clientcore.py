@@ -23,6 +23,11 @@ Decisions worth knowing:
   source_kind is masked (``P.EVENT_KIND_MASK``) before its kind is read; a
   reconnect sends the last WELCOME's resume token, so the server hands the
   parked session back instead of holding its nick.
+* Version 2 rooms are joined SEQUENCED unless asked otherwise; the positions
+  and the replay bookkeeping are :mod:`muxserver.clientseq`'s. A SEQUENCED
+  JOIN's REPLY is turned into a :class:`Recovery` when it is *read* (in
+  ``_incoming``), not when the waiting call wakes up, so that it is queued
+  ahead of the replayed messages that may have come in the same read.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import protocol as P
+from .clientseq import PendingJoin, Quiet, Tracker, check_history
 from .clienttypes import (  # noqa: F401 (re-exported for client.py and aio.py)
     _PRESENCE_KINDS,
     _SOURCE_KINDS,
@@ -67,6 +73,7 @@ from .clienttypes import (  # noqa: F401 (re-exported for client.py and aio.py)
     NotMember,
     Presence,
     RateLimited,
+    Recovery,
     Replaced,
     RoomInfo,
     ShuttingDown,
@@ -92,6 +99,7 @@ class _Call(NamedTuple):
     req: int
     frame: bytes
     finish: Callable[[bytes], Any]
+    join: PendingJoin | None = None  # a SEQUENCED JOIN: entered in the Tracker when sent
 
 
 def _check_nick_size(nick: str) -> None:
@@ -157,6 +165,7 @@ class _Core:
         tls: bool | ssl.SSLContext = False,
         ca: str | os.PathLike | None = None,
         version: int = DEFAULT_VERSION,
+        sequenced: bool = True,
     ) -> None:
         check_port(port)
         if version not in P.SUPPORTED_VERSIONS:
@@ -189,6 +198,9 @@ class _Core:
         self.resume_window = 0.0
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME + P.SERVER_FRAME_SLACK)
         self._joined: dict[str, bool] = {}  # room -> presence flag, for re-joining
+        # Version 2: join rooms SEQUENCED unless join(sequenced=False) says otherwise.
+        self.sequenced = bool(sequenced)
+        self._seq = Tracker()  # positions of the sequenced rooms (muxserver.clientseq)
         self._pending: dict[int, Any] = {}
         # EMITs sent with ack=True, wait=False: req -> time.monotonic() when
         # sent. Kept when the connection is lost (pending_acks then says what
@@ -208,6 +220,7 @@ class _Core:
         self._disconnect_handlers: list[Callable] = []
         self._reconnect_handlers: list[Callable] = []
         self._connect_handlers: list[Callable] = []
+        self._recovery_handlers: list[Callable] = []
 
     # ---------------------------------------------------------- handlers
     def on(self, event: str, fn: Callable | None = None) -> Callable:
@@ -218,6 +231,9 @@ class _Core:
         connection is up: the first one if the handler was registered
         before it, and every reconnect, rooms re-joined) and
         ``"disconnect"`` (``fn(exc)`` when an established connection is lost).
+        A third is version 2's: ``"recovery"`` (``fn(recovery)``, a
+        :class:`Recovery`, for every sequenced JOIN's answer, re-joins after
+        a reconnect included, and for every GAP met during a replay).
         """
         if fn is None:
             return lambda f: self.on(event, f)
@@ -256,6 +272,8 @@ class _Core:
             return self._connect_handlers
         if event == "disconnect":
             return self._disconnect_handlers
+        if event == "recovery":
+            return self._recovery_handlers
         return self._handlers.setdefault(event, [])
 
     def on_presence(self, fn: Callable) -> Callable:
@@ -295,6 +313,8 @@ class _Core:
             return list(self._ack_handlers)
         if isinstance(item, Presence):
             return list(self._presence_handlers)
+        if isinstance(item, Recovery):
+            return list(self._recovery_handlers)
         if not self._error_handlers:
             raise item
         return list(self._error_handlers)
@@ -312,6 +332,18 @@ class _Core:
         (for ``on_disconnect`` to count, say) until the next connection.
         """
         return frozenset(self._acks)
+
+    @property
+    def positions(self) -> dict[str, tuple[int, int]]:
+        """Sequenced rooms -> ``(epoch, last)``: the seq of the last message handled.
+
+        A message counts as handled once every handler for it returned
+        (``poll``/``run_forever``; a handler that raises leaves the position
+        where it was) or once ``recv`` returned it. A reconnect re-joins from
+        here, so what was not handled comes again; anything at or below it
+        that comes again is dropped. A copy: changing it changes nothing.
+        """
+        return self._seq.positions
 
     @property
     def joined(self) -> dict[str, bool]:
@@ -368,17 +400,59 @@ class _Core:
             raise TooLarge(f"frame of {len(frame) - 4} bytes exceeds max_frame {self.max_frame}")
         return frame
 
-    def _join_call(self, room: str, presence: bool) -> _Call:
-        def done(_body: bytes) -> None:
-            self._joined[room] = presence
+    def _join_call(
+        self, room: str, presence: bool, sequenced: bool | None = None, history: int = 0,
+        quiet: bool = True,
+    ) -> _Call:  # fmt: skip
+        """JOIN ``room``: SEQUENCED (from its position, if it has one) unless told otherwise.
 
+        ``sequenced`` None is the client's default, which a version-1 session
+        cannot honour: it joins plain. Asking for SEQUENCED (or ``history``)
+        there explicitly is an error, not a quiet downgrade.
+        """
+        history = check_history(history)
+        if sequenced is None:
+            sequenced = self.sequenced and self.session_version >= 2
+        elif sequenced and self.session_version < 2:
+            raise ValueError("sequenced rooms need a version-2 session (this one is version 1)")
+        if history and not sequenced:
+            raise ValueError("history= needs a sequenced join (version 2, sequenced=True)")
         req = self._next_req()
         flags = P.JOIN_PRESENCE if presence else 0
-        return _Call(req, self._encode(P.Join(req, room, flags)), done)
+        if not sequenced:
+
+            def done(_body: bytes) -> None:
+                self._joined[room] = presence
+                self._seq.forget(room)
+
+            return _Call(req, self._encode(P.Join(req, room, flags)), done)
+        pending, msg = self._seq.join(req, room, history, quiet)
+        frame = self._encode(msg._replace(flags=flags | P.JOIN_SEQUENCED))
+
+        def done_seq(body: bytes) -> Recovery:
+            P.parse_join_reply(body)  # malformed: BadFrame (see _finish)
+            self._joined[room] = presence
+            return pending.recovery
+
+        # Entered now, before anything is written: the reader may see the
+        # REPLY before the writer returns. A JOIN that is never sent leaves
+        # an entry that nothing answers, which costs nothing but its bytes.
+        self._seq.sent(req, pending)
+        return _Call(req, frame, done_seq, pending)
+
+    def _rejoin_call(self, room: str, presence: bool) -> _Call:
+        """The JOIN re-sent after a reconnect: sequenced rooms resume from their positions."""
+        sequenced = room in self._seq and self.session_version >= 2
+        return self._join_call(room, presence, sequenced, 0, quiet=False)
+
+    def _rejoin_refused(self, room: str) -> None:
+        self._joined.pop(room, None)
+        self._seq.forget(room)
 
     def _leave_call(self, room: str) -> _Call:
         def done(_body: bytes) -> None:
             self._joined.pop(room, None)
+            self._seq.forget(room)
 
         req = self._next_req()
         return _Call(req, self._encode(P.Leave(req, room)), done)
@@ -469,16 +543,31 @@ class _Core:
                 return msgs, error_for(exc.code, why, fatal=True)
         return msgs, bad
 
+    def _event(self, msg: P.Event | P.EventSeq, seq: int | None = None, replayed=False) -> Event:
+        skind = msg.kind  # source_kind & EVENT_KIND_MASK: bits 4-5 are the payload type
+        room = msg.source if skind == P.TARGET_ROOM else None
+        source = _SOURCE_KINDS.get(skind, str(skind))
+        ptype = msg.payload_type if self.session_version >= 2 else P.PAYLOAD_BINARY
+        return Event(msg.event, msg.payload, msg.sender, source, room, ptype, seq=seq,
+                     replayed=replayed)  # fmt: skip
+
     def _incoming(self, msg: Any) -> None:
         """Act on one server message; raises the error for an ERROR frame."""
         kind = type(msg)
         if kind is P.Event:
-            skind = msg.kind  # source_kind & EVENT_KIND_MASK: bits 4-5 are the payload type
-            room = msg.source if skind == P.TARGET_ROOM else None
-            source = _SOURCE_KINDS.get(skind, str(skind))
-            ptype = msg.payload_type if self.session_version >= 2 else P.PAYLOAD_BINARY
-            self._deliver(Event(msg.event, msg.payload, msg.sender, source, room, ptype))
+            self._deliver(self._event(msg))
+        elif kind is P.EventSeq:
+            room = msg.source if msg.kind == P.TARGET_ROOM else None
+            replayed = self._seq.on_event(msg, room)
+            if replayed is not None:  # None: a duplicate of what was handed out
+                self._deliver(self._event(msg, msg.seq, replayed))
+        elif kind is P.Gap:
+            self._deliver(self._seq.on_gap(msg))
         elif kind is P.Reply:
+            if self._seq.expects(msg.req):
+                recovery = self._seq.on_reply(msg)
+                if recovery is not None:  # queued ahead of its replay
+                    self._deliver(recovery)
             if msg.req and msg.req in self._pending:
                 self._on_reply(msg)
             elif msg.req in self._acks:
@@ -520,8 +609,22 @@ class _Core:
         exc.req = reply.req
         self._deliver(exc)
 
+    def _for_recv(self, raw: Any) -> Any:
+        """What ``recv`` returns for a queued item: None to skip it (a duplicate, or Quiet).
+
+        Raises a queued error. There is no handler to wait for, so a
+        sequenced Event counts as handled once handed out.
+        """
+        if isinstance(raw, MuxError):
+            raise raw
+        item = self._seq.take(raw)
+        if item is None or type(raw) is Quiet:
+            return None  # a duplicate, or the Recovery join() returned already
+        self._seq.done(item)
+        return item
+
     # I/O hooks, provided by the subclasses.
-    def _deliver(self, item: Event | Presence | Ack | MuxError) -> None:
+    def _deliver(self, item: Event | Presence | Ack | Recovery | Quiet | MuxError) -> None:
         raise NotImplementedError
 
     def _on_reply(self, reply: P.Reply) -> None:

@@ -34,7 +34,7 @@ DEFAULT_PORT = 7878
 # version 2 carries payload types (section 8). version=1 talks to older servers.
 DEFAULT_VERSION = 2
 # Event names that on() keeps for the connection itself (socket.io's reserved names).
-RESERVED_EVENTS = frozenset({"connect", "disconnect"})
+RESERVED_EVENTS = frozenset({"connect", "disconnect", "recovery"})
 # Measured on loopback (send + recv of a 200-byte message): 2.4 us with 64 KiB,
 # 14 us with 256 KiB, where every recv allocates a buffer big enough for
 # malloc to use fresh mmap'ed pages. recv_into a per-client buffer saves
@@ -269,6 +269,12 @@ class Event:
     bytes (binary, and everything a version-1 session receives, since that
     version carries no payload type). ``payload`` is always the raw bytes.
     ``payload_type`` is the protocol's number (0 binary, 1 text, 2 JSON).
+
+    ``seq`` is the message's number in a sequenced room (protocol section 9;
+    0 when the server keeps no history), None for everything else.
+    ``replayed`` is True for a message from the room's history, sent because
+    of a JOIN (a catch-up after a reconnect, or ``join(room, history=N)``),
+    not live.
     """
 
     event: str
@@ -278,6 +284,8 @@ class Event:
     room: str | None = None
     payload_type: int = P.PAYLOAD_BINARY
     data: Any = field(default=_UNSET, compare=False)
+    seq: int | None = None
+    replayed: bool = False
 
     def __post_init__(self) -> None:
         if self.data is _UNSET:
@@ -290,6 +298,8 @@ class Event:
 
     def __repr__(self) -> str:
         where = f", room={self.room!r}" if self.room is not None else ""
+        if self.seq is not None:
+            where += f", seq={self.seq}" + (", replayed=True" if self.replayed else "")
         return (
             f"Event(event={self.event!r}, data={self.data!r}, sender={self.sender!r}, "
             f"kind={self.kind!r}{where})"
@@ -321,6 +331,29 @@ class Ack:
     req: int
     recipients: int
     rtt: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What a sequenced JOIN found (protocol section 9), for ``on("recovery")`` handlers.
+
+    ``outcome`` is "fresh" (a first join), "complete" (a re-join that missed
+    nothing: ``replayed`` messages come back), "gap" (messages
+    ``missing[0]..missing[1]`` are gone for good) or "reset" (the room's
+    history restarted under a new ``epoch``: what was missed cannot be
+    known, and the replay is the latest messages of the new history). The
+    replayed messages are ``first..last`` (none when ``first > last``), and
+    live ones follow. A GAP frame met during a replay is a Recovery too:
+    outcome "gap", ``first`` the seq the replay goes on from.
+    """
+
+    room: str
+    outcome: str
+    epoch: int
+    first: int
+    last: int
+    missing: tuple[int, int] | None = None
+    replayed: int = 0
 
 
 class RoomInfo(NamedTuple):
@@ -369,6 +402,6 @@ class Backoff:
 
 for _cls in (
     MuxError, ConnectionClosed, NotConnected, *ERRORS.values(),
-    Event, Presence, Ack, RoomInfo, Listing, Backoff,
+    Event, Presence, Ack, Recovery, RoomInfo, Listing, Backoff,
 ):  # fmt: skip
     _cls.__module__ = PUBLIC_MODULE

@@ -35,6 +35,7 @@ from muxserver.client import (
     NotMember,
     Presence,
     RateLimited,
+    Recovery,
     RoomInfo,
     ShuttingDown,
     TooLarge,
@@ -95,7 +96,7 @@ def test_requests(server):
             assert await recv_type(a, Presence) == Presence("join", "games", "bob")
             assert await b.emit("chat", "hi", room="games", ack=True) == 1
             assert await recv_type(a, Event) == Event(
-                "chat", b"hi", "bob", "room", "games", P.PAYLOAD_TEXT
+                "chat", b"hi", "bob", "room", "games", P.PAYLOAD_TEXT, seq=1
             )
             assert await a.who("games") == ["alice", "bob"]
             assert await b.rooms() == [RoomInfo("games", 2)]
@@ -288,6 +289,8 @@ def test_reconnect_after_server_restart(server_factory):
         srv2 = await asyncio.to_thread(restart_on_same_port, server_factory, srv)
         await asyncio.wait_for(back.wait(), 15)
         assert alice.connected and alice.nick == "alice"
+        # A new server, a new history: the sequenced room's position is void.
+        assert (await recv_type(alice, Recovery)).outcome == "reset"
         bob = await connect(srv2, "bob")
         await bob.join("games")
         assert await recv_type(alice, Presence) == Presence("join", "games", "bob")
@@ -312,6 +315,7 @@ def test_reconnect_after_cut_connection(server):
         alice._writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)  # the network cuts us
         await asyncio.wait_for(back.wait(), 15)
         assert alice.conn_id != old_id and alice.nick == "alicia"
+        assert (await recv_type(alice, Recovery)).outcome == "complete"  # nothing was missed
         await bob.emit("chat", "still there?", room="games", ack=True)
         assert (await recv_type(alice, Event)).text == "still there?"
         await bob.close()

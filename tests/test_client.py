@@ -157,7 +157,9 @@ def test_connect_refused_is_oserror():
 # ================================================================== rooms
 def test_join_leave_who_rooms(connect):
     a, b = connect("alice"), connect("bob")
-    assert a.join("games") is None
+    rec = a.join("games")  # version 2: sequenced, and the answer says so
+    assert (rec.room, rec.outcome, rec.first, rec.last, rec.replayed) == ("games", "fresh", 1, 0, 0)
+    assert b.join("games", sequenced=False) is None
     b.join("games")
     b.join("lobby")
     a.join("games")  # idempotent
@@ -235,7 +237,7 @@ def test_emit_room(connect):
     assert a.emit("chat", "hi bob", room="games", ack=True) == 1
     ev = recv_type(b, Event)
     # A str goes as text (protocol version 2, the default): it comes back a str.
-    assert ev == Event("chat", b"hi bob", "alice", "room", "games", P.PAYLOAD_TEXT)
+    assert ev == Event("chat", b"hi bob", "alice", "room", "games", P.PAYLOAD_TEXT, seq=1)
     assert ev.text == ev.data == "hi bob"
     assert a.emit("bin", b"\x00\xff" * 10, room="games") is None
     assert recv_type(b, Event).payload == b"\x00\xff" * 10
