@@ -62,6 +62,11 @@ def _add_options(parser) -> None:
         "--offline", type=float, default=0.5,
         help="recovery: seconds a cut user waits before it reconnects (its backoff, +/- 50 %%)",
     )  # fmt: skip
+    parser.add_argument(
+        "--drop-for-test", type=float, default=0.0,
+        help="recovery, to check the check: each user ignores this fraction of its "
+        "deliveries as if they never came, which the run must report as loss",
+    )  # fmt: skip
 
 
 def counts(tally: Tally, name: str, count: int = 1) -> None:
@@ -81,6 +86,7 @@ class Talker:
         opts = user.environment.parsed_options
         self.cut_every = max(0.0, float(getattr(opts, "cut_every", 10.0)))
         self.offline = max(0.0, float(getattr(opts, "offline", 0.5)))
+        self.drop = max(0.0, float(getattr(opts, "drop_for_test", 0.0)))
         self.check = RoomCheck()
         self.n = 0
         self.pad = padding(node.cfg.size)
@@ -163,9 +169,7 @@ class Talker:
         payload = _pack_head(self.user.sender_id, self.n, time.time()) + self.pad
         tally.unacked += 1
         try:
-            conn.client.emit(
-                "load", payload, room=self.room, echo=True, ack=True, wait=False
-            )
+            conn.client.emit("load", payload, room=self.room, echo=True, ack=True, wait=False)
         except MuxError:  # the connection went between our check and the write
             tally.unacked -= 1
             return
@@ -183,6 +187,9 @@ class Talker:
             sender, n, sent = _unpack_head(ev.payload)
         except Exception:
             tally.foreign += 1
+            return
+        if self.drop and random.random() < self.drop:
+            counts(tally, "dropped_for_test")  # after the handler: the client counts it handled
             return
         tally.delivered += 1
         if ev.replayed:

@@ -80,6 +80,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--offline", type=float, default=None,
         help="recovery: seconds a cut user stays away before resuming (default 0.5)",
     )  # fmt: skip
+    p.add_argument(
+        "--drop-for-test", type=float, default=None,
+        help="recovery: fraction of deliveries each user ignores, to see the loss check fail",
+    )  # fmt: skip
     p.add_argument("--no-ack", action="store_true")
     p.add_argument(
         "--transport", choices=("tcp", "ws"), default="tcp",
@@ -166,7 +170,7 @@ def locust_command(args, port: int, prefix: Path, extra: list[str]) -> list[str]
         cmd += ["--processes", str(args.processes)]
         cmd += ["--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)]
         cmd += ["--master-host", "127.0.0.1", "--master-port", str(port)]
-    floats = ("rate", "cut_every", "offline")
+    floats = ("rate", "cut_every", "offline", "drop_for_test")
     for name in ("rate", "rooms", "size", "publishers", "deliver_sample", *floats[1:]):
         value = getattr(args, name)
         if value is not None:

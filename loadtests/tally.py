@@ -347,7 +347,7 @@ def _recovery_lines(s: dict, n, ms) -> list[str]:
     def g(name: str) -> str:
         return n(r.get(name, 0))
 
-    return [
+    lines = [
         f"  messages sent         {n(s['sent'])}  ({n(s['messages_per_s'])}/s"
         + (f" of {n(s['offered_per_s'])}/s asked)" if s.get("offered_per_s") else ")")
         + f", {n(s['acked'])} acked, {g('unconfirmed')} unconfirmed (in flight at a cut)",
@@ -361,12 +361,18 @@ def _recovery_lines(s: dict, n, ms) -> list[str]:
         f"p99 {ms('p99', 'loop_lag_ms')}  max {ms('max', 'loop_lag_ms')}",
         f"  cuts                  {g('cuts')} sockets closed without BYE, {g('resumed')} "
         f"resumed; re-joins complete {g('rejoin_complete')}, reset {g('rejoin_reset')}",
-        f"  announced gaps        {g('announced')} messages the server said are gone, in "
-        f"{g('gap_notices')} notices (a re-join REPLY or a GAP frame)",
+        f"  announced gaps        {g('announced')} messages gone, as the server said "
+        f"({g('gap_notices')} notices: re-join REPLY or GAP)",
         f"  unannounced loss      gaps {n(s['gaps'])} (tail {g('tail_missing')})  "
         f"duplicates {n(s['duplicates'])}  reordered {n(s['reordered'])}",
         f"  deliver rows          1 in {s['deliver_sample']} live deliveries",
     ]
+    if r.get("dropped_for_test"):
+        lines.append(
+            f"  dropped for the test  {g('dropped_for_test')} deliveries ignored "
+            "(--drop-for-test): each must show as loss"
+        )
+    return lines
 
 
 def format_summary(s: dict) -> str:
