@@ -44,6 +44,7 @@ from locust import events
 from loadtests.loadclient import LoadClient
 from loadtests.recoverycheck import RoomCheck
 from loadtests.tally import PAYLOAD_HEAD, Tally, bucket, padding
+from loadtests.wsclient import WsClient
 from muxserver.client import Ack, Backoff, Client, MuxError
 
 QUIET_S = 1.0  # settle: this long without a delivery, with everyone back, means done
@@ -104,9 +105,8 @@ class Talker:
         cfg = self.node.cfg
         # Backoff: the delay of every reconnect, the "offline" time of a cut.
         backoff = Backoff(initial=self.offline, maximum=max(self.offline, 1.0) * 4, jitter=0.5)
-        client = Client(
-            cfg.host, cfg.port, namespace=cfg.namespace, reconnect=True, backoff=backoff
-        )
+        cls = WsClient if cfg.transport == "ws" else Client  # a WsClient's sock is its TCP socket
+        client = cls(cfg.host, cfg.port, namespace=cfg.namespace, reconnect=True, backoff=backoff)
         client.on("recovery", self.on_recovery)
         client.on_disconnect(self.on_disconnect)
         client.on_reconnect(self.on_reconnect)
