@@ -17,6 +17,11 @@ shorter than a keystroke. Incoming lines are printed by client handlers when
 ``poll(0)`` dispatches them. Auto-reconnect is on, and the selector is
 re-pointed whenever the client's socket changes.
 
+Rooms are joined sequenced (protocol section 9): a join shows the room's
+latest messages between two "earlier messages" lines, and after a reconnect
+the chat says what came back ("recovered 12 missed messages in #games") or
+what is gone for good ("messages 40..57 in #games were lost").
+
 With ``--tls`` (or ``--ca PATH``, a CA to trust) the connection is TLS, on
 reconnects too; the selector watches the TLS socket's descriptor, which is
 safe because every client read drains what the SSL object has decrypted.
@@ -50,6 +55,7 @@ from .client import (
     MuxError,
     NotConnected,
     Presence,
+    Recovery,
 )
 
 HELP = """\
@@ -79,6 +85,7 @@ RESET, BOLD, DIM, RED, GREEN, YELLOW, MAGENTA, CYAN = (
 )  # fmt: skip
 NICK_COLOURS = ("\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[34m", "\x1b[35m", "\x1b[36m")
 EVENT = "msg"  # the event name chat lines travel under
+EARLIER = 20  # messages of a room's history shown on joining it
 
 
 # Terminal key sequences (arrows, Home, F-keys: CSI and SS3) that a line-mode
@@ -128,7 +135,10 @@ class Chat:
         self.rooms_seen: set[str] = set()  # rooms listed by /rooms all, for Tab completion
         self.done = False
         self._last_rename: tuple[str, str] | None = None
+        # room -> seq of the last earlier message being shown after a join
+        self._earlier_until: dict[str, int] = {}
         client.on("*", self.show_event)
+        client.on("recovery", self.show_recovery)
         client.on_presence(self.show_presence)
         client.on_error(lambda exc: self.error(exc))
         client.on_disconnect(self.show_disconnect)
@@ -186,6 +196,33 @@ class Chat:
         if ev.event != EVENT:
             text = f"[{_clean(ev.event)}] {text}"
         self.line(f"{where} {self.nick(ev.sender)} {text}")
+        if ev.replayed and self._earlier_until.get(ev.room) == ev.seq:
+            del self._earlier_until[ev.room]
+            self.info(f"--- end of earlier messages in #{ev.room} ---")
+
+    def show_recovery(self, rec: Recovery) -> None:
+        """What a sequenced join found: earlier messages, or what a reconnect got back or lost."""
+        room = f"#{rec.room}"
+        if rec.outcome == "fresh":
+            if rec.replayed:
+                self._earlier_until[rec.room] = rec.last
+                self.info(f"--- earlier messages in {room} ---")
+            return
+        if rec.outcome == "reset":
+            self.error(
+                f"{room} was restarted on the server: what was sent there while you were "
+                "away is lost"
+            )
+        elif rec.outcome == "gap" and rec.missing is not None:
+            first, last = rec.missing
+            which = f"message {first}" if first == last else f"messages {first}..{last}"
+            self.error(f"{which} in {room} {'was' if first == last else 'were'} lost")
+        if rec.replayed:
+            if rec.outcome == "reset":
+                self.info(f"the latest {rec.replayed} in {room} follow")
+            else:
+                s = "" if rec.replayed == 1 else "s"
+                self.info(f"recovered {rec.replayed} missed message{s} in {room}")
 
     def show_presence(self, p: Presence) -> None:
         self.nicks.add(p.nick)
@@ -246,7 +283,8 @@ class Chat:
         c = self.client
         if cmd == "join" and arg:
             room = _room_arg(arg)
-            c.join(room, presence=True)
+            # Shown by show_recovery and show_event once poll dispatches them.
+            c.join(room, presence=True, history=EARLIER if c.session_version >= 2 else 0)
             self.use(room)
             self.info(f"you joined #{room} ({self._members(room)})")
         elif cmd == "leave":
@@ -329,6 +367,7 @@ class Chat:
         sel.register(stdin_fd, selectors.EVENT_READ, "stdin")
         sock = sock_fd = None
         pending = b""
+        self.client.poll(0)  # what came with the --room join (its earlier messages)
         while not self.done:
             if self.client.sock is not sock:  # reconnected (or lost): watch the new socket
                 if sock_fd is not None:

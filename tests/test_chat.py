@@ -2,7 +2,8 @@
 
 Two chats against a real server: join, talk, whisper, nick change, presence
 lines, quit. Also: errors are one readable line (never a traceback), colour
-only on a terminal, reconnects are shown, TLS (``--ca``), and start-up
+only on a terminal, reconnects are shown (what came back, what was lost), a join
+shows the room's latest messages, TLS (``--ca``), and start-up
 failures exit 1 with one line.
 Patterns never match the terminal's echo of what was typed: they include the
 ``<nick>`` or ``* `` that only muxchat prints.
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect  # in the test extra: missing fails, never skips
@@ -24,7 +26,8 @@ import pytest
 from conftest import restart_on_same_port
 from tlsutil import make_tls_files
 
-from muxserver.client import Client
+from muxserver.chat import Chat as ChatSession
+from muxserver.client import Backoff, Client
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -180,12 +183,74 @@ def test_reconnect_is_shown(server_factory, chats):
     alice.expect(r"! not connected .*; not sent")
     srv2 = restart_on_same_port(server_factory, srv)
     alice.expect(r"\* reconnected as alice \(#games\)")
+    # A new server: the room's history (and alice's position in it) started over.
+    alice.expect(r"! #games was restarted on the server: what was sent there while you were away")
     bob = chats(srv2, "--nick", "bob", "--room", "games")
     bob.expect(r"you joined #games \(2 members\)")
     bob.say("you are back")
     alice.expect(r"#games <bob> you are back")
     alice.say("/quit")
     assert alice.finish() == 0
+
+
+def test_joining_shows_the_latest_20_messages_as_earlier(server, chats):
+    with Client.connect(server.host, server.port, nick="bob") as bob:
+        bob.join("games")
+        for i in range(1, 26):
+            bob.emit("msg", f"old {i}", room="games", ack=True)
+        alice = chats(server, "--nick", "alice", "--room", "games")
+        alice.expect(r"\* you joined #games \(2 members\)")
+        alice.expect(r"\* --- earlier messages in #games ---")
+        before = alice.child.before
+        alice.expect(r"\* --- end of earlier messages in #games ---")
+        shown = re.findall(r"#games <bob> (old \d+)", alice.child.before)
+        assert shown == [f"old {i}" for i in range(6, 26)]
+        assert "old 5" not in before + alice.child.before
+        bob.emit("msg", "live one", room="games", ack=True)
+        alice.expect(r"#games <bob> live one")
+    alice.say("/quit")
+    assert alice.finish() == 0
+
+
+def _missed_while_cut(srv, missed: int) -> str:
+    """A Chat in #games whose connection is cut while bob sends ``missed`` lines; its output."""
+    out = io.StringIO()
+    fast = Backoff(initial=0.05, maximum=0.2, jitter=0)
+    with Client.connect(srv.host, srv.port, nick="alice", backoff=fast) as alice, \
+            Client.connect(srv.host, srv.port, nick="bob") as bob:  # fmt: skip
+        chat = ChatSession(alice, out, colour=False)
+        chat.handle("/join games")
+        bob.join("games")
+        bob.emit("msg", "seen", room="games", ack=True)
+        deadline = time.monotonic() + 10
+        while "<bob> seen" not in out.getvalue():
+            assert time.monotonic() < deadline, out.getvalue()
+            alice.poll(0.05)
+        alice.sock.shutdown(socket.SHUT_RDWR)  # the network drops alice
+        for i in range(missed):
+            bob.emit("msg", f"while away {i}", room="games", ack=True)
+        while f"while away {missed - 1}" not in out.getvalue():
+            assert time.monotonic() < deadline + 10, out.getvalue()
+            alice.poll(0.05)
+        alice.poll(0.2)
+    return out.getvalue()
+
+
+def test_reconnect_says_what_came_back(server):
+    out = _missed_while_cut(server, 12)
+    assert "* recovered 12 missed messages in #games\n" in out
+    assert "were lost" not in out
+    lines = re.findall(r"#games <bob> (while away \d+)", out)
+    assert lines == [f"while away {i}" for i in range(12)]  # once each, in order
+
+
+def test_reconnect_says_what_was_lost(server_factory):
+    out = _missed_while_cut(server_factory("--history-size", "5"), 12)
+    # seq 1 was seen; 2..13 were sent while away, and the history kept 9..13.
+    assert "! messages 2..8 in #games were lost\n" in out
+    assert "* recovered 5 missed messages in #games\n" in out
+    lines = re.findall(r"#games <bob> (while away \d+)", out)
+    assert lines == [f"while away {i}" for i in range(7, 12)]
 
 
 def test_startup_failures_exit_1(server):
