@@ -54,8 +54,17 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from loadtests import progress  # noqa: E402
+from loadtests import progress, recovery  # noqa: E402
 from loadtests.loadclient import LoadClient  # noqa: E402
+from loadtests.options import (  # noqa: E402
+    DRAIN_CAP_S,
+    ROOM_SIZE,
+    Config,
+    auto_sample,
+    estimate_deliveries,
+    offered_rate,
+    parse_host,
+)
 from loadtests.tally import (  # noqa: E402
     PAYLOAD_HEAD,
     SequenceTracker,
@@ -70,133 +79,10 @@ from muxserver.client import Ack, Client, Event, MuxError  # noqa: E402
 
 log = logging.getLogger("muxload")
 
-SCENARIOS = ("chat", "broadcast", "direct", "churn")
-DEFAULT_ADDRESS = ("127.0.0.1", 7878)
-ROOM_SIZE = 20  # chat: users per room when --rooms is 0, so load grows linearly with users
-TARGET_SAMPLED_PER_S = 10_000  # auto --deliver-sample keeps Locust events under this
 QUIET_S = 1.0  # drain without acks: this long without a delivery means done
-DRAIN_CAP_S = 120.0  # a drain never takes longer, however much is still arriving
 LAG_TICK_S = 0.05  # loop-lag probe period
-PROGRESS_S = progress.DEFAULT_EVERY_S
 _unpack_head = PAYLOAD_HEAD.unpack_from
 _pack_head = PAYLOAD_HEAD.pack
-
-
-# ================================================================ options
-@events.init_command_line_parser.add_listener
-def _add_options(parser) -> None:
-    parser.add_argument(
-        "--scenario", choices=SCENARIOS, default="chat",
-        help="chat: rooms of users who all talk; broadcast: one hot room, few publishers; "
-        "direct: pairs whispering; churn: connect/join/leave/bye in a loop",
-    )  # fmt: skip
-    parser.add_argument(
-        "--rooms", type=int, default=0,
-        help=f"chat/churn: number of rooms (0: one per {ROOM_SIZE} users)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--rate", type=float, default=1.0,
-        help="messages/s per sending user (churn: cycles/s per user); 0: no pause",
-    )  # fmt: skip
-    parser.add_argument("--size", type=int, default=64, help="payload bytes (at least 20)")
-    parser.add_argument("--publishers", type=int, default=10, help="broadcast: sending users")
-    parser.add_argument(
-        "--deliver-sample", type=int, default=0,
-        help="fire a Locust 'deliver' event for every Nth delivery (0: pick N so that "
-        f"about {TARGET_SAMPLED_PER_S:,}/s are fired at most); every delivery is counted",
-    )  # fmt: skip
-    parser.add_argument(
-        "--no-ack", action="store_true", default=False,
-        help="EMIT without a request id: no 'emit' round trip, no expected count",
-    )  # fmt: skip
-    parser.add_argument("--namespace", default="/loadtest", help="namespace the users live in")
-    parser.add_argument(
-        "--transport", choices=("tcp", "ws"), default="tcp",
-        help="tcp: the raw protocol; ws: the same frames over WebSocket (/ws), as browsers",
-    )  # fmt: skip
-    parser.add_argument(
-        "--drain-timeout", type=float, default=10.0,
-        help="at stop, give up waiting for outstanding acks and deliveries after this many "
-        f"seconds without a new one (a drain takes {DRAIN_CAP_S:g} s at most)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--summary-file", default="", include_in_web_ui=False,
-        help="also write the summary as JSON to this file",
-    )  # fmt: skip
-    parser.add_argument(
-        "--compact", action="store_true", default=False, include_in_web_ui=False,
-        help="for loadtests/run.py: a progress line every --progress-every seconds instead "
-        "of Locust's stats tables (the CSV and HTML reports keep them), and no summary "
-        "(the caller prints it)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--progress-every", type=float, default=PROGRESS_S, include_in_web_ui=False,
-        help=f"with --compact: seconds between progress lines (default {PROGRESS_S:g})",
-    )  # fmt: skip
-
-
-@dataclass
-class Config:
-    scenario: str = "chat"
-    rooms: int = 1
-    rate: float = 1.0
-    size: int = 64
-    publishers: int = 10
-    sample: int = 1
-    acks: bool = True
-    namespace: str = "/loadtest"
-    transport: str = "tcp"  # or "ws": loadtests/wsclient.py
-    drain_timeout: float = 10.0
-    summary_file: str = ""
-    host: str = DEFAULT_ADDRESS[0]
-    port: int = DEFAULT_ADDRESS[1]
-    node: int = 0  # this worker's index (0 when not distributed)
-    nodes: int = 1  # worker processes
-
-
-def parse_host(host: str | None) -> tuple[str, int]:
-    """``127.0.0.1:7878``, ``mux://host:port``, ``[::1]:7878`` or empty (the default)."""
-    if not host:
-        return DEFAULT_ADDRESS
-    host = host.split("://", 1)[-1].rstrip("/")
-    name, sep, port = host.rpartition(":")
-    if not sep or not port.isdigit():
-        return host.strip("[]"), DEFAULT_ADDRESS[1]
-    return name.strip("[]"), int(port)
-
-
-def estimate_deliveries(opts, users: int) -> float:
-    """Deliveries/s the options ask for, to pick the sample rate before the run."""
-    rate, users = max(opts.rate, 0.0) or 100.0, max(users, 1)
-    if opts.scenario == "chat":
-        per_room = users / max(opts.rooms or math.ceil(users / ROOM_SIZE), 1)
-        return users * rate * max(per_room - 1, 0)
-    if opts.scenario == "broadcast":
-        return min(opts.publishers, users) * rate * (users - 1)
-    if opts.scenario == "direct":
-        return users * rate
-    return 0.0
-
-
-def offered_rate(cfg: Config, users: int) -> float | None:
-    """Messages/s (churn: cycles/s) the options ask of ``users`` users; None: unpaced."""
-    if cfg.rate <= 0:
-        return None
-    senders = {
-        "broadcast": min(cfg.publishers, users),
-        "direct": users - users % 2,  # the odd one out has no partner
-    }.get(cfg.scenario, users)
-    return senders * cfg.rate
-
-
-def auto_sample(estimate: float) -> int:
-    """1, 2, 5, 10, 20, 50... : the smallest keeping sampled events under the target."""
-    need = estimate / TARGET_SAMPLED_PER_S
-    for exp in range(10):
-        for step in (1, 2, 5):
-            if step * 10**exp >= need:
-                return step * 10**exp
-    return 10**10
 
 
 # ============================================================= node state
@@ -211,6 +97,7 @@ class Node:
     token: str = ""  # makes this process's nicks unique
     counter: itertools.count = field(default_factory=itertools.count)
     online: set[int] = field(default_factory=set)  # direct: local indexes connected
+    talkers: list = field(default_factory=list)  # recovery: this process's recovery.Talkers
     worker_tallies: dict[str, Tally] = field(default_factory=dict)  # master only
     # master, for the progress line: worker id -> (delivered, loss) (loadtests/progress.py)
     progress: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -288,6 +175,7 @@ class MuxUser(User):
         self.seq = 0
         self.sender_id = int.from_bytes(os.urandom(8), "big") >> 1
         self.idx = -1
+        self.talker: recovery.Talker | None = None
 
     # ------------------------------------------------------------ set-up
     def on_start(self) -> None:
@@ -301,6 +189,11 @@ class MuxUser(User):
         self.pad = padding(cfg.size)
         if cfg.scenario == "churn":
             self.room = f"churn-{gidx % cfg.rooms}"
+            return
+        if cfg.scenario == "recovery":
+            room = f"recovery-{gidx % cfg.rooms}"
+            self.talker = recovery.Talker(self, NODE, room, _fire, _fail)
+            self.dead = not self.talker.start()
             return
         nick, self.room = None, None
         if cfg.scenario == "chat":
@@ -366,6 +259,8 @@ class MuxUser(User):
         client, self.client = self.client, None
         if client is not None:  # churn, stopped mid-cycle
             client.close()
+        if self.talker is not None:
+            self.talker.stop()
 
     # ------------------------------------------------------------ sending
     @task
@@ -374,6 +269,8 @@ class MuxUser(User):
             return
         if NODE.cfg.scenario == "churn":
             self._churn_cycle()
+        elif self.talker is not None:
+            self.talker.step()
         elif self.sends:
             self._send()
 
@@ -501,6 +398,10 @@ def _resolve(environment) -> Config:
         # with the rest (the user's own options stay as given, for the next run).
         users = getattr(runner, "target_user_count", 0) or opts.num_users or 1
         rooms = opts.rooms if opts.rooms > 0 else math.ceil(users / ROOM_SIZE)
+        if opts.scenario == "recovery" and isinstance(runner, MasterRunner):
+            # Each room within one worker (users go round-robin), which judges it alone.
+            workers = max(int(getattr(opts, "expect_workers", 1) or 1), 1)
+            rooms = math.ceil(rooms / workers) * workers
         sample = opts.deliver_sample
         if sample <= 0:
             sample = auto_sample(estimate_deliveries(opts, users))
@@ -640,6 +541,10 @@ class DrainWatch:
 
 def _drain_local() -> None:
     _stop_sending()
+    if NODE.cfg.scenario == "recovery":
+        recovery.settle(NODE)  # everyone back and quiet, then every tail checked
+        NODE.drained = True
+        return
     watch = DrainWatch(NODE.cfg.acks, NODE.cfg.drain_timeout)
     while not watch.done(NODE.tally):
         gevent.sleep(0.05)
@@ -664,7 +569,8 @@ def _drain_workers(runner: MasterRunner) -> None:
     workers = {c.id for c in runner.clients.all}
     NODE.worker_tallies.clear()
     runner.send_message("mux_drain", None)
-    watch = DrainWatch(NODE.cfg.acks, NODE.cfg.drain_timeout)
+    # recovery: workers report once settled; deliveries owed are not known from acks there.
+    watch = DrainWatch(NODE.cfg.acks and NODE.cfg.scenario != "recovery", NODE.cfg.drain_timeout)
     deadline = time.monotonic() + DRAIN_CAP_S + NODE.cfg.drain_timeout  # workers that never answer
     while time.monotonic() < deadline:
         gevent.sleep(0.1)
@@ -692,6 +598,8 @@ def _on_worker_tally(environment, msg, **_kw) -> None:
 def _on_drain_request(environment, msg, **_kw) -> None:
     """Worker: stop sending, then report counters until the master has seen enough."""
     _stop_sending()
+    if NODE.cfg.scenario == "recovery":
+        recovery.settle(NODE)  # within SETTLE_CAP_S, well inside the master's patience
     runner = environment.runner
     deadline = time.monotonic() + DRAIN_CAP_S + NODE.cfg.drain_timeout + 10.0
     NODE.stop_reporting = False
@@ -720,13 +628,14 @@ def _on_test_stop(environment, **_kw) -> None:
     else:
         _stop_sending()
         tally = NODE.tally
-    if cfg.acks and tally.expected > tally.delivered:
+    acks = cfg.acks and cfg.scenario not in ("churn", "recovery")  # recovery: seqs judge
+    if acks and tally.expected > tally.delivered:
         # Promised by the server, never received: loss the sequence check cannot see
         # (nothing came after it).
         count = tally.expected - tally.delivered
         _fire_failures("deliver", "MISSING", count)
     summary = summary_dict(
-        tally, cfg.scenario, cfg.acks and cfg.scenario != "churn", cfg.sample,
+        tally, cfg.scenario, acks, cfg.sample,
         offered_rate(cfg, tally.users),
     )  # fmt: skip
     if not getattr(environment.parsed_options, "compact", False):

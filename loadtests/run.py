@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
-SCENARIOS = ("chat", "broadcast", "direct", "churn")
+SCENARIOS = ("chat", "broadcast", "direct", "churn", "recovery")
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -72,6 +72,18 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--size", type=int, default=None, help="payload bytes")
     p.add_argument("--publishers", type=int, default=None)
     p.add_argument("--deliver-sample", type=int, default=None)
+    p.add_argument(
+        "--cut-every", type=float, default=None,
+        help="recovery: mean seconds between a user's cuts (default 10)",
+    )  # fmt: skip
+    p.add_argument(
+        "--offline", type=float, default=None,
+        help="recovery: seconds a cut user stays away before resuming (default 0.5)",
+    )  # fmt: skip
+    p.add_argument(
+        "--drop-for-test", type=float, default=None,
+        help="recovery: fraction of deliveries each user ignores, to see the loss check fail",
+    )  # fmt: skip
     p.add_argument("--no-ack", action="store_true")
     p.add_argument(
         "--transport", choices=("tcp", "ws"), default="tcp",
@@ -158,10 +170,11 @@ def locust_command(args, port: int, prefix: Path, extra: list[str]) -> list[str]
         cmd += ["--processes", str(args.processes)]
         cmd += ["--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)]
         cmd += ["--master-host", "127.0.0.1", "--master-port", str(port)]
-    for name in ("rate", "rooms", "size", "publishers", "deliver_sample"):
+    floats = ("rate", "cut_every", "offline", "drop_for_test")
+    for name in ("rate", "rooms", "size", "publishers", "deliver_sample", *floats[1:]):
         value = getattr(args, name)
         if value is not None:
-            cmd += [f"--{name.replace('_', '-')}", f"{value:g}" if name == "rate" else str(value)]
+            cmd += [f"--{name.replace('_', '-')}", f"{value:g}" if name in floats else str(value)]
     if args.no_ack:
         cmd.append("--no-ack")
     if args.transport != "tcp":

@@ -137,6 +137,8 @@ class Tally:
     duplicates: int = 0  # arrived twice
     foreign: int = 0  # EVENTs without our payload header (someone else's traffic)
     cycles: int = 0  # churn: connect/join/leave/bye cycles completed
+    # recovery: cuts, resumes, replays, announced gaps... (loadtests/recovery.py)
+    recovery: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)  # status name -> count
     latency: dict[int, int] = field(default_factory=dict)  # bucket (us) -> count
     # How late the process's event loop woke a timer (us buckets): the delay
@@ -178,6 +180,7 @@ class Tally:
         """Plain data for Locust's msgpack messages (no int dict keys)."""
         data = dict(self.__dict__)
         data["errors"] = dict(self.errors)
+        data["recovery"] = dict(self.recovery)
         for name in HISTOGRAMS:
             data[name] = [[k, v] for k, v in getattr(self, name).items()]
         return data
@@ -199,6 +202,8 @@ class Tally:
             self.steady[name] = self.steady.get(name, 0.0) + rate
         for name, count in other.errors.items():
             self.error(name, count)
+        for name, count in other.recovery.items():
+            self.recovery[name] = self.recovery.get(name, 0) + count
         for name in HISTOGRAMS:
             mine = getattr(self, name)
             for key, count in getattr(other, name).items():
@@ -234,6 +239,16 @@ def verdict(tally: Tally, acks: bool) -> list[str]:
     return problems
 
 
+def recovery_problems(tally: Tally) -> list[str]:
+    """What fails a recovery run besides unannounced loss (counted as gaps and the like)."""
+    problems = []
+    if not tally.recovery.get("cuts"):
+        problems.append("no connection was cut: nothing was recovered")
+    if tally.unacked:
+        problems.append(f"{tally.unacked} EMITs neither acknowledged nor cut off")
+    return problems
+
+
 def _quantiles_ms(hist: dict[int, int]) -> dict[str, float | None]:
     return {
         name: (None if (v := percentile(hist, q)) is None else v / 1000)
@@ -253,6 +268,8 @@ def summary_dict(
     t1 = tally.t_stop or t0
     span = max(t1 - t0, 1e-9)
     problems = verdict(tally, acks)
+    if scenario == "recovery":
+        problems += recovery_problems(tally)
     return {
         "scenario": scenario,
         "users": tally.users,
@@ -277,6 +294,7 @@ def summary_dict(
         "cycles": tally.cycles,
         "cycles_per_s": round(tally.steady.get("cycles", 0.0), 1),
         "errors": dict(tally.errors),
+        "recovery": dict(tally.recovery) if scenario == "recovery" else None,
         "deliver_sample": sample,
         "passed": not problems,
         "problems": problems,
@@ -322,6 +340,41 @@ def format_progress(
     return line[:WIDTH]
 
 
+def _recovery_lines(s: dict, n, ms) -> list[str]:
+    """The recovery scenario's part of the summary (its loss is judged by seqs, not counts)."""
+    r = s.get("recovery") or {}
+
+    def g(name: str) -> str:
+        return n(r.get(name, 0))
+
+    lines = [
+        f"  messages sent         {n(s['sent'])}  ({n(s['messages_per_s'])}/s"
+        + (f" of {n(s['offered_per_s'])}/s asked)" if s.get("offered_per_s") else ")")
+        + f", {n(s['acked'])} acked, {g('unconfirmed')} unconfirmed (in flight at a cut)",
+        f"  deliveries received   {n(s['delivered'])}  ({g('replayed')} of them replayed "
+        "after a resume)",
+        f"  deliveries/s          {n(s['steady_deliveries_per_s'])} with all users up, "
+        f"{n(s['deliveries_per_s'])} over the whole run",
+        f"  fan-out latency       p50 {ms('p50')}  p95 {ms('p95')}  p99 {ms('p99')}  "
+        f"max {ms('max')}  (live deliveries)",
+        f"  generator loop lag    p50 {ms('p50', 'loop_lag_ms')}  "
+        f"p99 {ms('p99', 'loop_lag_ms')}  max {ms('max', 'loop_lag_ms')}",
+        f"  cuts                  {g('cuts')} sockets closed without BYE, {g('resumed')} "
+        f"resumed; re-joins complete {g('rejoin_complete')}, reset {g('rejoin_reset')}",
+        f"  announced gaps        {g('announced')} messages gone, as the server said "
+        f"({g('gap_notices')} notices: re-join REPLY or GAP)",
+        f"  unannounced loss      gaps {n(s['gaps'])} (tail {g('tail_missing')})  "
+        f"duplicates {n(s['duplicates'])}  reordered {n(s['reordered'])}",
+        f"  deliver rows          1 in {s['deliver_sample']} live deliveries",
+    ]
+    if r.get("dropped_for_test"):
+        lines.append(
+            f"  dropped for the test  {g('dropped_for_test')} deliveries ignored "
+            "(--drop-for-test): each must show as loss"
+        )
+    return lines
+
+
 def format_summary(s: dict) -> str:
     """Human-readable summary of ``summary_dict`` output, at most 100 columns wide."""
 
@@ -342,6 +395,8 @@ def format_summary(s: dict) -> str:
             f"({n(s['cycles_per_s'])} connections/s with all users up"
             + (f", {n(s['offered_per_s'])}/s asked)" if s.get("offered_per_s") else ")"),
         ]
+    elif s["scenario"] == "recovery":
+        lines += _recovery_lines(s, n, ms)
     else:
         lines += [
             f"  messages sent         {n(s['sent'])}  ({n(s['messages_per_s'])}/s"
