@@ -69,7 +69,11 @@ def transport_wants(server, sess, transport) -> None:
     if sess.state > OPEN:
         return
     if wants == END:
-        server.protocol.detach(sess)
+        # A Close without BYE ends the session like EOF (section 11), and EOF
+        # parks a session that may resume (section 10): a phone's browser
+        # whose socket died comes back as the same session.
+        sess = server.protocol.release(sess)
+        server.router.pending.add(sess)
         server.protocol.begin_close(sess)
     elif isinstance(wants, tuple):
         server.protocol.fatal(sess, *wants)

@@ -385,3 +385,35 @@ def test_real_server_resume_after_idle_timeout_over_websocket(server_factory):
     item = w.recv(timeout=0.3)
     assert item is None or isinstance(item, Event), item  # the session never left: no PRESENCE
     w.close()
+
+
+def test_real_server_websocket_close_without_bye_parks_like_eof(server_factory):
+    # Section 11: "A Close from the client ends the session like EOF", and EOF
+    # parks a v2 session (section 10): no PRESENCE leave, WHO still counts it,
+    # and its token resumes it. A BYE first would have ended it for good.
+    from conftest import WsRawClient
+    from wsproto.events import CloseConnection
+
+    from muxserver.client import Client, Event
+
+    srv = server_factory()
+    w = Client.connect(*srv.address, nick="w")
+    w.join("r", presence=True, sequenced=False)
+    a = WsRawClient(srv.address)
+    a.send(P.Hello(2, "/", "a", "", ""))
+    token = a.recv_type(P.Welcome).resume_token
+    a.request(P.Join(1, "r"))
+    assert w.recv(timeout=5).kind == "join"
+    a.sock.sendall(a.ws.send(CloseConnection(code=1001, reason="tab in background")))
+    a.expect_closed()
+    assert a.close_code == 1001  # our Close answered with the same code
+    assert [name for name in w.who("r")] == ["w", "a"]  # parked, still a member
+    item = w.recv(timeout=0.3)
+    assert item is None or isinstance(item, Event), item  # no PRESENCE leave
+    b = WsRawClient(srv.address)
+    b.send(P.Hello(2, "/", "", "", token))
+    welcome = b.recv_type(P.Welcome)
+    assert (welcome.resumed, welcome.nick) == (1, "a")
+    w.emit("m", b"back", room="r")
+    assert b.recv_type(P.Event).payload == b"back"
+    w.close()
