@@ -69,6 +69,8 @@ def transport_wants(server, sess, transport) -> None:
     if sess.state > OPEN:
         return
     if wants == END:
+        if transport.inbound is not None:
+            transport.end_by_transport()
         server.protocol.detach(sess)
         server.protocol.begin_close(sess)
     elif isinstance(wants, tuple):

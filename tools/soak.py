@@ -33,8 +33,7 @@ import time
 from muxserver import protocol as P
 
 from . import harness
-from .fuzz import FuzzWorker, server_args, world_for
-from .fuzzgen import Generator
+from .fuzz import Cases, FuzzWorker, server_args, world_for
 from .harness import Failures, RawClient, Server, Tally
 from .load import CHAT, ChatGroup, Unexpected, drain_to_eof, request
 
@@ -243,7 +242,10 @@ def run(minutes: float, interval: float, warmup: float | None, seed: str) -> int
         *(Churner(server.address, n, stop, tally, failures, seed) for n in range(2)),
     ]
     fuzzers = [
-        FuzzWorker(server.address, Generator(seed, w, world), deadline, tally, failures, seed, 0.1)
+        FuzzWorker(
+            server.address, Cases(seed, w, world, server.address, 0.4), deadline, tally,
+            failures, seed, 0.1,
+        )  # fmt: skip
         for w in range(2)
     ]
     for t in threads + fuzzers:
