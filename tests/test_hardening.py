@@ -65,6 +65,24 @@ def test_fuzz_30_seconds_seeded():
         assert f"{code} " in closes, f"no Close {code} seen: {closes}"
 
 
+# ------------------------------------------------------------------ soak
+@pytest.mark.slow
+def test_soak_45_seconds_every_feature():
+    """``make soak`` in short: TCP, TLS and WebSocket, resumes, slow consumer, churn, scrapes.
+
+    Too short for the RSS band (it is judged after a warm-up longer than
+    this); everything else is checked as in the 10-minute run.
+    """
+    out = run_tool(
+        "tools.soak", "--minutes", "0.75", "--interval", "15", "--seed", "7", timeout=300
+    )
+    assert "invariants: all held" in out
+    seq = re.search(r"sequenced: (\d+) sent, (\d+) EVENT_SEQ checked .*?, (\d+) resumes", out)
+    assert seq and all(int(n) > 0 for n in seq.groups()), "no resumes in the sequenced rooms"
+    scrapes = re.search(r"monitoring scrapes (\d+) \+ (\d+)", out)
+    assert scrapes and all(int(n) > 0 for n in scrapes.groups())
+
+
 # ----------------------------------------------------------------- scale
 @pytest.mark.slow
 def test_2000_clients_one_broadcast_reaches_all():

@@ -33,12 +33,14 @@ _TESTS = Path(__file__).resolve().parent.parent / "tests"
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
-from conftest import RawClient  # noqa: E402
+from conftest import RawClient, WsRawClient  # noqa: E402
 
 from muxserver import protocol as P  # noqa: E402
 from muxserver.testing import ServerProcess  # noqa: E402
 
-__all__ = ["Failures", "RawClient", "Server", "Tally", "fd_count", "raise_nofile", "rss_bytes"]
+__all__ = [
+    "Failures", "RawClient", "Server", "Tally", "WsRawClient", "fd_count", "raise_nofile", "rss_bytes",
+]  # fmt: skip
 
 
 def raise_nofile() -> int:

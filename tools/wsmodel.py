@@ -24,9 +24,10 @@ ends. Readings where the texts leave room:
   accepted.
 * A binary message over max_frame + 4 bytes: ERROR TOO_LARGE (Close 4006)
   as soon as the bytes received pass that size, its frames unread.
-* The checks are made in header order, so a stream that stops inside a
-  header is "partial" (the server waits) unless a field already present
-  is wrong.
+* A violation in a frame header is owed once the whole header (through
+  the masking key) has arrived: a server may decide from fewer bytes, and
+  a stream that stops inside a header is "partial", where nothing more is
+  checked. (Deciding from the first byte alone is allowed, never required.)
 """
 
 from __future__ import annotations
@@ -143,6 +144,15 @@ def parse_header(data: bytes, pos: int) -> _Header:
     return _Header(fin, opcode, length, data[at : at + 4], at + 4)
 
 
+def header_complete(data: bytes, pos: int) -> bool:
+    """The whole header of the frame at ``pos`` (extended length and masking key) is there."""
+    if pos + 2 > len(data):
+        return False
+    n7, masked = data[pos + 1] & 0x7F, data[pos + 1] & 0x80
+    size = 2 + (2 if n7 == 126 else 8 if n7 == 127 else 0) + (4 if masked else 0)
+    return pos + size <= len(data)
+
+
 def _close_codes(payload: bytes) -> tuple[str, frozenset, str]:
     """(end, codes, note) for the client's Close with this (unmasked) payload."""
     if not payload:
@@ -203,7 +213,7 @@ def verdict(stream: bytes, world: World, token: str) -> WsVerdict:
         try:
             h = parse_header(stream, pos)
         except _Stop as stop:
-            if stop.codes:
+            if stop.codes and header_complete(stream, pos):
                 return done(WS_FAIL, stop.codes, stop.note)
             return done(PARTIAL, note="stream ends inside a header")
         body = stream[h.end : h.end + h.length]
