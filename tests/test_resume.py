@@ -352,3 +352,27 @@ def test_bad_history_options_exit_2():
         proc = subprocess.run([sys.executable, "-m", "muxserver", *args],
                               capture_output=True, text=True, timeout=20)  # fmt: skip
         assert proc.returncode == 2 and args[0] in proc.stderr, (args, proc.stderr)
+
+
+def test_a_read_scheduled_before_a_park_goes_to_whoever_holds_the_connection(srv, monkeypatch):
+    """TLS keeps decrypted bytes with no readiness event, so the server schedules one more read
+    (``_read_again``). If the peer's EOF parks the session first, the read must not go to the
+    parked session, which has no connection any more (the soak's TLS resumers crashed the
+    whole server that way)."""
+    from muxserver.loop import EVENT_READ
+    from muxserver.testing import MemoryTransport
+
+    a = hello(srv, "a")
+    sess = a.session
+    # As an SSL object with a record left over: the read schedules one more.
+    monkeypatch.setattr(MemoryTransport, "more_buffered", lambda self: True)
+    a.socket.inbox += P.encode(P.Ping(1))
+    srv._on_event(sess, EVENT_READ)
+    monkeypatch.setattr(MemoryTransport, "more_buffered", lambda self: False)
+    a.socket.peer_eof = True
+    srv._on_event(sess, EVENT_READ)  # end of stream first: the session parks
+    assert sess.state == PARKED
+    srv.loop.run_timers()  # then the scheduled read: the shell has closed, nobody reads
+    assert sess.state == PARKED and srv.stats["internal_errors"] == 0
+    b = hello(srv, "", resume=a.welcome.resume_token)
+    assert b.welcome.resumed == 1 and b.welcome.nick == "a"

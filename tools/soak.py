@@ -385,6 +385,8 @@ def run(minutes: float, interval: float, warmup: float | None, seed: str) -> int
     for r in rigs:
         if not r.server.alive():
             failures.add(f"{r.label} server died (status {r.server.proc.returncode})")
+            for line in r.server.log[:200]:
+                print(f"{r.label} server log: {line}", file=sys.stderr)
     stop.set()
     for f in fuzzers:
         f.stop.set()

@@ -33,6 +33,7 @@ from .harness import Failures, Tally
 from .load import Unexpected, drain_to_eof
 
 NUMBER = struct.Struct(">Q")
+NAMESPACE = "/seq"  # their own: no other client's broadcast reaches them
 EMIT_OK = struct.Struct(">IQ")  # v2 REPLY to a room EMIT: recipients, seq
 
 
@@ -61,7 +62,7 @@ class SeqWriter(threading.Thread):
         c = None
         try:
             c = self.connect()
-            c.hello(f"writer-{self.room}", version=2)
+            c.hello(f"writer-{self.room}", NAMESPACE, version=2)
             c.send(P.Join(1, self.room))
             reply = next_frame(c, 10)
             if not isinstance(reply, P.Reply) or reply.status != P.OK:
@@ -118,7 +119,7 @@ class Resumer(threading.Thread):
         c = self.connect()
         try:
             resuming = bool(self.token)
-            c.send(P.Hello(2, "/", self.nick, "", self.token))
+            c.send(P.Hello(2, NAMESPACE, self.nick, "", self.token))
             welcome = next_frame(c, 15)
             if not isinstance(welcome, P.Welcome):
                 raise Unexpected(f"HELLO answered {welcome!r}")
@@ -128,7 +129,7 @@ class Resumer(threading.Thread):
                 raise Unexpected("WELCOME v2 without a resume token")
             self.token = welcome.resume_token
             self.tally.add("resumes" if resuming else "fresh sessions")
-            self.join(c)
+            self.seq_join(c)
             deadline = time.monotonic() + spell
             while time.monotonic() < deadline and not (final and self.last >= target):
                 try:
@@ -154,7 +155,7 @@ class Resumer(threading.Thread):
         finally:
             c.close()
 
-    def join(self, c) -> None:
+    def seq_join(self, c) -> None:
         if self.epoch:
             msg = P.Join(1, self.room, P.JOIN_SEQUENCED, self.epoch, self.last, P.REPLAY_ALL)
         else:
