@@ -384,8 +384,10 @@ class WebSocketTransport(StreamTransport):
         ws.out = stream.out  # the session holds this very list
         ws.bytes_in, ws.bytes_out = stream.bytes_in, stream.bytes_out
         ws.handshaking = stream.handshaking
-        # The loop still calls ``stream`` until ws changes its interest; it
-        # forwards to the session, whose transport is ws by then.
+        # The loop still calls ``stream`` until ws changes its interest: it
+        # forwards to ws, so that handing the connection to another session
+        # (a park or a resume re-points ws.owner, handover.py) is followed.
+        stream.callback, stream.owner = cls.__call__, ws
         return ws
 
     # ------------------------------------------------------------ input
