@@ -294,7 +294,7 @@ class Rig:
                 r.cycle(30.0, final=True, target=target)
             except Exception as exc:
                 self.failures.add(f"{r.nick} final catch-up: {type(exc).__name__}: {exc}")
-        return harness.finish(self.server, self.failures, self.fd_base, 15)
+        return harness.finish(self.server, self.failures, self.fd_base, 15, self.ctx)
 
 
 def free_port() -> int:
