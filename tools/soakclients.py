@@ -140,20 +140,29 @@ class Resumer(threading.Thread):
             if final:
                 if self.last < target:
                     raise Unexpected(f"caught up to seq {self.last} only, writer's last is {target}")
-                c.send(P.Bye())
-                self.token = ""
-                drain_to_eof(c, 15)
+                self.bye(c)
                 return
             how = self.rng.choices(("close", "reset", "bye"), (5, 4, 1))[0]
             self.tally.add(f"resumer left by {how}")
             if how == "bye":
-                c.send(P.Bye())
-                self.token = ""
-                drain_to_eof(c, 15)
+                self.bye(c)
             elif how == "reset":
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         finally:
             c.close()
+
+    def bye(self, c, timeout: float = 15.0) -> None:
+        """BYE, then read to end of stream: what was queued before it still comes (section 2),
+        and is checked like the rest."""
+        c.send(P.Bye())
+        self.token = ""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                frame = next_frame(c, max(0.01, deadline - time.monotonic()))
+            except EOFError:
+                return
+            self.take(frame)
 
     def seq_join(self, c) -> None:
         if self.epoch:
