@@ -130,8 +130,9 @@ loadtest: $(LOADTEST_STAMP)
 # Each starts its own server on a free loopback port, is bounded in time,
 # prints a summary and exits non-zero when an invariant breaks. e.g.
 #   make conns CLIENTS=19000    make fuzz SECONDS=600 SEED=42    make soak MINUTES=10
-# Short versions of conns and fuzz run inside `make test` (tests/test_hardening.py).
-.PHONY: conns fuzz soak
+#   make partial ATTACKERS=3000 (the partial-frame attack against --max-input-memory)
+# Short versions of conns, fuzz and soak run inside `make test` (tests/test_hardening.py).
+.PHONY: conns fuzz soak partial
 
 conns: $(STAMP)
 	$(PY) -m tools.conns --clients $(or $(CLIENTS),19000)
@@ -141,6 +142,9 @@ fuzz: $(STAMP)
 
 soak: $(STAMP)
 	$(PY) -m tools.soak --minutes $(or $(MINUTES),10)
+
+partial: $(STAMP)
+	$(PY) -m tools.partial --attackers $(or $(ATTACKERS),3000)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis reports

@@ -167,6 +167,13 @@ class FrameDecoder:
         self._need = 0  # 4 + length of the held frame; 0 while its prefix is incomplete
         self.buffered = 0
 
+    @property
+    def allocated(self) -> int:
+        """Memory the held partial frame occupies: its buffer's capacity, which a bytearray
+        growing by amortised appends keeps up to an eighth above ``buffered``."""
+        buf = self._buf
+        return buf.__alloc__() if buf is not None else 0
+
     def clear(self) -> None:
         """Forget the held partial frame (its connection is closing)."""
         self._buf = None

@@ -187,11 +187,11 @@ class Server:
             return
         transport.set_interest(self.loop, wanted or EVENT_READ)
         if not wanted and transport.more_buffered():
-            self.loop.call_later(0, self._read_again, sess)
+            self.loop.call_later(0, self._read_again, transport)
 
-    def _read_again(self, sess: Session) -> None:
-        """TLS: bytes already decrypted in the SSL object raise no readiness event."""
-        if sess.state != CLOSED:
+    def _read_again(self, transport) -> None:
+        """TLS: buffered bytes get no readiness event; the connection's owner *now* (resumes move it)."""
+        if (sess := transport.owner) is not None and sess.state != CLOSED:
             self._on_event(sess, EVENT_READ)
 
     def _on_readable(self, sess: Session) -> None:
@@ -208,7 +208,7 @@ class Server:
         self.received(sess, self._rview[:n])
         sess = sess.successor or sess
         if sess.state <= OPEN and sess.deferred is None and transport.more_buffered():
-            self.loop.call_later(0, self._read_again, sess)
+            self.loop.call_later(0, self._read_again, transport)
 
     def received(self, sess: Session, data) -> None:
         """Bytes from the peer: decode them and let the session handle the frames."""

@@ -69,6 +69,8 @@ def transport_wants(server, sess, transport) -> None:
     if sess.state > OPEN:
         return
     if wants == END:
+        if transport.inbound is not None:
+            transport.end_by_transport()
         # A Close without BYE ends the session like EOF (section 11), and EOF
         # parks a session that may resume (section 10): a phone's browser
         # whose socket died comes back as the same session.

@@ -52,6 +52,10 @@ class FakeSocket:
         self.sent = bytearray()  # what the peer has not read yet
         self.fin = False
         self.closed = False
+        # What the peer sent, for a test that drives the server's own read
+        # path (``recv_into``); ``peer_eof``: then end of stream.
+        self.inbox = bytearray()
+        self.peer_eof = False
 
     def fileno(self) -> int:
         return -1
@@ -80,6 +84,14 @@ class FakeSocket:
 
     def pending(self) -> int:
         return 0
+
+    def recv_into(self, buf) -> int:
+        n = min(len(buf), len(self.inbox))
+        if not n and not self.peer_eof:
+            raise BlockingIOError()
+        buf[:n] = self.inbox[:n]
+        del self.inbox[:n]
+        return n
 
 
 class MemoryTransport(StreamTransport):

@@ -12,6 +12,7 @@ outlive the HELLO timeout) it is stated as bytes, not seconds.
 from __future__ import annotations
 
 import os
+import re
 import select
 import socket
 import subprocess
@@ -49,9 +50,37 @@ def open_fds(pid: int) -> int:
 # ------------------------------------------------------------------ fuzz
 @pytest.mark.slow
 def test_fuzz_30_seconds_seeded():
-    """Hostile clients mixed with chatters; every answer as protocol.md says (tools/fuzz.py)."""
+    """Hostile clients mixed with chatters, raw TCP and WebSocket (tools/fuzz.py, tools/wsfuzz.py).
+
+    Every answer as protocol.md sections 6 and 11 say: the ERROR codes, the
+    Close codes (4000 + code, 1000, the echo, 1002/1003/1007), FIN and never
+    a reset, and the fd count back to where it started.
+    """
     out = run_tool("tools.fuzz", "--seconds", "30", "--seed", "6", timeout=300)
     assert "invariants: all held" in out
+    ws = re.search(r"WebSocket cases: (\d+) .*fatal (\d+).*ws-fail (\d+)", out)
+    assert ws and all(int(n) > 0 for n in ws.groups()), "no WebSocket cases of every kind ran"
+    closes = re.search(r"WebSocket Close codes received: (.*)", out).group(1)
+    for code in ("1000", "1002", "4001", "4003"):
+        assert f"{code} " in closes, f"no Close {code} seen: {closes}"
+
+
+# ------------------------------------------------------------------ soak
+@pytest.mark.slow
+def test_soak_45_seconds_every_feature():
+    """``make soak`` in short: TCP, TLS and WebSocket, resumes, slow consumer, churn, scrapes.
+
+    Too short for the RSS band (it is judged after a warm-up longer than
+    this); everything else is checked as in the 10-minute run.
+    """
+    out = run_tool(
+        "tools.soak", "--minutes", "0.75", "--interval", "15", "--seed", "7", timeout=300
+    )
+    assert "invariants: all held" in out
+    seq = re.search(r"sequenced: (\d+) sent, (\d+) EVENT_SEQ checked .*?, (\d+) resumes", out)
+    assert seq and all(int(n) > 0 for n in seq.groups()), "no resumes in the sequenced rooms"
+    scrapes = re.search(r"monitoring scrapes (\d+) \+ (\d+)", out)
+    assert scrapes and all(int(n) > 0 for n in scrapes.groups())
 
 
 # ----------------------------------------------------------------- scale

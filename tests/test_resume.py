@@ -417,3 +417,51 @@ def test_real_server_websocket_close_without_bye_parks_like_eof(server_factory):
     w.emit("m", b"back", room="r")
     assert b.recv_type(P.Event).payload == b"back"
     w.close()
+
+
+def test_a_read_scheduled_before_a_park_goes_to_whoever_holds_the_connection(srv, monkeypatch):
+    """TLS keeps decrypted bytes with no readiness event, so the server schedules one more read
+    (``_read_again``). If the peer's EOF parks the session first, the read must not go to the
+    parked session, which has no connection any more (the soak's TLS resumers crashed the
+    whole server that way)."""
+    from muxserver.loop import EVENT_READ
+    from muxserver.testing import MemoryTransport
+
+    a = hello(srv, "a")
+    sess = a.session
+    # As an SSL object with a record left over: the read schedules one more.
+    monkeypatch.setattr(MemoryTransport, "more_buffered", lambda self: True)
+    a.socket.inbox += P.encode(P.Ping(1))
+    srv._on_event(sess, EVENT_READ)
+    monkeypatch.setattr(MemoryTransport, "more_buffered", lambda self: False)
+    a.socket.peer_eof = True
+    srv._on_event(sess, EVENT_READ)  # end of stream first: the session parks
+    assert sess.state == PARKED
+    srv.loop.run_timers()  # then the scheduled read: the shell has closed, nobody reads
+    assert sess.state == PARKED and srv.stats["internal_errors"] == 0
+    b = hello(srv, "", resume=a.welcome.resume_token)
+    assert b.welcome.resumed == 1 and b.welcome.nick == "a"
+
+
+def test_websocket_session_parked_by_idle_timeout_then_resumed(server_factory):
+    """The loop keeps calling the sniffed stream transport until the WebSocket one changes its
+    interest; after a park that must still reach whoever holds the connection (the shell that
+    sends the ERROR and drains), not the parked session (the server used to crash on the
+    client's Close reply)."""
+    from conftest import WsRawClient
+
+    srv = server_factory(
+        "--ping-interval", "0.3", "--ping-timeout", "0.3", "--log-level", "warning"
+    )
+    a = WsRawClient(srv.address)
+    token = a.hello("a", version=2).resume_token
+    a.expect_error(P.IDLE_TIMEOUT)  # ...and answers the server's Close: input for the shell
+    a.close()
+    b = WsRawClient(srv.address)
+    b.send(P.Hello(2, "/", "", "", token))
+    welcome = b.recv_type(P.Welcome)
+    assert (welcome.resumed, welcome.nick) == (1, "a")
+    b.send(P.Ping(3))
+    assert b.recv_type(P.ServerPong).nonce == 3
+    b.close()
+    assert srv.proc.poll() is None

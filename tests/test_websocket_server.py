@@ -584,3 +584,60 @@ def test_load_test_client_over_websocket(server):
     finally:
         a.close()
         b.close()
+
+
+# ------------------------------ one write: the session's end, then the WebSocket layer's
+def _one_write(address, frames: bytes):
+    """Upgrade and send ``frames`` in the same write; the server's (protocol frames, Close)."""
+    from tools.wsfuzz import WsWire
+
+    sock = socket.create_connection(address, timeout=10)
+    try:
+        sock.sendall(upgrade_request(address) + frames)
+        wire = WsWire(sock)
+        deadline = time.monotonic() + 10
+        wire.upgrade(deadline)
+        wire.until(lambda: wire.close is not None, deadline)  # raises on any frame after it
+        return wire.frames, wire.close
+    finally:
+        sock.close()
+
+
+def _msg(*frames) -> bytes:
+    from tools.wsfuzz import ws_frame
+
+    return ws_frame(0x2, b"".join(P.encode(f) for f in frames), key=b"\x01\x02\x03\x04")
+
+
+def test_answers_come_before_the_echo_of_a_close_in_the_same_read(server):
+    from tools.wsfuzz import ws_frame
+
+    close = ws_frame(0x8, struct.pack(">H", 3000) + b"done", key=b"\x09\x09\x09\x09")
+    frames, (code, _) = _one_write(server.address, _msg(P.Hello(1, "/", "early", "")) + close)
+    assert [type(f) for f in frames] == [P.Welcome]  # the WELCOME, then the echo, nothing after
+    assert code == 3000
+
+
+def test_an_error_before_a_websocket_violation_closes_with_4000_plus_its_code(server):
+    from tools.wsfuzz import ws_frame
+
+    bad = ws_frame(0x2, b"x", rsv=4, key=b"\x00\x00\x00\x00")  # RSV3: 1002 on its own
+    frames, (code, reason) = _one_write(server.address, _msg(P.Ping(1)) + bad)
+    assert frames[0].code == P.NOT_HELLO
+    assert (code, reason) == (4000 + P.NOT_HELLO, "NOT_HELLO")
+
+
+def test_bye_before_a_websocket_violation_closes_with_1000(server):
+    from tools.wsfuzz import ws_frame
+
+    bad = ws_frame(0xB, b"", key=b"\x00\x00\x00\x00")  # unknown opcode: 1002 on its own
+    frames, (code, _) = _one_write(server.address, _msg(P.Hello(1, "/", "", ""), P.Bye()) + bad)
+    assert [type(f) for f in frames] == [P.Welcome]
+    assert code == 1000
+
+
+def test_a_violation_alone_still_closes_with_1002(server):
+    from tools.wsfuzz import ws_frame
+
+    frames, (code, _) = _one_write(server.address, ws_frame(0x2, b"x", mask=False))
+    assert frames == [] and code == 1002

@@ -35,16 +35,13 @@ from .fuzzgen import Case, Generator
 from .harness import Failures, RawClient, Server, Tally
 from .load import ChatGroup, Unexpected, drain_to_eof
 from .model import BYE, FATAL, OPEN, Expect, World
+from .wsfuzz import Mismatch, WsCase, WsGenerator, run_ws_case
 
 MAX_FRAME = 65536  # small, so "near max_frame" frames stay cheap
 MAX_ROOMS = 8  # small, so JOIN past the limit (REPLY LIMIT) happens
 DRAIN_TIMEOUT = 2.0
 ANSWER_TIMEOUT = 15.0  # longer than any honest answer takes on a busy box
 CHATTER_ROOMS = [["lobby", "r2"], ["lobby"], ["lobby", "r2"], ["lobby"]]
-
-
-class Mismatch(Exception):
-    """The server's answer is not what the protocol demands for these bytes."""
 
 
 def server_args(drain_timeout: float = DRAIN_TIMEOUT) -> list[str]:
@@ -168,8 +165,35 @@ def run_case(address, case: Case, tally: Tally, nonce: int) -> None:
         c.close()
 
 
+def run_any(address, case, tally: Tally, nonce: int) -> None:
+    if isinstance(case, WsCase):
+        tally.add("ws cases")
+        run_ws_case(
+            address, case, tally, nonce, ANSWER_TIMEOUT,
+            lambda expect, got, t: check(expect, got, t, MAX_FRAME),
+        )  # fmt: skip
+    else:
+        run_case(address, case, tally, nonce)
+
+
+class Cases:
+    """Case N of a worker: raw TCP, or (a ``ws_share`` of them) WebSocket; same seed, same case."""
+
+    def __init__(self, seed, worker: int, world: World, address, ws_share: float) -> None:
+        self.gen = Generator(seed, worker, world)
+        self.worker = worker
+        self.ws = WsGenerator(self.gen, f"{address[0]}:{address[1]}")
+        self.pick = random.Random(f"{seed}:{worker}:transport")
+        self.ws_share = ws_share
+
+    def case(self, index: int):
+        if self.pick.random() < self.ws_share:
+            return self.ws.case(index)
+        return self.gen.case(index)
+
+
 class FuzzWorker(threading.Thread):
-    def __init__(self, address, gen: Generator, deadline: float, tally, failures, seed, pace=0.0):
+    def __init__(self, address, gen: Cases, deadline: float, tally, failures, seed, pace=0.0):
         super().__init__(name=f"fuzz-{gen.worker}", daemon=True)
         self.address, self.gen, self.deadline = address, gen, deadline
         self.tally, self.failures, self.seed, self.pace = tally, failures, seed, pace
@@ -182,7 +206,7 @@ class FuzzWorker(threading.Thread):
             case = self.gen.case(index)
             index += 1
             try:
-                run_case(self.address, case, self.tally, nonces.getrandbits(64))
+                run_any(self.address, case, self.tally, nonces.getrandbits(64))
             except Mismatch as exc:
                 self.failures.add(
                     f"case {case.ident} (--seed {self.seed} --case {case.ident}): {exc}\n{case.describe()}"
@@ -197,7 +221,7 @@ class FuzzWorker(threading.Thread):
 
 
 # ---------------------------------------------------------------- runs
-def replay(seed: str, ident: str) -> int:
+def replay(seed: str, ident: str, ws_share: float) -> int:
     """Run one case, verbosely, against a fresh server with the same chatters."""
     worker, index = (int(x) for x in ident.split(":"))
     harness.raise_nofile()
@@ -205,12 +229,12 @@ def replay(seed: str, ident: str) -> int:
     failures, tally = Failures(), Tally()
     group = ChatGroup(server.address, CHATTER_ROOMS, failures, tally, seed=seed, rate=5)
     group.start()
-    gen = Generator(seed, worker, world_for(group))
+    gen = Cases(seed, worker, world_for(group), server.address, ws_share)
     for i in range(index + 1):
         case = gen.case(i)
     print(f"case {case.ident}, seed {seed}:\n{case.describe(limit=4096)}")
     try:
-        run_case(server.address, case, tally, 12345)
+        run_any(server.address, case, tally, 12345)
         print("result: as the protocol demands")
     except Mismatch as exc:
         print(f"result: MISMATCH: {exc}")
@@ -221,7 +245,7 @@ def replay(seed: str, ident: str) -> int:
     return 1 if failures else 0
 
 
-def run(seconds: float, seed: str, workers: int) -> int:
+def run(seconds: float, seed: str, workers: int, ws_share: float) -> int:
     harness.raise_nofile()
     failures, tally = Failures(), Tally()
     server = Server(*server_args())
@@ -238,7 +262,10 @@ def run(seconds: float, seed: str, workers: int) -> int:
     world = world_for(group)
     deadline = time.monotonic() + seconds
     pool = [
-        FuzzWorker(server.address, Generator(seed, w, world), deadline, tally, failures, seed)
+        FuzzWorker(
+            server.address, Cases(seed, w, world, server.address, ws_share), deadline, tally,
+            failures, seed,
+        )  # fmt: skip
         for w in range(workers)
     ]
     for w in pool:
@@ -275,12 +302,17 @@ def summary(tally, elapsed, fd_base, fd_peak, rss_base, rss_peak, figures) -> st
         key=lambda kv: -kv[1],
     )
     ends = {k: v for k, v in t.items() if isinstance(k, str) and k.startswith("cases ending")}
+    ws_ends = {k: v for k, v in t.items() if isinstance(k, str) and k.startswith("ws cases ending")}
+    closes = sorted((k[1], v) for k, v in t.items() if isinstance(k, tuple) and k[0] == "WS CLOSE")
     lines = [
-        f"ran {elapsed:.1f} s: {t['cases']} cases, one connection each",
+        f"ran {elapsed:.1f} s: {t['cases']} cases (raw TCP and WebSocket), one connection each",
         f"frames sent: {t['frames sent']} ({t['bytes sent']} bytes); "
         f"frames the server had to decode: {t['frames the server had to decode']}",
         "case endings: "
         + ", ".join(f"{k[len('cases ending ') :]} {v}" for k, v in sorted(ends.items())),
+        f"WebSocket cases: {t['ws cases']} ({t['ws frames bytes sent']} bytes of frames); endings: "
+        + ", ".join(f"{k[len('ws cases ending ') :]} {v}" for k, v in sorted(ws_ends.items())),
+        "WebSocket Close codes received: " + (", ".join(f"{c} {v}" for c, v in closes) or "none"),
         "ERROR frames received, by code: " + (", ".join(f"{n} {v}" for n, v in errors) or "none"),
         "REPLY statuses received: " + (", ".join(f"{n} {v}" for n, v in replies) or "none"),
         f"chatters: {t['chat messages sent']} messages sent, {t['chat deliveries checked']} "
@@ -302,11 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=6, help="fuzzing clients at once (default 6)"
     )
     parser.add_argument("--case", default=None, metavar="W:N", help="replay one case and stop")
+    parser.add_argument(
+        "--ws-share", type=float, default=0.4,
+        help="share of the cases played over WebSocket (default 0.4; 0: raw TCP only)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else str(random.SystemRandom().getrandbits(32))
     if args.case:
-        return replay(seed, args.case)
-    return run(args.seconds, seed, args.workers)
+        return replay(seed, args.case, args.ws_share)
+    return run(args.seconds, seed, args.workers, args.ws_share)
 
 
 if __name__ == "__main__":

@@ -131,23 +131,8 @@ class Generator:
     # ------------------------------------------------------------ cases
     def case(self, index: int) -> Case:
         rng = self.rng
-        token = f"{rng.getrandbits(24):06x}{self.worker}x{index:x}"
-        self.token = token
-        self.faults: list[str] = []
-        self.shared = True
-        self.nick = ""
-        self.joined = []
-        frames: list[bytes] = []
-        if rng.random() < 0.85:
-            frames.append(self.maybe_break(self.hello(), 0.15))
-            if self.shared and rng.random() < 0.7:
-                frames.append(self.frame(P.JOIN, self.join_fields("lobby")))
-        if rng.random() < 0.05:
-            # Past max_rooms: the last JOINs must get REPLY LIMIT.
-            for k in range(self.world.max_rooms + 2):
-                frames.append(self.frame(P.JOIN, self.join_fields(f"hog{k}-{token}")))
-        for _ in range(rng.choice((1, 1, 2, 3, 4, 6, 10))):
-            frames.append(self.maybe_break(self.random_frame(), 0.3))
+        frames = self.frames(index)
+        token = self.token
         stream = b"".join(frames)
         if rng.random() < 0.08:
             stream = self.flip(stream, rng.randint(1, 3))
@@ -169,6 +154,28 @@ class Generator:
             f"{self.worker}:{index}", token, chunks, pauses, cut, bool(rst), bye, ends,
             self.faults, verdict,
         )  # fmt: skip
+
+    def frames(self, index: int) -> list[bytes]:
+        """One connection's protocol frames (HELLO first, mostly), some broken; sets the token."""
+        rng = self.rng
+        token = f"{rng.getrandbits(24):06x}{self.worker}x{index:x}"
+        self.token = token
+        self.faults: list[str] = []
+        self.shared = True
+        self.nick = ""
+        self.joined = []
+        frames: list[bytes] = []
+        if rng.random() < 0.85:
+            frames.append(self.maybe_break(self.hello(), 0.15))
+            if self.shared and rng.random() < 0.7:
+                frames.append(self.frame(P.JOIN, self.join_fields("lobby")))
+        if rng.random() < 0.05:
+            # Past max_rooms: the last JOINs must get REPLY LIMIT.
+            for k in range(self.world.max_rooms + 2):
+                frames.append(self.frame(P.JOIN, self.join_fields(f"hog{k}-{token}")))
+        for _ in range(rng.choice((1, 1, 2, 3, 4, 6, 10))):
+            frames.append(self.maybe_break(self.random_frame(), 0.3))
+        return frames
 
     def split(self, data: bytes) -> tuple[list, list]:
         rng = self.rng

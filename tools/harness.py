@@ -33,12 +33,14 @@ _TESTS = Path(__file__).resolve().parent.parent / "tests"
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
-from conftest import RawClient  # noqa: E402
+from conftest import RawClient, WsRawClient  # noqa: E402
 
 from muxserver import protocol as P  # noqa: E402
 from muxserver.testing import ServerProcess  # noqa: E402
 
-__all__ = ["Failures", "RawClient", "Server", "Tally", "fd_count", "raise_nofile", "rss_bytes"]
+__all__ = [
+    "Failures", "RawClient", "Server", "Tally", "WsRawClient", "fd_count", "raise_nofile", "rss_bytes",
+]  # fmt: skip
 
 
 def raise_nofile() -> int:
@@ -181,10 +183,10 @@ class Server:
         ]
 
     # ------------------------------------------------------------- checks
-    def check_fresh_client(self, timeout: float = 10.0) -> str | None:
-        """A new client can HELLO and PING; returns what went wrong, or None."""
+    def check_fresh_client(self, timeout: float = 10.0, ssl_context=None) -> str | None:
+        """A new client (over TLS with ``ssl_context``) can HELLO and PING; what went wrong, or None."""
         try:
-            c = RawClient(self.address, timeout=timeout)
+            c = RawClient(self.address, timeout=timeout, ssl_context=ssl_context)
         except OSError as exc:
             return f"fresh client cannot connect: {exc}"
         try:
@@ -215,7 +217,9 @@ class Server:
         return self.sp.stop(0)
 
 
-def finish(server: Server, failures: Failures, fd_baseline: int, fd_wait: float) -> dict:
+def finish(
+    server: Server, failures: Failures, fd_baseline: int, fd_wait: float, ssl_context=None
+) -> dict:
     """The end-of-run checks every harness shares; returns the figures seen.
 
     The server must still be alive, a fresh client must get through HELLO and
@@ -227,7 +231,7 @@ def finish(server: Server, failures: Failures, fd_baseline: int, fd_wait: float)
     if not server.alive():
         failures.add(f"server died with status {server.proc.returncode}")
     else:
-        problem = server.check_fresh_client()
+        problem = server.check_fresh_client(ssl_context=ssl_context)
         if problem:
             failures.add(problem)
         figures["fds_end"] = server.wait_fds(fd_baseline, fd_wait)

@@ -90,8 +90,11 @@ class ChatGroup:
         seed: int | str = 0,
         presence: bool = True,
         prefix: str = "wb",
+        connect=None,
     ) -> None:
         self.address = address
+        # connect(index) -> a new client (RawClient, over TLS, or WsRawClient); default raw TCP.
+        self.connect = connect or (lambda index: RawClient(address))
         self.prefix = prefix
         self.failures = failures
         self.tally = tally
@@ -161,7 +164,7 @@ class Chatter(threading.Thread):
         g = self.group
         c = None
         try:
-            c = RawClient(g.address)
+            c = g.connect(self.index)
             c.hello(self.nick)
             for room in self.rooms:
                 self.req += 1

@@ -130,8 +130,9 @@ class StreamTransport:
 
     @property
     def held(self) -> int:
-        """Bytes of the incomplete frame waiting for the rest (input memory accounting)."""
-        return self.decoder.buffered
+        """Memory of the incomplete frame waiting for the rest (input memory accounting):
+        what its buffer occupies, not just the bytes in it, so the bound is the memory's."""
+        return self.decoder.allocated
 
     def discard_input(self) -> None:
         """Free the incomplete frame: this connection's input is no longer read."""

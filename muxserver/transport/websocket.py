@@ -327,11 +327,6 @@ def _close_for(out: list) -> tuple[int, str]:
     return CLOSE_NORMAL, "BYE"
 
 
-def _forward(ws: WebSocketTransport, mask: int) -> None:
-    """A replaced StreamTransport's callback: the event goes to ws's current owner."""
-    ws.callback(ws.owner, mask)
-
-
 class WebSocketTransport(StreamTransport):
     """A connection sniffed as HTTP: HTTP phase, then our frames in binary messages.
 
@@ -349,7 +344,7 @@ class WebSocketTransport(StreamTransport):
       finish the message being sent and keep the message stream whole.
     """
 
-    __slots__ = ("front", "inbound", "wants", "ctrl", "last", "ends", "midunit", "full")
+    __slots__ = ("front", "inbound", "wants", "ctrl", "last", "pending", "ends", "midunit", "full")
 
     def __init__(
         self,
@@ -373,6 +368,10 @@ class WebSocketTransport(StreamTransport):
         self.wants = None
         self.ctrl: list = []
         self.last = b""
+        # The Close the WebSocket layer chose (the echo of the peer's, or a
+        # failure's): it becomes ``last`` only if the session did not end
+        # first on a frame that came before it (see end_by_transport).
+        self.pending = b""
         self.ends: deque | None = None
         self.midunit = False  # bytes of the unit at chunks[0] were sent already
 
@@ -385,11 +384,10 @@ class WebSocketTransport(StreamTransport):
         ws.out = stream.out  # the session holds this very list
         ws.bytes_in, ws.bytes_out = stream.bytes_in, stream.bytes_out
         ws.handshaking = stream.handshaking
-        # The loop still calls ``stream`` until ws changes its interest, so
-        # ``stream`` forwards to whoever holds ws *now*: a parked session
-        # hands its connection to a shell (handover.py rebinds ws only), and
-        # the old owner has no transport any more.
-        stream.callback, stream.owner = _forward, ws
+        # The loop still calls ``stream`` until ws changes its interest: it
+        # forwards to ws, so that handing the connection to another session
+        # (a park or a resume re-points ws.owner, handover.py) is followed.
+        stream.callback, stream.owner = cls.__call__, ws
         return ws
 
     # ------------------------------------------------------------ input
@@ -414,6 +412,11 @@ class WebSocketTransport(StreamTransport):
                         P.BAD_FRAME, "a WebSocket message ended inside a frame", frames
                     )
             elif kind is Send:
+                if event.data[0] == 0x80 | OP_CLOSE:
+                    # The echo of the peer's Close: it goes after whatever the
+                    # session answers to the messages before it, never ahead.
+                    self.pending = event.data
+                    continue
                 self.ctrl.append(event.data)
                 if self.wants is None:
                     self.wants = FLUSH
@@ -427,7 +430,7 @@ class WebSocketTransport(StreamTransport):
                     raise FrameError(
                         event.error, f"WebSocket message over {inbound.max_message} bytes", frames
                     )
-                self.last = close_frame(event.close_code, event.reason)
+                self.pending = close_frame(event.close_code, event.reason)
                 self.wants = END
         return frames
 
@@ -462,6 +465,11 @@ class WebSocketTransport(StreamTransport):
         self.wants = FLUSH
         return self.receive(decision.leftover) if decision.leftover else []
 
+    def end_by_transport(self) -> None:
+        """The session ends because of the WebSocket layer (wants END): its Close goes last."""
+        if not self.last:
+            self.last = self.pending
+
     def drained(self, data) -> bool:
         """DRAINING after our Close: True once the peer's Close (or anything, after a failure) came."""
         inbound = self.inbound
@@ -487,7 +495,10 @@ class WebSocketTransport(StreamTransport):
                 self.front.done = True
             self.out.clear()
             return
-        if not inbound.close_sent and not self.last:
+        # Called before end_by_transport when a frame that came before the
+        # WebSocket layer's own Close or failure ended the session (BYE, an
+        # ERROR): then its Close is the one that follows (section 11).
+        if not self.last:
             self.last = inbound.close(*_close_for(self.out))
 
     @property
