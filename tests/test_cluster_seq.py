@@ -13,7 +13,7 @@ import signal
 import time
 
 import pytest
-from conftest import RawClient
+from conftest import RawClient, ServerProcess
 from test_cluster import free_port, metrics, nodes  # noqa: F401 (nodes: a fixture)
 from test_redis_link import RedisServer
 
@@ -286,3 +286,45 @@ def test_redis_killed_mid_traffic_no_unannounced_gap(nodes, redis):  # noqa: F81
         f"\nseqs 1..{final}; node a: {m['muxserver_cluster_seq_fills_total']:.0f} fills, "
         f"{m['muxserver_cluster_seq_filled_messages_total']:.0f} messages filled from the stream"
     )
+
+
+def test_hole_the_history_no_longer_holds_is_a_gap(tmp_path):
+    # Redis cuts node b's subscriber in the middle of a burst; by the time it
+    # is back, the room's history (3 messages) holds only the end of it: its
+    # SEQUENCED member gets a GAP for the rest, then those 3, then live ones.
+    redis = RedisServer(tmp_path, "--client-output-buffer-limit", "pubsub 64kb 0 0")
+    started, clients = [], []
+    try:
+        for port in (free_port(), free_port()):
+            node = ServerProcess("--redis", redis.url, "--metrics-port", str(port),
+                                 "--history-size", "3", "--log-level", "error")  # fmt: skip
+            node.metrics_port = port
+            started.append(node)
+        a, b = started
+        sender, reader = RawClient(a.address), RawClient(b.address)
+        clients += [sender, reader]
+        sender.hello("sender", version=2)
+        reader.hello("reader", version=2)
+        assert sender.join("r").status == P.OK
+        seq_join(reader, "r")
+        emit(sender, "r", b"small")
+        assert [(f.seq, f.payload) for f in frames(reader, 1)] == [(1, b"small")]
+        for n in range(2, 12):  # 10 x 20 kB in one read: past 64 KiB on the subscriber
+            emit(sender, "r", b"%02d" % n + bytes(20_000), ack=False)
+        assert wait_until(lambda: metrics(b)["muxserver_cluster_reconnects_total"] >= 1, 10)
+        assert wait_until(lambda: metrics(b)["muxserver_cluster_up"] == 1, 10)
+        assert wait_until(lambda: metrics(a)["muxserver_cluster_up"] == 1, 10)
+        got = frames(reader, 4)
+        assert got[0] == P.Gap("r", 2, 8)
+        assert [(f.seq, f.payload[:2]) for f in got[1:]] == [(9, b"09"), (10, b"10"), (11, b"11")]
+        assert emit(sender, "r", b"after")[1] == 12
+        assert [(f.seq, f.payload) for f in frames(reader, 1)] == [(12, b"after")]
+        m = metrics(b)
+        assert m["muxserver_cluster_seq_gaps_total"] == 1
+        assert m["muxserver_cluster_seq_filled_messages_total"] == 3
+    finally:
+        for c in clients:
+            c.close()
+        for node in started:
+            node.stop(timeout=5)
+        redis.kill()
