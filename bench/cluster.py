@@ -5,7 +5,12 @@ generator and workloads as bench.run:
 
 * ``1 -> 100`` and ``50 <-> 50`` on one node without Redis (the baseline),
   then on two ``--redis`` nodes with the connections alternating between
-  them (the publisher on node 1; 50 + 50 receivers; 25 + 25 mesh members);
+  them (the publisher on node 1; 50 + 50 receivers; 25 + 25 mesh members),
+  in three variants: ``--history-size 0`` (a run is one bare PUBLISH), the
+  default history with plain members (a run is one ROOM_RUN script call that
+  numbers and keeps it), and every member SEQUENCED (the same script, and
+  EVENT_SEQ frames built on each node); the sequenced workloads also get
+  their own one-node baseline;
 * interest routing: four nodes, the ``1 -> 100`` room entirely on node 1, and
   the same with three extra Redis connections subscribed to the room's
   channel, which is what the "every node gets everything" design costs (the
@@ -20,6 +25,7 @@ cluster figures are a floor, not what N machines would do.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import socket
 import threading
@@ -28,6 +34,13 @@ from . import systems
 from .loadgen import ADAPTERS, WORKLOADS, LoadGen
 
 WARMUP, SLICE, SLICES = 0.4, 0.6, 3
+# The mesh with every member SEQUENCED: here only (bench.run's set stays as it is).
+CELLS = {
+    **WORKLOADS,
+    "50-50-seq": dataclasses.replace(
+        WORKLOADS["50-50"], key="50-50-seq", title="50 <-> 50 sequenced", sequenced=True
+    ),
+}
 
 
 def redis_info(port: int) -> dict[str, int]:
@@ -67,9 +80,10 @@ class _Listener(threading.Thread):
 
 
 def cell(wl_key: str, nodes: int, redis_port: int | None, listeners: int = 0,
-         all_on_first: bool = False) -> dict:  # fmt: skip
-    wl = WORKLOADS[wl_key]
+         all_on_first: bool = False, args: tuple = ()) -> dict:  # fmt: skip
+    wl = CELLS[wl_key]
     extra = ("--redis", f"redis://127.0.0.1:{redis_port}") if redis_port else ()
+    extra += args
     running = [systems.start("muxserver", extra=extra) for _ in range(nodes)]
     subs = []
     addresses = [r.address for r in running]
@@ -91,6 +105,7 @@ def cell(wl_key: str, nodes: int, redis_port: int | None, listeners: int = 0,
         published = sum(p.published for p in phases)
         result = {
             "workload": wl.title, "nodes": nodes, "redis": bool(redis_port),
+            "variant": " ".join(args) or ("sequenced" if wl.sequenced else "history on"),
             "extra_subscribers": listeners, "deliveries_per_s": best.deliveries_per_s,
             "messages_published": published,
         }  # fmt: skip
@@ -117,28 +132,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = []
     for wl_key in ("1-100", "50-50"):
-        base = cell(wl_key, 1, None)
-        results.append(base)
-        redis = systems.start("redis")
-        try:
-            two = cell(wl_key, 2, redis.address[1])
-        finally:
-            redis.stop()
-        two["ratio_to_one_node"] = two["deliveries_per_s"] / base["deliveries_per_s"]
-        results.append(two)
+        for key, variants in ((wl_key, (("--history-size", "0"), ())), (wl_key + "-seq", ((),))):
+            base = cell(key, 1, None)
+            results.append(base)
+            for variant in variants:
+                redis = systems.start("redis")
+                try:
+                    two = cell(key, 2, redis.address[1], args=variant)
+                finally:
+                    redis.stop()
+                two["ratio_to_one_node"] = two["deliveries_per_s"] / base["deliveries_per_s"]
+                results.append(two)
     for listeners in (0, 3):
         redis = systems.start("redis")
         try:
             results.append(cell("1-100", 4, redis.address[1], listeners, all_on_first=True))
         finally:
             redis.stop()
-    print(f"{'workload':<10} {'nodes':>5} {'extra subs':>10} {'deliveries/s':>13} "
-          f"{'ratio':>6} {'Redis in B/msg':>15} {'Redis out B/msg':>16}")  # fmt: skip
+    print(f"{'workload':<20} {'variant':<17} {'nodes':>5} {'extra subs':>10} "
+          f"{'deliveries/s':>13} {'ratio':>6} {'Redis in B/msg':>15} {'Redis out B/msg':>16}")  # fmt: skip
     for r in results:
         ratio = f"{r['ratio_to_one_node']:.2f}" if "ratio_to_one_node" in r else "-"
         rin = f"{r['redis_in_bytes_per_message']:.0f}" if r["redis"] else "-"
         rout = f"{r['redis_out_bytes_per_message']:.0f}" if r["redis"] else "-"
-        print(f"{r['workload']:<10} {r['nodes']:>5} {r['extra_subscribers']:>10} "
+        variant = r["variant"] if r["redis"] else "-"
+        print(f"{r['workload']:<20} {variant:<17} {r['nodes']:>5} {r['extra_subscribers']:>10} "
               f"{r['deliveries_per_s']:>13,.0f} {ratio:>6} {rin:>15} {rout:>16}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:

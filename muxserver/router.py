@@ -119,21 +119,23 @@ class Router:
     def _fanout_plain(self, sender, room, data: bytes, legacy, messages: int, echo) -> int:
         """``fanout`` to a room's members that are not SEQUENCED (cluster mode)."""
         seq, held = room.seq, room.held
-        if legacy is None:
-            legacy = data
+        old = data if legacy is None else legacy
+        plain = 0
         for member in room.members:
             if member not in seq and member not in held:
-                member.out.append(legacy if member.version < 2 else data)
+                member.out.append(old if member.version < 2 else data)
+                plain += 1
         count = len(room.members) - room.parked
         if not echo:
             count -= 1
             if sender not in seq and sender not in held:
                 sender.out.pop()  # it got its copy last: take it back
+                plain -= 1
         queued = self._queued
         if room not in queued:
             queued.add(room)
             self.pending.update(room.members)
-        self.deliveries += (len(room.members) - len(seq) - len(held)) * messages
+        self.deliveries += plain * messages
         return count + self.backplane.publish(sender, room, data, legacy, messages, echo)
 
     def remote_seq(self, room, data, legacy, messages: int, seqframes, first: int, skip) -> None:
