@@ -218,6 +218,8 @@ class Backplane(Requests, SeqRooms, Resumes):
 
     def _restore(self) -> None:
         """Register every local nick and membership again (Redis may have lost them)."""
+        for sess in list(self.protocol.resumer.parked):
+            self._parked(sess)  # and the resume records (a full window again: ours ends first)
         sync = bytes((K.SYNC,)) + self.origin8
         for ns in self.hub.namespaces.values():
             for sess in ns.members:
