@@ -271,6 +271,8 @@ def test_redis_killed_mid_traffic_and_restarted(nodes, redis):
     note("bob (node b) and ann (node a) received alice's first 100 EMITs")
     for n in range(100):
         alice.emit_room("r", "m", b"before%d" % n, ack=False)
+    alice.send(P.Ping(5))  # its PONG: node a has handled the 100 (sent them to Redis)
+    assert alice.recv_type(P.ServerPong).nonce == 5
     redis.kill()
     note("redis-server SIGKILLed right after 100 more unacked EMITs from alice")
     # Whatever of the 100 reached Redis before it died reached bob, in order.

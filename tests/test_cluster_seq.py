@@ -289,9 +289,11 @@ def test_redis_killed_mid_traffic_no_unannounced_gap(nodes, redis):  # noqa: F81
 
 
 def test_hole_the_history_no_longer_holds_is_a_gap(tmp_path):
-    # Redis cuts node b's subscriber in the middle of a burst; by the time it
-    # is back, the room's history (3 messages) holds only the end of it: its
-    # SEQUENCED member gets a GAP for the rest, then those 3, then live ones.
+    # Node b stops reading (SIGSTOP) while 400 runs of 50 kB go by; Redis cuts its
+    # subscriber at the pub/sub limit. Back, node b delivers what its socket
+    # still held, then reads the rest from the room's history (3 messages):
+    # its SEQUENCED member gets one GAP for what that no longer holds, then
+    # the last 3, then live ones. Never a hole without a GAP.
     redis = RedisServer(tmp_path, "--client-output-buffer-limit", "pubsub 64kb 0 0")
     started, clients = [], []
     try:
@@ -309,16 +311,30 @@ def test_hole_the_history_no_longer_holds_is_a_gap(tmp_path):
         seq_join(reader, "r")
         emit(sender, "r", b"small")
         assert [(f.seq, f.payload) for f in frames(reader, 1)] == [(1, b"small")]
-        for n in range(2, 12):  # 10 x 20 kB in one read: past 64 KiB on the subscriber
-            emit(sender, "r", b"%02d" % n + bytes(20_000), ack=False)
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            for n in range(2, 402):  # acked: one run (one stream entry) each
+                assert emit(sender, "r", b"%03d" % n + bytes(50_000))[1] == n
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
         assert wait_until(lambda: metrics(b)["muxserver_cluster_reconnects_total"] >= 1, 10)
-        assert wait_until(lambda: metrics(b)["muxserver_cluster_up"] == 1, 10)
-        assert wait_until(lambda: metrics(a)["muxserver_cluster_up"] == 1, 10)
-        got = frames(reader, 4)
-        assert got[0] == P.Gap("r", 2, 8)
-        assert [(f.seq, f.payload[:2]) for f in got[1:]] == [(9, b"09"), (10, b"10"), (11, b"11")]
-        assert emit(sender, "r", b"after")[1] == 12
-        assert [(f.seq, f.payload) for f in frames(reader, 1)] == [(12, b"after")]
+        got = []
+        while not got or not (isinstance(got[-1], P.EventSeq) and got[-1].seq == 401):
+            f = frames(reader, 1)[0]
+            assert isinstance(f, P.EventSeq | P.Gap), f
+            got.append(f)
+        gaps = [f for f in got if isinstance(f, P.Gap)]
+        assert len(gaps) == 1 and gaps[0].room == "r" and gaps[0].last_missing == 398, gaps
+        expect = 2
+        for f in got:
+            if isinstance(f, P.Gap):
+                assert f.first_missing == expect
+                expect = f.last_missing + 1
+            else:
+                assert (f.seq, f.payload[:3]) == (expect, b"%03d" % expect)
+                expect += 1
+        assert emit(sender, "r", b"after")[1] == 402
+        assert [(f.seq, f.payload) for f in frames(reader, 1)] == [(402, b"after")]
         m = metrics(b)
         assert m["muxserver_cluster_seq_gaps_total"] == 1
         assert m["muxserver_cluster_seq_filled_messages_total"] == 3

@@ -545,17 +545,18 @@ def test_sequenced_room_scripts(redis, loop):
     xlen, ttl_meta, ttl_hist = wait_replies(
         loop, link, ("XLEN", base + b":hist"), ("TTL", base + b":meta"), ("TTL", base + b":hist")
     )
-    assert xlen == 5 and 0 < ttl_meta <= 60 and 0 < ttl_hist <= 60
+    # One entry per run; the runs holding nothing of the latest 5 are gone.
+    assert xlen == 1 and 0 < ttl_meta <= 60 and 0 < ttl_hist <= 60
 
     who = b"\x02n1" + (9).to_bytes(4, "big") + b"\x00"
     got: list = []
-    room_range(link, base, 0, 100, got.append)  # trimmed: only the last 5 remain
+    room_range(link, base, 0, 0, got.append)  # trimmed: the run of 6..12 remains
     room_range(link, base, 9, 100, got.append)
     room_range(link, base, 7, 2, got.append)
     room_range(link, base, 12, 100, got.append)
     room_range(link, room_base("/chat", "empty"), 0, 10, got.append)
     run_until(loop, lambda: len(got) == 5, what="ranges")
-    assert got[0] == (epoch, 12, [(s, frames[s - 1], who) for s in range(8, 13)])
+    assert got[0] == (epoch, 12, [(s, frames[s - 1], who) for s in range(6, 13)])
     assert got[1] == (epoch, 12, [(s, frames[s - 1], who) for s in (10, 11, 12)])
     assert got[2] == (epoch, 12, [(8, frames[7], who), (9, frames[8], who)])
     assert got[3] == (epoch, 12, [])
@@ -563,13 +564,13 @@ def test_sequenced_room_scripts(redis, loop):
 
     # The recovery plan of a SEQUENCED JOIN (section 9), from the Redis history.
     plans: list = []
-    room_join(link, base, 0, 0, 2, 60, plans.append)  # fresh: the latest 2
-    room_join(link, base, epoch, 9, P.REPLAY_ALL, 60, plans.append)  # complete
-    room_join(link, base, epoch, 3, P.REPLAY_ALL, 60, plans.append)  # gap: 4..7 trimmed
-    room_join(link, base, epoch, 9, 1, 60, plans.append)  # gap: capped by replay_max
-    room_join(link, base, epoch ^ 1, 3, P.REPLAY_ALL, 60, plans.append)  # reset
-    room_join(link, base, epoch, 20, 5, 60, plans.append)  # beyond last: reset
-    room_join(link, base, epoch, 12, 5, 60, plans.append)  # nothing missed
+    room_join(link, base, 0, 0, 2, 5, 60, plans.append)  # fresh: the latest 2
+    room_join(link, base, epoch, 9, P.REPLAY_ALL, 5, 60, plans.append)  # complete
+    room_join(link, base, epoch, 3, P.REPLAY_ALL, 5, 60, plans.append)  # gap: 4..7 trimmed
+    room_join(link, base, epoch, 9, 1, 5, 60, plans.append)  # gap: capped by replay_max
+    room_join(link, base, epoch ^ 1, 3, P.REPLAY_ALL, 5, 60, plans.append)  # reset
+    room_join(link, base, epoch, 20, 5, 5, 60, plans.append)  # beyond last: reset
+    room_join(link, base, epoch, 12, 5, 5, 60, plans.append)  # nothing missed
     run_until(loop, lambda: len(plans) == 7, what="join plans")
     entries = {s: (s, frames[s - 1], who) for s in range(8, 13)}
     assert plans[0] == (P.FRESH, epoch, 11, 12, [entries[11], entries[12]])
@@ -580,7 +581,7 @@ def test_sequenced_room_scripts(redis, loop):
     assert plans[5] == (P.RESET, epoch, 8, 12, [entries[s] for s in range(8, 13)])
     assert plans[6] == (P.COMPLETE, epoch, 13, 12, [])
     fresh: list = []
-    room_join(link, room_base("/chat", "new"), 0, 0, 10, 0, fresh.append)  # starts an epoch
+    room_join(link, room_base("/chat", "new"), 0, 0, 10, 5, 0, fresh.append)  # starts an epoch
     run_until(loop, lambda: len(fresh) == 1, what="new room plan")
     assert fresh[0][0] == P.FRESH and fresh[0][1] != 0 and fresh[0][2:] == (1, 0, [])
 

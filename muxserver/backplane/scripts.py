@@ -15,10 +15,11 @@ in one Redis Cluster slot and the scripts can run there unchanged)::
     mux:{<ns>|<room>}:ev       channel: the room's runs (and PRESENCE, keys.py)
     mux:{<ns>|<room>}:meta     hash: epoch = 8 raw bytes (u64 BE, never 0),
                                       seq   = last seq assigned (integer)
-    mux:{<ns>|<room>}:hist     stream: one entry per message, id "<seq>-0",
-                               fields "m" = the version-2 EVENT frame,
+    mux:{<ns>|<room>}:hist     stream: one entry per run, id "<first seq>-0",
+                               fields "m" = the run's version-2 EVENT frames,
                                "o" = str8 origin node | u32 conn | u8 echo;
-                               MAXLEN = the history size (exact trim)
+                               trimmed to the runs holding the latest
+                               history-size messages
 
 ``<ns>`` has ``%`` and ``|`` percent-escaped (``%25``, ``%7C``) so the first
 ``|`` always ends it: ``/a|b`` + ``c`` and ``/a`` + ``b|c`` stay two rooms. The
@@ -73,6 +74,25 @@ if ttl > 0 then
 end
 """
 
+# Entries of the stream holding seqs ARGV-given a..b (b nil: to the end): the
+# run that starts at or before a (it may end before a: the caller filters),
+# then every run starting in a+1..b.
+_RUNS = """
+local function runs(a, b)
+  local out = {}
+  local prev = redis.call('XREVRANGE', KEYS[2], string.format('%d-0', a), '-', 'COUNT', 1)
+  if #prev > 0 then out[1] = prev[1] end
+  local stop = '+'
+  if b then stop = string.format('%d-0', b) end
+  if not b or b > a then
+    for _, e in ipairs(redis.call('XRANGE', KEYS[2], string.format('%d-0', a + 1), stop)) do
+      out[#out + 1] = e
+    end
+  end
+  return out
+end
+"""
+
 RUN_SOURCE = (
     """
 -- KEYS[1] meta, KEYS[2] hist
@@ -84,46 +104,62 @@ RUN_SOURCE = (
 local n = #ARGV - 8
 local last = redis.call('HINCRBY', KEYS[1], 'seq', n)
 local first = last - n + 1
-for i = 1, n do
-  redis.call('XADD', KEYS[2], string.format('%d-0', first + i - 1), 'm', ARGV[8 + i], 'o', ARGV[8])
+local frames = {}
+for i = 1, n do frames[i] = ARGV[8 + i] end
+local data = table.concat(frames)
+-- One entry per run (its id is the run's first seq): one XADD, not one per message.
+redis.call('XADD', KEYS[2], string.format('%d-0', first), 'm', data, 'o', ARGV[8])
+-- Drop the runs that hold nothing of the latest maxlen messages.
+local keep = last - tonumber(ARGV[2]) + 1
+if keep > 1 then
+  local from = redis.call('XREVRANGE', KEYS[2], string.format('%d-0', keep), '-', 'COUNT', 1)
+  if #from > 0 then redis.call('XTRIM', KEYS[2], 'MINID', from[1][1]) end
 end
-redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[2])
 local v, b = first, {}
 for i = 8, 1, -1 do
   b[i] = v % 256
   v = math.floor(v / 256)
 end
-local frames = {}
-for i = 1, n do frames[i] = ARGV[8 + i] end
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. string.char(unpack(b)) .. epoch .. ARGV[6]
-  .. table.concat(frames) .. ARGV[7])
+  .. data .. ARGV[7])
 return {epoch, first}
 """
 )
 
-RANGE_SOURCE = """
--- KEYS[1] meta, KEYS[2] hist; ARGV: after (seq), count
+RANGE_SOURCE = (
+    """
+-- KEYS[1] meta, KEYS[2] hist; ARGV: after (seq), count (0: no bound)
+"""
+    + _RUNS
+    + """
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 if not meta[1] then
   return {'', 0, {}}
 end
-local first = string.format('%d-0', tonumber(ARGV[1]) + 1)
-return {meta[1], tonumber(meta[2]), redis.call('XRANGE', KEYS[2], first, '+', 'COUNT', ARGV[2])}
+local after, count = tonumber(ARGV[1]), tonumber(ARGV[2])
+local b = nil
+if count > 0 then b = after + count end
+return {meta[1], tonumber(meta[2]), runs(after + 1, b)}
 """
+)
 
 # The recovery plan of section 9, as muxserver.history.History.plan_join
-# computes it for one node, over the room's Redis history.
+# computes it for one node, over the room's Redis history (of exactly
+# ``maxlen`` messages, though its oldest run may hold a few more).
 JOIN_SOURCE = (
     """
 -- KEYS[1] meta, KEYS[2] hist
--- ARGV: new epoch, (unused), ttl, the JOIN's epoch (8 bytes), after, replay_max
+-- ARGV: new epoch, maxlen, ttl, the JOIN's epoch (8 bytes), after, replay_max
 """
     + _NEW_EPOCH
+    + _RUNS
     + """
 local last = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local oldest = last + 1
 local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-if #head > 0 then oldest = tonumber(string.match(head[1][1], '^(%d+)')) end
+if #head > 0 then
+  oldest = math.max(tonumber(string.match(head[1][1], '^(%d+)')), last - tonumber(ARGV[2]) + 1)
+end
 local given, after, cap = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local fresh = given == string.rep('\\0', 8)
 local recovery, first
@@ -139,9 +175,7 @@ if recovery < 0 then
   if first == after + 1 then recovery = 1 else recovery = 2 end
 end
 local entries = {}
-if first <= last then
-  entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', first), string.format('%d-0', last))
-end
+if first <= last then entries = runs(first, last) end
 return {epoch, last, first, recovery, entries}
 """
 )
@@ -252,11 +286,17 @@ def parse_run(data: bytes, at: int) -> tuple[int, int, int, int, int, bytes, byt
     )
 
 
-def _entries(raw) -> list[tuple[int, bytes, bytes]]:
+def _entries(raw, lo: int, hi: int | None) -> list[tuple[int, bytes, bytes]]:
+    """``(seq, frame, who)`` of each message ``lo..hi`` in stream entries (one per run)."""
     out = []
     for entry_id, fields in raw:
         fields = dict(zip(fields[::2], fields[1::2], strict=True))
-        out.append((int(entry_id.split(b"-", 1)[0]), fields[b"m"], fields.get(b"o", b"")))
+        seq = int(entry_id.split(b"-", 1)[0])
+        who = fields.get(b"o", b"")
+        for frame in split_frames(fields[b"m"]):
+            if seq >= lo and (hi is None or seq <= hi):
+                out.append((seq, frame, who))
+            seq += 1
     return out
 
 
@@ -267,7 +307,7 @@ def room_range(
     count: int,
     callback: Callable[[Any], None],
 ) -> bool:
-    """The room's history after seq ``after``, at most ``count`` messages.
+    """The room's history after seq ``after``, at most ``count`` messages (0: all).
 
     ``callback((epoch, last_seq, [(seq, frame, who), ...]))`` in one atomic
     read, so the entries belong to that epoch; ``epoch == 0`` when the room
@@ -275,8 +315,8 @@ def room_range(
     """
     if not isinstance(after, int) or after < 0:
         raise ValueError(f"after must be an int >= 0, got {after!r}")
-    if not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an int >= 0 (0: no bound), got {count!r}")
 
     def on_reply(reply: Any) -> None:
         if isinstance(reply, RedisError):
@@ -284,7 +324,9 @@ def room_range(
             return
         try:
             epoch, last, entries = reply
-            result = (int.from_bytes(epoch, "big") if epoch else 0, int(last), _entries(entries))
+            hi = after + count if count else None
+            messages = _entries(entries, after + 1, hi)
+            result = (int.from_bytes(epoch, "big") if epoch else 0, int(last), messages)
         except (TypeError, ValueError, KeyError, AttributeError):
             callback(RedisError(f"room range: unexpected reply {reply!r:.80}"))
             return
@@ -299,6 +341,7 @@ def room_join(
     epoch: int,
     after: int,
     replay_max: int,
+    maxlen: int,
     ttl: int,
     callback: Callable[[Any], None],
 ) -> bool:
@@ -308,7 +351,7 @@ def room_join(
     the replay being exactly ``first..last``; or a RedisError. Starts the
     room's history (a new epoch) if it has none, as one node does.
     """
-    _check_bounds(1, ttl)
+    _check_bounds(maxlen, ttl)
 
     def on_reply(reply: Any) -> None:
         if isinstance(reply, RedisError):
@@ -316,12 +359,13 @@ def room_join(
             return
         try:
             room_epoch, last, first, recovery, entries = reply
-            result = (int(recovery), int.from_bytes(room_epoch, "big"), int(first), int(last),
-                      _entries(entries))  # fmt: skip
+            first, last = int(first), int(last)
+            result = (int(recovery), int.from_bytes(room_epoch, "big"), first, last,
+                      _entries(entries, first, last))  # fmt: skip
         except (TypeError, ValueError, KeyError, AttributeError):
             callback(RedisError(f"room join: unexpected reply {reply!r:.80}"))
             return
         callback(result)
 
-    args = [new_epoch(), 0, ttl, epoch.to_bytes(8, "big"), after, replay_max]
+    args = [new_epoch(), maxlen, ttl, epoch.to_bytes(8, "big"), after, replay_max]
     return link.eval_script(ROOM_JOIN, _keys(base), args, callback=on_reply)

@@ -212,7 +212,7 @@ class SeqRooms:
         """Read ``st.last + 1 .. upto`` (None: all the stream holds) and deliver it, then the buffer."""
         st.filling = True
         after = st.last
-        count = upto - after if upto is not None else max(1, self.hist_size)
+        count = upto - after if upto is not None else 0  # (0: all it holds)
         self.seq_fills += 1
         ns_name = room.key[0]
 
@@ -332,8 +332,8 @@ class SeqRooms:
                 stats["replayed_messages"] += len(frames)
             self._join_live(sess, room, epoch, last, then)
 
-        S.room_join(self.link, base, msg.epoch, msg.after, msg.replay_max, self.hist_ttl,
-                    self._guarded(sess, done))  # fmt: skip
+        S.room_join(self.link, base, msg.epoch, msg.after, msg.replay_max, self.hist_size,
+                    self.hist_ttl, self._guarded(sess, done))  # fmt: skip
 
     def _join_live(self, sess, room: Room, epoch: int, last: int, then) -> None:
         st = self._cs.get(room)
