@@ -521,7 +521,7 @@ def test_sequenced_room_scripts(redis, loop):
     frames = [_frame(b"msg\x00%d\r\n" % i) for i in range(12)]
     # Runs of 1, 4 and 7 messages: one script call each, one range of seqs each.
     for run in (frames[:1], frames[1:5], frames[5:]):
-        room_run(link, base, b"\x02n1", run, b"legacy!", 9, False, maxlen=5, ttl=60,
+        room_run(link, base, b"\x02n1", b"".join(run), len(run), b"legacy!", 9, False, maxlen=5, ttl=60,
                  callback=results.append)  # fmt: skip
     run_until(loop, lambda: len(results) == 3, what="run results")
     epoch = results[0][0]
@@ -588,7 +588,7 @@ def test_sequenced_room_scripts(redis, loop):
     # The meta hash gone (TTL ran out): a new epoch, numbering from 1, old history dropped.
     wait_replies(loop, link, ("DEL", base + b":meta"))
     again: list = []
-    room_run(link, base, b"\x02n2", [frames[0]], None, 3, True, maxlen=5, ttl=0,
+    room_run(link, base, b"\x02n2", frames[0], 1, None, 3, True, maxlen=5, ttl=0,
              callback=again.append)  # fmt: skip
     room_range(link, base, 0, 10, again.append)
     run_until(loop, lambda: len(again) == 2, what="new epoch")
@@ -602,10 +602,12 @@ def test_sequenced_room_scripts(redis, loop):
     assert wait_replies(loop, link, ("TTL", base + b":meta")) == [-1]  # ttl=0: no expiry
 
     with pytest.raises(ValueError):
-        room_run(link, base, b"\x01n", [b"x"], None, 1, False, maxlen=0, ttl=1,
+        room_run(link, base, b"\x01n", b"x", 1, None, 1, False, maxlen=0, ttl=1,
                  callback=again.append)  # fmt: skip
     with pytest.raises(ValueError):
-        room_run(link, base, b"\x01n", [], None, 1, False, maxlen=5, ttl=1, callback=again.append)
+        room_run(
+            link, base, b"\x01n", b"", 0, None, 1, False, maxlen=5, ttl=1, callback=again.append
+        )
     with pytest.raises(ValueError):
         parse_run(b"short", 0)
 

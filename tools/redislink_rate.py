@@ -105,7 +105,7 @@ def publish_rate(loop: EventLoop, link: RedisLink, opts) -> float:
         opts.seconds,
         200,
         lambda cb: room_run(
-            link, base, b"\x05bench", [msg], None, 1, False, maxlen=100, ttl=60, callback=cb
+            link, base, b"\x05bench", msg, 1, None, 1, False, maxlen=100, ttl=60, callback=cb
         ),
     )
 

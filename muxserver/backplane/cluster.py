@@ -334,7 +334,7 @@ class Backplane(Requests, SeqRooms, Resumes):
             if channel is None:
                 return 0
             if self.seq_on:
-                run = self._publish_run(sender, group, channel, data, legacy, echo)
+                run = self._publish_run(sender, group, channel, data, legacy, messages, echo)
                 if run is None:
                     self._refused()
                     return 0

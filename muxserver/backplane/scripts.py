@@ -58,7 +58,7 @@ from muxserver.backplane.redis import RedisError, RedisLink, Script
 # After a run message's kind and origin: first seq, epoch, conn, echo, messages, len(data).
 RUN_HEAD = struct.Struct(">Q8sIBII")
 WHO = struct.Struct(">IB")  # conn, echo (after the str8 origin, in the "o" field)
-TAIL_HEAD = struct.Struct(">IBII")  # conn, echo, messages, len(data): passed to the script
+TAIL_HEAD_COUNTS = struct.Struct(">II")  # messages, len(data): after conn and echo
 
 _NEW_EPOCH = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -97,16 +97,14 @@ RUN_SOURCE = (
     """
 -- KEYS[1] meta, KEYS[2] hist
 -- ARGV: new epoch (8 bytes), maxlen, ttl, channel, head (kind + str8 origin),
---       tail head (conn, echo, messages, len(data)), legacy, who, frame1, frame2, ...
+--       tail head (conn, echo, messages, len(data)), legacy, who, data (the frames), messages
 """
     + _NEW_EPOCH
     + """
-local n = #ARGV - 8
+local n = tonumber(ARGV[10])
 local last = redis.call('HINCRBY', KEYS[1], 'seq', n)
 local first = last - n + 1
-local frames = {}
-for i = 1, n do frames[i] = ARGV[8 + i] end
-local data = table.concat(frames)
+local data = ARGV[9]
 -- One entry per run (its id is the run's first seq): one XADD, not one per message.
 redis.call('XADD', KEYS[2], string.format('%d-0', first), 'm', data, 'o', ARGV[8])
 -- Drop the runs that hold nothing of the latest maxlen messages.
@@ -229,7 +227,8 @@ def room_run(
     link: RedisLink,
     base: bytes,
     origin8: bytes,
-    frames: list[bytes],
+    data: bytes,
+    messages: int,
     legacy: bytes | None,
     conn: int,
     echo: bool,
@@ -240,14 +239,15 @@ def room_run(
 ) -> bool:
     """Sequence, keep and publish one run of EVENT frames in one script call.
 
-    ``callback((epoch, first seq))`` with ints (the run has seqs ``first ..
-    first + len(frames) - 1``), or a RedisError. ``maxlen`` is the history
+    ``data`` is the run's ``messages`` EVENT frames, joined (as the router
+    has them). ``callback((epoch, first seq))`` with ints (the run has seqs
+    ``first .. first + messages - 1``), or a RedisError. ``maxlen`` is the history
     size (>= 1), ``ttl`` seconds (0 = keys never expire). False if the link
     refused the call (down, or its backlog is full).
     """
     _check_bounds(maxlen, ttl)
-    if not frames:
-        raise ValueError("a run has at least one message")
+    if not isinstance(messages, int) or messages < 1 or not data:
+        raise ValueError(f"a run has at least one message, got {messages!r} in {len(data)} bytes")
 
     def on_reply(reply: Any) -> None:
         if isinstance(reply, RedisError):
@@ -261,10 +261,10 @@ def room_run(
             return
         callback(result)
 
-    size = sum(map(len, frames))
-    tail_head = TAIL_HEAD.pack(conn & 0xFFFFFFFF, 1 if echo else 0, len(frames), size)
+    who = WHO.pack(conn & 0xFFFFFFFF, 1 if echo else 0)
+    tail_head = who + TAIL_HEAD_COUNTS.pack(messages, len(data))
     args = [new_epoch(), maxlen, ttl, base + b":ev", bytes((SEQ_EVENTS,)) + origin8, tail_head,
-            legacy or b"", origin8 + WHO.pack(conn & 0xFFFFFFFF, 1 if echo else 0), *frames]  # fmt: skip
+            legacy or b"", origin8 + who, data, messages]  # fmt: skip
     return link.eval_script(ROOM_RUN, _keys(base), args, callback=on_reply)
 
 

@@ -129,7 +129,8 @@ class SeqRooms:
         self.seq_gaps = 0  # GAP frames sent for messages the stream no longer held
 
     # ======================================================== sending side
-    def _publish_run(self, sender, room: Room, channel: bytes, data, legacy, echo) -> Run | None:
+    def _publish_run(self, sender, room: Room, channel: bytes, data, legacy, messages, echo):
+        """One ROOM_RUN call for a run; the Run (acks wait on it), or None if refused."""
         run = Run()
 
         def done(reply) -> None:
@@ -145,9 +146,8 @@ class SeqRooms:
                 else:
                     self._reply(sess, P.reply_count(req, count))
 
-        frames = S.split_frames(data)
-        ok = S.room_run(self.link, channel[:-3], self.origin8, frames, legacy, sender.id, bool(echo),
-                        maxlen=self.hist_size, ttl=self.hist_ttl, callback=done)  # fmt: skip
+        ok = S.room_run(self.link, channel[:-3], self.origin8, data, messages, legacy, sender.id,
+                        bool(echo), maxlen=self.hist_size, ttl=self.hist_ttl, callback=done)  # fmt: skip
         if not ok:
             run.refused = True
             return None
