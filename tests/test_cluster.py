@@ -112,7 +112,9 @@ def test_room_delivery_across_nodes_keeps_per_sender_order(nodes):
     carol = nodes.client(b, "carol")
     for c in (alice, bob, carol):
         assert c.join("r").status == P.OK
-    # Acked: recipients count the members on the other node too.
+    # Acked: recipients count the members on the other node too, as node a
+    # knows them: once it has seen node b's two NS_JOINs and two PRESENCE joins.
+    assert wait_until(lambda: metrics(a)["muxserver_cluster_received_total"] >= 4, 5)
     assert reply_count(alice.emit_room("r", "hi", b"0")) == 2
     for n in range(1, 300):  # unacked: one run per read, one PUBLISH per run
         alice.emit_room("r", "seq", str(n).encode(), ack=False)
