@@ -16,9 +16,9 @@ generator and workloads as bench.run:
   channel, which is what the "every node gets everything" design costs (the
   other three nodes would each hold that subscription).
 
-Reported per cell: deliveries/s (best slice), the ratio to one node, and the
-bytes Redis received and sent per published message (INFO stats deltas over
-the measured slices). Every process shares this machine's cores, so the
+Reported per cell: deliveries/s (best slice), the ratio to one node, the
+bytes Redis received and sent and the Redis CPU time per published message
+(INFO stats and cpu deltas over the measured slices). Every process shares this machine's cores, so the
 cluster figures are a floor, not what N machines would do.
 """
 
@@ -43,9 +43,9 @@ CELLS = {
 }
 
 
-def redis_info(port: int) -> dict[str, int]:
+def redis_info(port: int, section: bytes = b"stats") -> dict[str, float]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(b"*2\r\n$4\r\nINFO\r\n$5\r\nstats\r\n")
+        s.sendall(b"*2\r\n$4\r\nINFO\r\n$%d\r\n%s\r\n" % (len(section), section))
         data = b""
         while True:
             data += s.recv(65536)
@@ -55,9 +55,17 @@ def redis_info(port: int) -> dict[str, int]:
     out = {}
     for line in rest.decode().splitlines():
         key, _, value = line.partition(":")
-        if value.isdigit():
-            out[key] = int(value)
+        try:
+            out[key] = int(value) if value.isdigit() else float(value)
+        except ValueError:
+            continue
     return out
+
+
+def redis_cpu(port: int) -> float:
+    """CPU seconds the redis-server process has used (user + system)."""
+    info = redis_info(port, b"cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 class _Listener(threading.Thread):
@@ -99,8 +107,10 @@ def cell(wl_key: str, nodes: int, redis_port: int | None, listeners: int = 0,
             subs = [_Listener(redis_port, channel) for _ in range(listeners)]
         gen.run(WARMUP)
         info0 = redis_info(redis_port) if redis_port else {}
+        cpu0 = redis_cpu(redis_port) if redis_port else 0.0
         phases = [gen.run(SLICE) for _ in range(SLICES)]
         info1 = redis_info(redis_port) if redis_port else {}
+        cpu1 = redis_cpu(redis_port) if redis_port else 0.0
         best = max(phases, key=lambda p: p.deliveries_per_s)
         published = sum(p.published for p in phases)
         result = {
@@ -113,6 +123,7 @@ def cell(wl_key: str, nodes: int, redis_port: int | None, listeners: int = 0,
             for key, name in (("total_net_input_bytes", "redis_in_bytes_per_message"),
                               ("total_net_output_bytes", "redis_out_bytes_per_message")):  # fmt: skip
                 result[name] = (info1[key] - info0[key]) / published
+            result["redis_cpu_us_per_message"] = (cpu1 - cpu0) * 1e6 / published
         return result
     finally:
         gen.close()
@@ -150,14 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             redis.stop()
     print(f"{'workload':<20} {'variant':<17} {'nodes':>5} {'extra subs':>10} "
-          f"{'deliveries/s':>13} {'ratio':>6} {'Redis in B/msg':>15} {'Redis out B/msg':>16}")  # fmt: skip
+          f"{'deliveries/s':>13} {'ratio':>6} {'Redis in B/msg':>15} {'Redis out B/msg':>16} "
+          f"{'Redis CPU us/msg':>17}")  # fmt: skip
     for r in results:
         ratio = f"{r['ratio_to_one_node']:.2f}" if "ratio_to_one_node" in r else "-"
         rin = f"{r['redis_in_bytes_per_message']:.0f}" if r["redis"] else "-"
         rout = f"{r['redis_out_bytes_per_message']:.0f}" if r["redis"] else "-"
         variant = r["variant"] if r["redis"] else "-"
+        rcpu = f"{r['redis_cpu_us_per_message']:.2f}" if "redis_cpu_us_per_message" in r else "-"
         print(f"{r['workload']:<20} {variant:<17} {r['nodes']:>5} {r['extra_subscribers']:>10} "
-              f"{r['deliveries_per_s']:>13,.0f} {ratio:>6} {rin:>15} {rout:>16}")  # fmt: skip
+              f"{r['deliveries_per_s']:>13,.0f} {ratio:>6} {rin:>15} {rout:>16} {rcpu:>17}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
