@@ -97,7 +97,8 @@ class Room:
         self.legacy = 0  # members speaking protocol version 1
         # Version-2 SEQUENCED members (section 9), kept by muxserver.sequenced:
         # ``seq`` get EVENT_SEQ live; ``held`` get nothing live (a replay is
-        # catching them up, or a resumed session has not re-joined yet).
+        # catching them up, or a resumed session has not re-joined yet). In a
+        # cluster a ``seq`` value is the first seq it takes live (backplane).
         self.seq: dict = {}
         self.held: dict = {}
         self.parked = 0  # members without a connection (section 10): not recipients

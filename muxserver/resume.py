@@ -59,6 +59,11 @@ class Resumer:
             stats.setdefault(key, 0)
         self.tokens: dict[str, tuple[bytes, object]] = {}  # selector -> (validator, session)
         self.parked: dict = {}  # session -> expiry Timer
+        # The cluster backplane's hooks (backplane/resume.py): on_park(session)
+        # after a session parks; on_expire(session, selector) ends one whose
+        # window ran out (instead of the local leave below).
+        self.on_park = None
+        self.on_expire = None
 
     # ----------------------------------------------------------- tokens
     def issue(self, sess) -> str:
@@ -87,6 +92,14 @@ class Resumer:
             return None  # a token resumes a session of the HELLO's namespace only
         return sess
 
+    def drop(self, sess) -> None:
+        """A parked session resumed on another cluster node: gone here, no PRESENCE leave."""
+        if self.parked.get(sess) is None:
+            return
+        self._count_parked(sess, -1)
+        self.forget(sess)
+        sess.state = _CLOSED
+
     def forget(self, sess) -> None:
         """``sess`` ended for good (BYE, error, window over): its token dies with it."""
         if sess.resume_key:
@@ -114,6 +127,8 @@ class Resumer:
         self.sequencer.hold(sess)
         self.parked[sess] = self.clock.call_later(self.window, self._expire, sess)
         self.stats["parked_total"] += 1
+        if self.on_park is not None:
+            self.on_park(sess)
         log.debug(
             "parked #%d %s for %g s", sess.id, sess.nick, self.window,
             extra={"conn": sess.id, "nick": sess.nick, "reason": "PARKED"},
@@ -126,8 +141,12 @@ class Resumer:
             return
         self.stats["parked_expired"] += 1
         self._count_parked(sess, -1)
+        selector = sess.resume_key
         self.forget(sess)
         sess.state = _CLOSED
+        if self.on_expire is not None:
+            self.on_expire(sess, selector)
+            return
         self.router.presence(self.hub.detach(sess))
 
     # ----------------------------------------------------------- resume

@@ -69,7 +69,7 @@ class Router:
             self.pending.update(members)
         self.deliveries += count * messages
         if self.backplane is not None:
-            count += self.backplane.publish(sender, group, data, legacy, messages)
+            count += self.backplane.publish(sender, group, data, legacy, messages, echo)
         return count
 
     def fanout_seq(
@@ -82,6 +82,10 @@ class Router:
         to the rest. A room whose members are all live SEQUENCED pays no
         per-member check.
         """
+        if self.backplane is not None:
+            # A cluster numbers the run in Redis: SEQUENCED members get it from
+            # the room's channel, in cluster seq order (backplane/seqrooms.py).
+            return self._fanout_plain(sender, room, data, legacy, messages, echo)
         members = room.members
         seq = room.seq
         held = room.held
@@ -111,6 +115,66 @@ class Router:
             self.pending.update(members)
         self.deliveries += count * messages
         return count
+
+    def _fanout_plain(self, sender, room, data: bytes, legacy, messages: int, echo) -> int:
+        """``fanout`` to a room's members that are not SEQUENCED (cluster mode)."""
+        seq, held = room.seq, room.held
+        old = data if legacy is None else legacy
+        plain = 0
+        for member in room.members:
+            if member not in seq and member not in held:
+                member.out.append(old if member.version < 2 else data)
+                plain += 1
+        count = len(room.members) - room.parked
+        if not echo:
+            count -= 1
+            if sender not in seq and sender not in held:
+                sender.out.pop()  # it got its copy last: take it back
+                plain -= 1
+        queued = self._queued
+        if room not in queued:
+            queued.add(room)
+            self.pending.update(room.members)
+        self.deliveries += plain * messages
+        return count + self.backplane.publish(sender, room, data, legacy, messages, echo)
+
+    def remote_seq(self, room, data, legacy, messages: int, seqframes, first: int, skip) -> None:
+        """A sequenced run from the room's cluster channel (backplane/seqrooms.py).
+
+        ``data``/``legacy`` go to the members that are not SEQUENCED (None: the
+        run started here and they had it then); ``seqframes`` (EVENT_SEQ, seqs
+        ``first..``; None when the room has no live SEQUENCED member) to the
+        live SEQUENCED members from the seq each one waits for (its value in
+        ``room.seq``), except ``skip`` (the sender, without echo).
+        """
+        seq, held = room.seq, room.held
+        count = 0
+        if seqframes is not None:
+            joined = None
+            n = len(seqframes)
+            for member, start in seq.items():
+                if member is skip:
+                    continue
+                if start is None or start <= first:
+                    if joined is None:
+                        joined = b"".join(seqframes)
+                    member.out.append(joined)
+                    count += n
+                elif start - first < n:
+                    member.out.append(b"".join(seqframes[start - first :]))
+                    count += n - (start - first)
+        if data is not None:
+            if legacy is None:
+                legacy = data
+            for member in room.members:
+                if member not in seq and member not in held:
+                    member.out.append(legacy if member.version < 2 else data)
+                    count += messages
+        queued = self._queued
+        if room not in queued:
+            queued.add(room)
+            self.pending.update(room.members)
+        self.deliveries += count
 
     def remote(self, group, data: bytes, legacy: bytes | None, messages: int) -> None:
         """A run from another cluster node: queue it to every local member of ``group``."""

@@ -18,11 +18,10 @@ appends once per member. A run ends at the first frame that is anything
 else, so every ordering rule holds as if each frame had been handled alone.
 Byte offsets come from the codec (``protocol.py``), never from literals here.
 
-Every room EMIT is also numbered and kept (protocol section 9): the run
-builds one EVENT_SEQ frame per message (one ``pack`` of a head that carries
-the sender prefix, plus the tail) and hands the run's frames to the history
-in one call. SEQUENCED JOINs and replays are muxserver.sequenced's; parking
-and resuming sessions (section 10) are muxserver.resume's.
+Every room EMIT is numbered and kept (section 9): one EVENT_SEQ ``pack`` per
+message, the run's tails to the history in one call (in a cluster, Redis
+numbers and keeps them: backplane/seqrooms.py). SEQUENCED JOINs and replays
+are muxserver.sequenced's, resume (section 10) muxserver.resume's.
 """
 
 from __future__ import annotations
@@ -115,8 +114,7 @@ class Session:
     def __repr__(self) -> str:
         return f"<Session #{self.id} {self.nick or '-'} state={self.state}>"
 
-    # Read by stats.py when scraped, never on the hot path.
-    @property
+    @property  # (this and the next two: read by stats.py when scraped)
     def bytes_in(self) -> int:
         return self.transport.bytes_in
 
@@ -188,6 +186,7 @@ class SessionProtocol(RequestHandlers):
         self.on_block = None
         # True sends every EMIT through _on_emit (rate limit, cluster outage).
         self._slow_emit = bool(self._rate)
+        self._acks_wait = False  # acked room EMITs skip fast runs (backplane/seqrooms.py)
         self.frames_in_by_type = [0] * 256
         self._ping_nonce = 0
         self.history = History(
@@ -301,6 +300,7 @@ class SessionProtocol(RequestHandlers):
         parts: list[bytes] = []  # [length, prefix, tail] per EMIT of the run
         sparts: list[bytes] | None = None  # one EVENT_SEQ frame per EMIT, when needed
         acks = sess.out
+        acks_wait = self._acks_wait
         # req 0 + run_head: one startswith() takes an unacked EMIT of the run;
         # an empty tuple of prefixes matches nothing (no run yet).
         run_key: bytes | tuple = ()
@@ -322,7 +322,7 @@ class SessionProtocol(RequestHandlers):
                 # Same flags, room and event as the run so far: every check
                 # those passed holds for this EMIT too.
                 req = req_of(body)[0]
-                if not (req and run_echo):
+                if not (req and (run_echo or acks_wait)):
                     by_type[emit_type] += 1
                     tail = body[tail_at:]
                     parts += (pack_len(plen + len(body)), prefix, tail)
@@ -344,7 +344,8 @@ class SessionProtocol(RequestHandlers):
                     ptype = (flags & _TYPE_MASK) >> 1 if v2 else 0
                     # Echo runs only without acks: the sender's REPLYs must not
                     # overtake its own EVENTs. Payload type 3 is refused below.
-                    if kind == 0 and not (flags & _ECHO and req) and tend < n and ptype != 3:
+                    fast = not (req and (flags & _ECHO or acks_wait))
+                    if kind == 0 and fast and tend < n and ptype != 3:
                         eend = tend + 1 + body[tend]
                         if eend <= n and body[tend + 1 : eend] in events_ok:
                             if parts:
@@ -422,7 +423,8 @@ class SessionProtocol(RequestHandlers):
         target, event and payload, bytes that already exist) and the run's
         sender prefix once; a replay builds the EVENT_SEQ frames from them.
         """
-        if self.history.enabled:
+        cluster = self.backplane is not None
+        if self.history.enabled and not cluster:  # a cluster keeps it in Redis
             n = len(parts) // 3
             self.sequencer.keep(room.key, parts[2::3], seq - n + 1, sprefix)
         legacy = None
@@ -435,7 +437,7 @@ class SessionProtocol(RequestHandlers):
         if sparts is not None and (room.seq or room.held):
             # SEQUENCED members get the EVENT_SEQ variant; skip the plain join
             # when nobody else is there to take it.
-            plain = len(room.seq) + len(room.held) < len(room.members)
+            plain = cluster or len(room.seq) + len(room.held) < len(room.members)
             data = b"".join(parts) if plain else b""
             self.router.fanout_seq(sess, room, data, legacy, b"".join(sparts), len(sparts), echo)
             return
@@ -457,14 +459,18 @@ class SessionProtocol(RequestHandlers):
         ):
             raise P.ProtocolError(P.AUTH_FAILED, "authentication failed")
         sess.version = hello.version
-        resumed = None
-        if hello.resume and self.resumer.window and self.backplane is None:
+        if hello.resume and self.resumer.window:
             # An unknown, used or expired token is no error: a fresh session.
-            # (Resume is per node: a cluster session starts afresh.)
+            if self.backplane is not None:  # parked on any node (backplane/resume.py)
+                self.backplane.resume(sess, hello, lambda: self._fresh(sess, hello))
+                return
             resumed = self.resumer.resume(sess, hello)
-        if resumed is not None:
-            self._welcome(resumed, resumed=True)
-            return
+            if resumed is not None:
+                self._welcome(resumed, resumed=True)
+                return
+        self._fresh(sess, hello)
+
+    def _fresh(self, sess: Session, hello: P.Hello) -> None:  # no resume: a new session
         nick = hello.nick or self._guest_nick(hello.namespace, sess.id)
         if self.backplane is not None:
             self.backplane.hello(sess, hello.namespace, nick, bool(hello.nick))
@@ -493,9 +499,8 @@ class SessionProtocol(RequestHandlers):
             cfg.max_frame,
             int(cfg.ping_interval * 1000),
             cfg.name,
-            # Resume is per node: a cluster node offers none (section 10 off).
-            self.resumer.issue(sess) if v2 and self.backplane is None else "",
-            int(self.resumer.window * 1000) if v2 and self.backplane is None else 0,
+            self.resumer.issue(sess) if v2 else "",
+            int(self.resumer.window * 1000) if v2 else 0,
             1 if resumed else 0,
         )
         self.router.reply(sess, P.encode(welcome))
@@ -566,15 +571,15 @@ class SessionProtocol(RequestHandlers):
             if kind == P.TARGET_ROOM and (history.enabled or group.seq or group.held):
                 seq = history.next_seq(group.key, self.clock.now)
                 tprefix = P.typed_prefix(prefix, ptype) if ptype else prefix
-                if history.enabled:
+                if history.enabled and self.backplane is None:  # a cluster keeps it in Redis
                     self.sequencer.keep(group.key, [tail], seq, tprefix[1:])
                 if group.seq or group.held:
                     frame = P.event_seq_frame(seq, tprefix, tail)
                     count = router.fanout_seq(sess, group, data, legacy, frame, 1, echo)
                 else:
                     count = router.fanout(sess, group, data, legacy, 1, echo)
-                if self.backplane is not None and not self.backplane.emitted(sess, req):
-                    return  # the cluster link is down: UNAVAILABLE was the answer
+                if self.backplane is not None and not self.backplane.emitted(sess, req, count):
+                    return  # UNAVAILABLE was the answer, or the REPLY waits for the cluster seq
                 if req:
                     router.reply(sess, P.reply_count_seq(req, count, seq) if sess.version >= 2
                                  else P.reply_count(req, count))  # fmt: skip

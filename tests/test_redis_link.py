@@ -19,14 +19,17 @@ import time
 import pytest
 import trustme
 
+from muxserver import protocol as P
 from muxserver.backplane import RedisError, RedisLink, Script, parse_url
+from muxserver.backplane.keys import SEQ_EVENTS, split_origin
 from muxserver.backplane.redis import CLOSED, DOWN, UP
 from muxserver.backplane.scripts import (
-    HEADER,
-    parse_published,
+    parse_run,
     room_base,
-    room_publish,
+    room_join,
     room_range,
+    room_run,
+    split_frames,
 )
 from muxserver.listener import listening_socket
 from muxserver.loop import EVENT_READ, EventLoop
@@ -454,6 +457,23 @@ def command_calls(loop, link, name: str) -> int:
     return 0
 
 
+def test_first_calls_of_a_new_script_run_in_order(redis, loop):
+    # Calls sent over several turns, the first before Redis has seen the
+    # script: none may be re-sent behind a later one (the sequenced rooms'
+    # runs depend on it).
+    link = up_link(loop, redis.url)
+    script = Script("return redis.call('RPUSH', KEYS[1], ARGV[1])")
+    out: list = []
+    for n in range(200):
+        link.eval_script(script, [b"order"], [n], callback=out.append)
+        if n % 5 == 4:
+            loop.run_once(0.001)
+    run_until(loop, lambda: len(out) == 200, what="200 script calls")
+    got = wait_replies(loop, link, ("LRANGE", "order", 0, -1))[0]
+    assert got == [b"%d" % n for n in range(200)]
+    assert out == list(range(1, 201))
+
+
 def test_evalsha_reloads_after_script_flush(redis, loop):
     link = up_link(loop, redis.url)
     script = Script("return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}")
@@ -461,7 +481,8 @@ def test_evalsha_reloads_after_script_flush(redis, loop):
     link.eval_script(script, [b"k\x00"], [b"a\xff"], callback=out.append)
     run_until(loop, lambda: out, what="first eval")
     assert out == [[b"k\x00", b"a\xff", 1]]
-    assert command_calls(loop, link, "eval") == 1  # NOSCRIPT -> EVAL loaded it
+    assert command_calls(loop, link, "eval") == 1  # a first call is EVAL: it loads it
+    assert command_calls(loop, link, "evalsha") == 0
     link.eval_script(script, [b"k\x00"], [b"b"], callback=out.append)
     run_until(loop, lambda: len(out) == 2, what="evalsha")
     assert out[1] == [b"k\x00", b"b", 2]
@@ -471,7 +492,7 @@ def test_evalsha_reloads_after_script_flush(redis, loop):
     run_until(loop, lambda: len(out) == 3, what="eval after flush")
     assert out[2] == [b"k\x00", b"c", 3]
     assert command_calls(loop, link, "eval") == 2
-    assert command_calls(loop, link, "evalsha") == 3
+    assert command_calls(loop, link, "evalsha") == 2  # the second call, the failed third
     assert wait_replies(loop, link, ("SCRIPT", "EXISTS", script.sha)) == [[1]]
     # A script error is a RedisError for that call only.
     bad = Script("return redis.call('NOSUCH')")
@@ -480,62 +501,115 @@ def test_evalsha_reloads_after_script_flush(redis, loop):
     assert isinstance(out[3], RedisError) and link.up
 
 
-def test_sequenced_room_script(redis, loop):
+def _frame(payload: bytes) -> bytes:
+    """A version-2 EVENT frame (room, JSON payload type) around ``payload``."""
+    return P.event_frame(P.typed_prefix(P.event_prefix(P.TARGET_ROOM, b"s"), P.PAYLOAD_JSON),
+                         P.str8(b"lobby") + P.str8(b"m") + payload)  # fmt: skip
+
+
+def test_sequenced_room_scripts(redis, loop):
     link = up_link(loop, redis.url)
     base = room_base("/chat", "lobby")
     assert base == b"mux:{/chat|lobby}"
     assert room_base("/a|b", "c") != room_base("/a", "b|c")
     published: list = []
-    link.subscribe(base, lambda ch, data: published.append(data), lambda: published.append("ok"))
+    channel = base + b":ev"
+    link.subscribe(channel, lambda ch, data: published.append(data), lambda: published.append("ok"))
     run_until(loop, lambda: published == ["ok"], what="subscription")
     published.clear()
     results: list = []
-    messages = [b"msg\x00%d\r\n" % i for i in range(12)]
-    for m in messages:
-        room_publish(link, base, m, maxlen=5, ttl=60, callback=results.append)
-    run_until(loop, lambda: len(results) == 12, what="publish results")
+    frames = [_frame(b"msg\x00%d\r\n" % i) for i in range(12)]
+    # Runs of 1, 4 and 7 messages: one script call each, one range of seqs each.
+    for run in (frames[:1], frames[1:5], frames[5:]):
+        room_run(link, base, b"\x02n1", b"".join(run), len(run), b"legacy!", 9, False, maxlen=5, ttl=60,
+                 callback=results.append)  # fmt: skip
+    run_until(loop, lambda: len(results) == 3, what="run results")
     epoch = results[0][0]
     assert 0 < epoch < 2**64
-    assert results == [(epoch, seq, 1) for seq in range(1, 13)]
-    run_until(loop, lambda: len(published) == 12, what="published messages")
-    assert [parse_published(p) for p in published] == [
-        (seq, epoch, m) for seq, m in enumerate(messages, 1)
+    assert results == [(epoch, 1), (epoch, 2), (epoch, 6)]
+    run_until(loop, lambda: len(published) == 3, what="published runs")
+    parsed = []
+    for msg in published:
+        kind, origin, at = split_origin(msg)
+        assert (kind, origin) == (SEQ_EVENTS, b"n1")
+        parsed.append(parse_run(msg, at))
+    assert parsed == [
+        (1, epoch, 9, 0, 1, frames[0], b"legacy!"),
+        (2, epoch, 9, 0, 4, b"".join(frames[1:5]), b"legacy!"),
+        (6, epoch, 9, 0, 7, b"".join(frames[5:]), b"legacy!"),
     ]
-    assert published[0][: HEADER.size] == (1).to_bytes(8, "big") + epoch.to_bytes(8, "big")
+    assert split_frames(parsed[2][5]) == frames[5:]
+    with pytest.raises(ValueError):
+        split_frames(frames[0][:-1])
 
     xlen, ttl_meta, ttl_hist = wait_replies(
         loop, link, ("XLEN", base + b":hist"), ("TTL", base + b":meta"), ("TTL", base + b":hist")
     )
-    assert xlen == 5 and 0 < ttl_meta <= 60 and 0 < ttl_hist <= 60
+    # One entry per run; the runs holding nothing of the latest 5 are gone.
+    assert xlen == 1 and 0 < ttl_meta <= 60 and 0 < ttl_hist <= 60
 
+    who = b"\x02n1" + (9).to_bytes(4, "big") + b"\x00"
     got: list = []
-    room_range(link, base, 0, 100, got.append)  # trimmed: only the last 5 remain
+    room_range(link, base, 0, 0, got.append)  # trimmed: the run of 6..12 remains
     room_range(link, base, 9, 100, got.append)
     room_range(link, base, 7, 2, got.append)
     room_range(link, base, 12, 100, got.append)
     room_range(link, room_base("/chat", "empty"), 0, 10, got.append)
     run_until(loop, lambda: len(got) == 5, what="ranges")
-    assert got[0] == (epoch, 12, [(s, messages[s - 1]) for s in range(8, 13)])
-    assert got[1] == (epoch, 12, [(10, messages[9]), (11, messages[10]), (12, messages[11])])
-    assert got[2] == (epoch, 12, [(8, messages[7]), (9, messages[8])])
+    assert got[0] == (epoch, 12, [(s, frames[s - 1], who) for s in range(6, 13)])
+    assert got[1] == (epoch, 12, [(s, frames[s - 1], who) for s in (10, 11, 12)])
+    assert got[2] == (epoch, 12, [(8, frames[7], who), (9, frames[8], who)])
     assert got[3] == (epoch, 12, [])
     assert got[4] == (0, 0, [])
+
+    # The recovery plan of a SEQUENCED JOIN (section 9), from the Redis history.
+    plans: list = []
+    room_join(link, base, 0, 0, 2, 5, 60, plans.append)  # fresh: the latest 2
+    room_join(link, base, epoch, 9, P.REPLAY_ALL, 5, 60, plans.append)  # complete
+    room_join(link, base, epoch, 3, P.REPLAY_ALL, 5, 60, plans.append)  # gap: 4..7 trimmed
+    room_join(link, base, epoch, 9, 1, 5, 60, plans.append)  # gap: capped by replay_max
+    room_join(link, base, epoch ^ 1, 3, P.REPLAY_ALL, 5, 60, plans.append)  # reset
+    room_join(link, base, epoch, 20, 5, 5, 60, plans.append)  # beyond last: reset
+    room_join(link, base, epoch, 12, 5, 5, 60, plans.append)  # nothing missed
+    run_until(loop, lambda: len(plans) == 7, what="join plans")
+    entries = {s: (s, frames[s - 1], who) for s in range(8, 13)}
+    assert plans[0] == (P.FRESH, epoch, 11, 12, [entries[11], entries[12]])
+    assert plans[1] == (P.COMPLETE, epoch, 10, 12, [entries[s] for s in (10, 11, 12)])
+    assert plans[2] == (P.GAP_RECOVERY, epoch, 8, 12, [entries[s] for s in range(8, 13)])
+    assert plans[3] == (P.GAP_RECOVERY, epoch, 12, 12, [entries[12]])
+    assert plans[4] == (P.RESET, epoch, 8, 12, [entries[s] for s in range(8, 13)])
+    assert plans[5] == (P.RESET, epoch, 8, 12, [entries[s] for s in range(8, 13)])
+    assert plans[6] == (P.COMPLETE, epoch, 13, 12, [])
+    fresh: list = []
+    room_join(link, room_base("/chat", "new"), 0, 0, 10, 5, 0, fresh.append)  # starts an epoch
+    run_until(loop, lambda: len(fresh) == 1, what="new room plan")
+    assert fresh[0][0] == P.FRESH and fresh[0][1] != 0 and fresh[0][2:] == (1, 0, [])
 
     # The meta hash gone (TTL ran out): a new epoch, numbering from 1, old history dropped.
     wait_replies(loop, link, ("DEL", base + b":meta"))
     again: list = []
-    room_publish(link, base, b"fresh", maxlen=5, ttl=0, callback=again.append)
+    room_run(link, base, b"\x02n2", frames[0], 1, None, 3, True, maxlen=5, ttl=0,
+             callback=again.append)  # fmt: skip
     room_range(link, base, 0, 10, again.append)
     run_until(loop, lambda: len(again) == 2, what="new epoch")
-    new_epoch, seq, _ = again[0]
+    new_epoch, seq = again[0]
     assert seq == 1 and new_epoch not in (0, epoch)
-    assert again[1] == (new_epoch, 1, [(1, b"fresh")])
+    assert again[1] == (
+        new_epoch,
+        1,
+        [(1, frames[0], b"\x02n2" + (3).to_bytes(4, "big") + b"\x01")],
+    )
     assert wait_replies(loop, link, ("TTL", base + b":meta")) == [-1]  # ttl=0: no expiry
 
     with pytest.raises(ValueError):
-        room_publish(link, base, b"x", maxlen=0, ttl=1, callback=again.append)
+        room_run(link, base, b"\x01n", b"x", 1, None, 1, False, maxlen=0, ttl=1,
+                 callback=again.append)  # fmt: skip
     with pytest.raises(ValueError):
-        parse_published(b"short")
+        room_run(
+            link, base, b"\x01n", b"", 0, None, 1, False, maxlen=5, ttl=1, callback=again.append
+        )
+    with pytest.raises(ValueError):
+        parse_run(b"short", 0)
 
 
 # ---------------------------------------------------------------- URLs

@@ -32,10 +32,10 @@ class FakeBackplane:
 
         self.waiting.append(answer)
 
-    def publish(self, sender, group, data, legacy, messages) -> int:
+    def publish(self, sender, group, data, legacy, messages, echo) -> int:
         return 0
 
-    def emitted(self, sess, req) -> bool:
+    def emitted(self, sess, req, count=0) -> bool:
         return True
 
     def detach(self, sess) -> None:

@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from muxserver.backplane import RedisLink, Script
-from muxserver.backplane.scripts import room_base, room_publish
+from muxserver.backplane.scripts import room_base, room_run
 from muxserver.loop import EventLoop
 
 BURST = Script("for i = 1, 1000 do redis.call('PUBLISH', KEYS[1], ARGV[1]) end return 1000")
@@ -104,7 +104,9 @@ def publish_rate(loop: EventLoop, link: RedisLink, opts) -> float:
         loop,
         opts.seconds,
         200,
-        lambda cb: room_publish(link, base, msg, maxlen=100, ttl=60, callback=cb),
+        lambda cb: room_run(
+            link, base, b"\x05bench", msg, 1, None, 1, False, maxlen=100, ttl=60, callback=cb
+        ),
     )
 
 

@@ -43,12 +43,8 @@ Decisions worth knowing:
   every PRESENCE seen; ``Namespace.remote`` likewise from the nick hash and
   NS_COUNT messages), so no EMIT waits for a count.
 
-Sequenced rooms (protocol section 9) are not wired here yet. The seam:
-``publish`` is where a sequenced room's run would instead go through
-``scripts.room_publish`` (one seq per message, cluster-wide, on the room's
-bare ``mux:{ns|room}`` channel), with local delivery on receipt from that
-channel (own messages included, so every node delivers in seq order), and a
-seq jump filled from ``scripts.room_range`` before delivering.
+Sequenced rooms (protocol section 9, cluster-wide) and resume on any node
+(section 10) are the two mixins seqrooms.py and resume.py.
 """
 
 from __future__ import annotations
@@ -62,7 +58,9 @@ from muxserver import protocol as P
 from muxserver.backplane import keys as K
 from muxserver.backplane.redis import RedisError, RedisLink
 from muxserver.backplane.requests import Requests
+from muxserver.backplane.resume import Resumes
 from muxserver.backplane.scripts import room_base
+from muxserver.backplane.seqrooms import SeqRooms
 from muxserver.hub import Change, Room, nick_key
 from muxserver.loop import EVENT_READ
 
@@ -93,7 +91,7 @@ class Channel:
         self.waiters: list = []
 
 
-class Backplane(Requests):
+class Backplane(Requests, SeqRooms, Resumes):
     """The cluster node: the link, the channels held, delivery both ways, upkeep."""
 
     def __init__(
@@ -136,6 +134,8 @@ class Backplane(Requests):
         self.reaped = 0
         self.nick_conflicts = 0
         self.ups = 0
+        self._seq_init()
+        self._resume_init()
         server.backplane = self
         self.protocol.backplane = self
         self.protocol.on_block = functools.partial(set_reading, server)
@@ -207,6 +207,7 @@ class Backplane(Requests):
         for ch in self.channels.values():
             ch.ready = True
             self._run_waiters(ch)
+        self._catch_up()  # what the room channels missed while down
 
     def _on_down(self, reason: str) -> None:
         self.down_since = self.loop.time()
@@ -217,6 +218,8 @@ class Backplane(Requests):
 
     def _restore(self) -> None:
         """Register every local nick and membership again (Redis may have lost them)."""
+        for sess in list(self.protocol.resumer.parked):
+            self._parked(sess)  # and the resume records (a full window again: ours ends first)
         sync = bytes((K.SYNC,)) + self.origin8
         for ns in self.hub.namespaces.values():
             for sess in ns.members:
@@ -303,6 +306,11 @@ class Backplane(Requests):
     def _confirmed(self, ch: Channel) -> None:
         if self.channels.get(ch.name) is ch:
             ch.ready = True
+            if ch.room is not None and self.seq_on:
+                ns = self.hub.namespaces.get(ch.ns)
+                room = ns.rooms.get(ch.room) if ns is not None else None
+                if room is not None:
+                    self._seq_baseline(room, ch.name[:-3])
             self._run_waiters(ch)
 
     def _drop(self, name: bytes) -> None:
@@ -316,14 +324,22 @@ class Backplane(Requests):
             self._drop(K.ns_channel(ns_name))
 
     # ============================================================ delivery
-    def publish(self, sender, group, data: bytes, legacy: bytes | None, messages: int) -> int:
+    def publish(self, sender, group, data: bytes, legacy, messages: int, echo=0) -> int:
         """Router seam: a run just delivered locally; send it to the other nodes."""
+        self._last_run = None
         if not self.link.up:
             return 0
         if group.__class__ is Room:
             channel = self._room_ch.get(group)
             if channel is None:
                 return 0
+            if self.seq_on:
+                run = self._publish_run(sender, group, channel, data, legacy, messages, echo)
+                if run is None:
+                    self._refused()
+                    return 0
+                self._last_run = run
+                return group.remote
             msg = K.events_message(K.EVENTS, self.origin8, messages, data, legacy)
             remote = group.remote
         else:
@@ -331,21 +347,33 @@ class Backplane(Requests):
             msg = K.events_message(K.BROADCAST, self.origin8, messages, data, legacy)
             remote = group.remote
         if not self.link.call(b"PUBLISH", channel, msg):
-            # The link's backlog is full (Redis is not keeping up): counted,
-            # logged, and the slow path's EMIT gets UNAVAILABLE (see emitted).
-            self.rejected += 1
-            self._rejected_now = True
-            if self.rejected == 1 or not self.rejected % 1000:
-                log.warning("cluster: %d publications refused: Redis link backlog full",
-                            self.rejected)  # fmt: skip
+            self._refused()
             return 0
         self.published += 1
         self.published_bytes += len(msg)
         return remote
 
-    def emitted(self, sess, req: int) -> bool:
-        """After local delivery of a room/broadcast EMIT: False if UNAVAILABLE was sent."""
+    def _refused(self) -> None:
+        # The link's backlog is full (Redis is not keeping up): counted,
+        # logged, and the slow path's EMIT gets UNAVAILABLE (see emitted).
+        self.rejected += 1
+        self._rejected_now = True
+        if self.rejected == 1 or not self.rejected % 1000:
+            log.warning("cluster: %d publications refused: Redis link backlog full",
+                        self.rejected)  # fmt: skip
+
+    def emitted(self, sess, req: int, count: int = 0) -> bool:
+        """After local delivery of a room/broadcast EMIT: False if the caller must not reply.
+
+        That is when UNAVAILABLE was sent, or when the EMIT went into a
+        sequenced run: its REPLY (with the cluster seq) comes with the
+        script's answer.
+        """
+        run, self._last_run = self._last_run, None
         if self.link.up and not self._rejected_now:
+            if run is not None and req:
+                run.acks.append((sess, req, count, 0))
+                return False
             return True
         self._rejected_now = False
         self._unavailable(sess, req, "delivered on this node only: the cluster link is down")
@@ -357,9 +385,11 @@ class Backplane(Requests):
             return
         kind, origin, at = K.split_origin(data)
         if origin == self.node:
-            return
-        self.received += 1
-        self.received_bytes += len(data)
+            if kind != K.SEQ_EVENTS:
+                return  # (our sequenced runs come back to be delivered in seq order)
+        else:
+            self.received += 1
+            self.received_bytes += len(data)
         ns = self.hub.namespaces.get(ch.ns)
         if ns is None:
             return
@@ -379,7 +409,9 @@ class Backplane(Requests):
         room = ns.rooms.get(ch.room) if ch.room is not None else None
         if room is None:
             return
-        if kind == K.EVENTS:
+        if kind == K.SEQ_EVENTS:
+            self._on_seq_run(room, data, at, origin)
+        elif kind == K.EVENTS:
             messages, body, legacy = K.read_events(data, at)
             self.router.remote(room, body, legacy, messages)
         elif kind == K.SYNC:
@@ -408,6 +440,9 @@ class Backplane(Requests):
             room.remote = max(0, size - len(room.members))
 
     def _on_direct(self, channel: bytes, data: bytes) -> None:
+        if len(data) >= 2 and data[0] == K.DROP:
+            self._on_drop(data)
+            return
         if len(data) < 2 or data[0] != K.DIRECT:
             return
         _, origin, at = K.split_origin(data)
@@ -518,6 +553,20 @@ class Backplane(Requests):
             "Dead nodes this node cleaned up.",
             self.reaped,
         )
+        out.family("muxserver_cluster_seq_runs_total", "counter",
+                   "Runs of sequenced room messages numbered by this node's script calls.",
+                   self.seq_runs)  # fmt: skip
+        out.family("muxserver_cluster_seq_fills_total", "counter",
+                   "History reads that filled a seq jump on a room channel (or caught up "
+                   "after a reconnect).", self.seq_fills)  # fmt: skip
+        out.family("muxserver_cluster_seq_filled_messages_total", "counter",
+                   "Messages those reads delivered.", self.seq_filled)  # fmt: skip
+        out.family("muxserver_cluster_seq_gaps_total", "counter",
+                   "GAP frames sent for messages the Redis history no longer held.",
+                   self.seq_gaps)  # fmt: skip
+        out.family("muxserver_cluster_resumes_total", "counter",
+                   "Sessions resumed here that were parked on another node or this one.",
+                   self.resumed_remote)  # fmt: skip
         out.family("muxserver_cluster_redis_bytes_total", "counter",
                    "Bytes on the Redis connections.",
                    [({"direction": "in"}, link["bytes_in"]),

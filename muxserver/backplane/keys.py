@@ -22,7 +22,7 @@ tag)::
     <base>:m                  hash: "<node>|<conn>" -> "<16-digit join order>|<nick>"
     <base>:ev                 channel: the room's EVENT runs and PRESENCE
 
-``<base>`` itself (no suffix) is left to sequenced rooms (scripts.py).
+``<base>:meta`` and ``<base>:hist`` hold a room's seq and history (scripts.py).
 
 Messages on the channels (binary)::
 
@@ -34,6 +34,9 @@ Messages on the channels (binary)::
                   without PRESENCE; receivers re-read the room's size
     NS_COUNT (6): u8 1 a member joined the namespace, 2 one left, 5 re-read the
                   size (the nicks hash); on the namespace channel
+    SEQ_EVENTS (7): a sequenced run, published by scripts.ROOM_RUN (layout there)
+    DROP (8):     str8 conn id: that parked session was resumed on another node;
+                  drop it without PRESENCE (on the node channel)
 
 ``data`` is the ready EVENT frames (length prefixes included) of the sender's
 run; ``legacy`` their version-1 encoding when it differs (else empty), so a
@@ -46,7 +49,7 @@ import struct
 
 from muxserver.backplane.resp import Script
 
-EVENTS, PRESENCE, DIRECT, BROADCAST, SYNC, NS_COUNT = 1, 2, 3, 4, 5, 6
+EVENTS, PRESENCE, DIRECT, BROADCAST, SYNC, NS_COUNT, SEQ_EVENTS, DROP = 1, 2, 3, 4, 5, 6, 7, 8
 NS_JOIN, NS_LEAVE, NS_SYNC = 1, 2, 5  # the byte after a NS_COUNT message's origin
 U32 = struct.Struct(">I")
 U32X2 = struct.Struct(">II")

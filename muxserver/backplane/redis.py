@@ -34,8 +34,9 @@ Decisions worth knowing:
   its own reply arrives, not the first one's.
 * Host names are resolved with a blocking ``getaddrinfo`` at each connect
   attempt; use an IP address (or an /etc/hosts name) where that matters.
-* EVALSHA falls back to EVAL on NOSCRIPT, and every script used is loaded again
-  in the handshake of each new connection. Only a SCRIPT FLUSH on a live server
+* A script's first call is an EVAL; later ones are EVALSHA, falling back to
+  EVAL on NOSCRIPT, and every script used is loaded again in the handshake of
+  each new connection. Only a SCRIPT FLUSH on a live server
   can reorder script calls that were in flight at that moment.
 """
 
@@ -404,9 +405,17 @@ class RedisLink:
     def eval_script(
         self, script: Script, keys: list, args: list, callback: Callback | None = None
     ) -> bool:
-        """EVALSHA, falling back to EVAL (which loads the script) on NOSCRIPT."""
-        self._scripts[script.sha] = script
+        """EVALSHA, falling back to EVAL (which loads the script) on NOSCRIPT.
+
+        A script's first call is an EVAL: calls pipelined behind it then find
+        it loaded. (EVALSHA first would make every call sent before the first
+        NOSCRIPT came back fail and be re-sent as EVAL *after* later calls
+        that succeeded: the first calls of a script would run out of order.)
+        """
         tail = (len(keys), *keys, *args)
+        if script.sha not in self._scripts:
+            self._scripts[script.sha] = script
+            return self.call(b"EVAL", script.source, *tail, callback=callback)
 
         def on_reply(reply: Any) -> None:
             if isinstance(reply, RedisError) and str(reply).startswith("NOSCRIPT"):

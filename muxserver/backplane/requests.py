@@ -226,9 +226,15 @@ class Requests:
             for room, ch in list(self._room_ch.items()):
                 if ch == channel:
                     del self._room_ch[room]
+                    self._seq_forget(room)
 
     def join(self, sess, msg) -> None:
         name = msg.room
+        sequenced = sess.version >= 2 and msg.flags & P.JOIN_SEQUENCED
+        if sequenced and self.seq_on and not self.link.up:
+            # The plan and the replay are in Redis: nothing changes.
+            self._unavailable(sess, msg.req, "the cluster link is down: JOIN again shortly")
+            return
         before = sess.rooms.get(name)
         try:
             changes = self.hub.join(sess, name, bool(msg.flags & P.JOIN_PRESENCE))
@@ -236,26 +242,52 @@ class Requests:
             self._error(sess, msg.req, exc.status, exc.message)
             return
         self.router.presence(changes)
-        if before is not None:
-            self._reply(sess, P.reply_ok(msg.req))
-            return
-        ns_name = sess.ns.name
         room = sess.rooms[name]
+        answered = False  # a SEQUENCED JOIN with history off is answered here
+        if not sequenced:
+            room.seq.pop(sess, None)  # the latest JOIN's flags decide
+            room.held.pop(sess, None)
+        elif not self.seq_on:
+            # History off (section 9): seq 0 everywhere, an empty replay; the
+            # member gets plain EVENTs.
+            recovery = P.FRESH if msg.epoch == 0 else P.RESET
+            self._reply(sess, P.reply_join_seq(msg.req, recovery, 0, 1, 0))
+            self.protocol.stats["replays"][P.RECOVERY_NAMES[recovery]] += 1
+            sequenced = False
+            answered = True
+            if before is not None:
+                return
+        ns_name = sess.ns.name
         base = room_base(ns_name, name)
         channel = base + b":ev"
-        self._room_ch[room] = channel
-        ch = self._hold(channel, ns_name, name)
 
         def finish() -> None:
+            if sequenced and sess.state == P_OPEN:
+                try:
+                    self._seq_join(sess, room, msg, lambda: self.protocol.unblock(sess))
+                except BaseException:
+                    self.protocol.unblock(sess)
+                    raise
+                return
             try:
-                if sess.state == P_OPEN:
+                if sess.state == P_OPEN and not answered:
                     self._reply(sess, P.reply_ok(msg.req))
             finally:
                 self.protocol.unblock(sess)
 
+        if before is not None:
+            if not sequenced:
+                self._reply(sess, P.reply_ok(msg.req))
+                return
+            self.protocol.block(sess)
+            self._when_ready(self._hold(channel, ns_name, name), self._guarded(sess, finish))
+            return
+        self._room_ch[room] = channel
+        ch = self._hold(channel, ns_name, name)
         done_when = gate(2, self._guarded(sess, finish))
         if not self._member_add(sess, ns_name, room, base, quiet=False, then=done_when):
-            self._reply(sess, P.reply_ok(msg.req))  # down: restored on reconnect
+            if not answered:
+                self._reply(sess, P.reply_ok(msg.req))  # down: restored on reconnect
             return
         self.protocol.block(sess)
         self._when_ready(ch, done_when)
