@@ -416,8 +416,12 @@ def chart(doc: dict, path: Path) -> Path | None:
         for n, r in results.get(FIXED, {}).items()
         if _ok(r) and "fixed_rate" in r
     }
-    fig, axes = plt.subplots(2, 3, figsize=(15, 9.5))
+    # One panel per workload, then the latency panel and the targets' text:
+    # as many columns as two rows need (the sequenced cell made it five).
+    cols = max(3, -(-(len(wls) + 2) // 2))
+    fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 9.5))
     axes = list(axes.flat)
+    lat_ax, text_ax = axes[len(wls)], axes[len(wls) + 1]
     for ax, wl in zip(axes, wls, strict=False):
         names = list(results[wl])
         cells = [results[wl][n] for n in names]
@@ -443,9 +447,9 @@ def chart(doc: dict, path: Path) -> Path | None:
         ax.set_title(f"{WORKLOADS[wl].title}: deliveries/s (labels: muxserver / peer)", fontsize=10)
         ax.set_ylabel("million deliveries/s")
         ax.margins(y=0.18)
-    for ax in axes[len(wls) : 4]:
+    for ax in axes[len(wls) + 2 :]:
         ax.axis("off")
-    ax = axes[4]
+    ax = lat_ax
     if fixed:
         names = list(fixed)
         p99 = [(fixed[n]["p99_us"] or 0) / 1000 for n in names]
@@ -468,7 +472,7 @@ def chart(doc: dict, path: Path) -> Path | None:
         ax.set_ylabel("ms (log scale; lower is better)")
     else:
         ax.axis("off")
-    ax = axes[5]
+    ax = text_ax
     ax.axis("off")
     ax.text(0, 1, targets_panel(doc), va="top", ha="left", fontsize=7, family="monospace",
             transform=ax.transAxes, wrap=True)  # fmt: skip
