@@ -276,6 +276,30 @@ def test_a_wrong_validator_for_a_session_live_on_another_node_is_a_fresh_session
     assert ghost.welcome.resumed == 0 and ghost.welcome.nick == "ghost"
 
 
+def test_replace_waits_two_seconds_for_a_stalled_node_then_starts_fresh(nodes):  # noqa: F811
+    a, b = nodes(2, "--resume-window", "30")
+    s = v2(nodes, a, "s")
+    a.signal(signal.SIGSTOP)  # a short stall: its heartbeat (TTL 4 s) stays alive
+    try:
+        started = time.monotonic()
+        c = v2(nodes, b, "fresh", resume=s.welcome.resume_token)
+        waited = time.monotonic() - started
+    finally:
+        a.signal(signal.SIGCONT)
+    assert c.welcome.resumed == 0 and c.welcome.nick == "fresh"
+    assert 1.9 <= waited < 3.5
+    assert metrics(b)["muxserver_cluster_resumes_total"] == 0
+    # Node a refuses the request it reads late (the asker gave up): s stays
+    # attached. The direct message goes on the same node channel, after it.
+    reply = c.request(P.Emit(c.next_req(), P.TARGET_DIRECT, "s", "dm", b"still"))
+    assert reply.status == P.OK
+    (got,) = frames(s, 1)
+    assert isinstance(got, P.Event) and (got.sender, got.event, got.payload) == (
+        "fresh", "dm", b"still")  # fmt: skip
+    assert quiet(s) == []
+    assert metrics(a)["muxserver_parked_sessions"] == 0
+
+
 def acked(c: RawClient, room: str, payload: bytes) -> P.Reply:
     req = c.next_req()
     c.send(P.Emit(req, P.TARGET_ROOM, room, "m", payload))

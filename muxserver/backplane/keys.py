@@ -37,7 +37,8 @@ Messages on the channels (binary)::
     SEQ_EVENTS (7): a sequenced run, published by scripts.ROOM_RUN (layout there)
     DROP (8):     str8 conn id: that parked session was resumed on another node;
                   drop it without PRESENCE (on the node channel)
-    REPLACE (9):  str8 ask id | str8 selector | 64 bytes: sha256 hex of the
+    REPLACE (9):  str8 ask id | u64 sender's wall clock (ms) | str8 selector |
+                  64 bytes: sha256 hex of the
                   validator | namespace (the rest): a HELLO on the origin node
                   holds the token of a session attached here (resume.py)
     REPLACED (10): str8 ask id | u8 1 (its record is in Redis now: TAKE it)

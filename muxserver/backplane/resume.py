@@ -27,15 +27,21 @@ tells any node where the token's session lives without a registry in Redis
 (nothing to write per WELCOME, nothing to clean up when a node dies). When
 TAKE finds no record and the selector names another node, this node sends
 that node REPLACE on its node channel (selector, sha256 of the validator,
-namespace) and the HELLO waits (``replace_wait``, 2 s). The owner compares
-the hash with its own token's (``hmac.compare_digest``) and checks the
-namespace; if both match it parks the session (ERROR REPLACED on the old
-connection, which closes as any ERROR does) and answers REPLACED yes once
-PARK has written the record; otherwise it answers no. On yes this node runs
-TAKE again, as above; on no, no answer in time, or no node listening (a
+namespace, its wall clock) and the HELLO waits (``replace_wait``, 2 s). The
+owner compares the hash with its own token's (``hmac.compare_digest``) and
+checks the namespace; if both match it parks the session (ERROR REPLACED on
+the old connection, which closes as any ERROR does) and answers REPLACED yes
+once PARK has written the record; otherwise it answers no. On yes this node
+runs TAKE again, as above; on no, no answer in time, or no node listening (a
 dead node), the HELLO is a fresh session, as for any unknown token. On the
 HELLO's own node the session is found in the local tokens and replaced
 before TAKE.
+
+The owner refuses a REPLACE older than half that wait: it stalled, the
+asker may have given up, and the session would be parked with nobody to
+take it over. (Node clocks are assumed to agree to well within a second, as
+for WHO's join order; a skew beyond that makes such HELLOs fresh sessions.)
+An answer that still arrives after the timeout is ignored.
 
 Why a hash of the validator: Lua compares strings in time that depends on
 their content; comparing hashes leaks nothing about the validator, and the
@@ -50,6 +56,8 @@ import hashlib
 import hmac
 import logging
 import re
+import struct
+import time
 
 from muxserver import protocol as P
 from muxserver.backplane import keys as K
@@ -61,6 +69,7 @@ from muxserver.hub import HubError, nick_key
 _HELLO_WAIT, _OPEN = 0, 1  # session states (session.py)
 _NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,14}")  # a node id that fits a token's selector
 log = logging.getLogger("muxserver.backplane")
+_U64 = struct.Struct(">Q")
 
 PARK = Script("""
 -- KEYS[1] record; ARGV: window (ms), field, value, ...
@@ -183,13 +192,20 @@ class Resumes:
         """REPLACE on our node channel: another node holds a HELLO with one of our tokens."""
         _, origin, at = K.split_origin(data)
         ask, at = K.read_str8(data, at)
-        selector, at = K.read_str8(data, at)
+        (sent_ms,) = _U64.unpack_from(data, at)
+        selector, at = K.read_str8(data, at + 8)
         given, ns_name = data[at : at + 64], data[at + 64 :].decode("utf-8", "replace")
 
         def answer(yes: bool) -> None:
-            reply = bytes((K.REPLACED,)) + self.origin8 + K.str8(ask) + (b"\x01" if yes else b"\x00")
+            verdict = b"\x01" if yes else b"\x00"
+            reply = bytes((K.REPLACED,)) + self.origin8 + K.str8(ask) + verdict
             self.link.call(b"PUBLISH", K.node_channel(origin), reply)
 
+        if time.time() * 1000 - sent_ms > self.replace_wait * 500:
+            # Older than half the asker's wait (this node stalled): it may
+            # have given up already, and nobody would take the session over.
+            answer(False)
+            return
         resumer = self.protocol.resumer
         entry = resumer.tokens.get(selector.decode("utf-8", "surrogateescape"))
         sess = entry[1] if entry is not None else None
@@ -292,9 +308,11 @@ class Resumes:
         self._ask_seq += 1
         ask = str(self._ask_seq).encode()
         msg = b"".join((bytes((K.REPLACE,)), self.origin8, K.str8(ask),
+                        _U64.pack(time.time_ns() // 1_000_000),
                         K.str8(selector.encode("utf-8", "surrogateescape")),
                         validator_hash(validator), ns_name.encode()))  # fmt: skip
-        self._asks[ask] = (then, self.loop.call_later(self.replace_wait, self._answered, ask, False))
+        timer = self.loop.call_later(self.replace_wait, self._answered, ask, False)
+        self._asks[ask] = (then, timer)
 
         def sent(count) -> None:
             if not isinstance(count, int) or count < 1:
