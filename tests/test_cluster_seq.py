@@ -272,7 +272,9 @@ def test_a_wrong_validator_for_a_session_live_on_another_node_is_a_fresh_session
     assert [(f.source, f.payload) for f in frames(s, 1)] == [("r", b"still here")]
     assert metrics(a)["muxserver_parked_sessions"] == 0
     # A selector naming a node that does not exist: fresh at once as well.
+    started = time.monotonic()
     ghost = v2(nodes, b, "ghost", resume="0123456789ab~" + selector[-16:] + "." + validator)
+    assert time.monotonic() - started < 1.5  # nobody subscribed to that node's channel
     assert ghost.welcome.resumed == 0 and ghost.welcome.nick == "ghost"
 
 
