@@ -38,9 +38,9 @@ Messages on the channels (binary)::
     DROP (8):     str8 conn id: that parked session was resumed on another node;
                   drop it without PRESENCE (on the node channel)
     REPLACE (9):  str8 ask id | u64 sender's wall clock (ms) | str8 selector |
-                  64 bytes: sha256 hex of the
-                  validator | namespace (the rest): a HELLO on the origin node
-                  holds the token of a session attached here (resume.py)
+                  64 bytes: sha256 hex of the validator | namespace (the rest):
+                  a HELLO on the origin node holds the token of a session
+                  attached here; park it (resume.py)
     REPLACED (10): str8 ask id | u8 1 (its record is in Redis now: TAKE it)
                   or 0 (no such session here, or the token is wrong)
 
