@@ -64,6 +64,9 @@ class Resumer:
         # window ran out (instead of the local leave below).
         self.on_park = None
         self.on_expire = None
+        # In a cluster, every selector starts with "<node id>~" (the node that
+        # issued it), so any node knows where a live session's token points.
+        self.prefix = ""
 
     # ----------------------------------------------------------- tokens
     def issue(self, sess) -> str:
@@ -71,13 +74,13 @@ class Resumer:
         if not self.window:
             return ""
         self.tokens.pop(sess.resume_key, None)
-        selector = secrets.token_hex(8)
+        selector = self.prefix + secrets.token_hex(8)
         while selector in self.tokens:
-            selector = secrets.token_hex(8)
+            selector = self.prefix + secrets.token_hex(8)
         validator = secrets.token_urlsafe(24)
         self.tokens[selector] = (validator.encode("ascii"), sess)
         sess.resume_key = selector
-        return f"{selector}.{validator}"  # 49 bytes: within the 64 of section 10
+        return f"{selector}.{validator}"  # 49 bytes + prefix: within the 64 of section 10
 
     def _find(self, token: str, ns_name: str):
         selector, dot, validator = token.partition(".")

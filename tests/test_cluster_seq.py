@@ -3,7 +3,9 @@
 Real ``muxserver --redis`` processes on a real redis-server, as in
 test_cluster.py (whose fixtures these tests use): one numbering for a room
 whichever node a message entered, a session resumed on the other node that
-replays what it missed exactly once, and no unannounced gap in a sequenced
+replays what it missed exactly once, a session still attached on one node
+replaced from the other (ERROR REPLACED there, WELCOME resumed=1 here), and
+no unannounced gap in a sequenced
 room when Redis dies mid-traffic and comes back.
 """
 
@@ -217,6 +219,87 @@ def test_resume_on_the_same_node_replaces_a_live_connection(nodes):  # noqa: F81
     emit(other, "r", b"3")
     assert [(f.seq, f.payload) for f in frames(b, 1)] == [(3, b"3")]
     assert quiet(b) == []
+
+
+def test_resume_on_the_other_node_replaces_a_live_connection(nodes):  # noqa: F811
+    a, b = nodes(2, "--resume-window", "30")
+    watcher = nodes.client(b, "watcher")
+    assert watcher.join("r", presence=True).status == P.OK
+    s = v2(nodes, a, "s")
+    assert s.join("r").status == P.OK
+    assert s.join("plain").status == P.OK
+    assert [(f.kind, f.nick) for f in frames(watcher, 1)] == [(P.PRESENCE_JOIN, "s")]
+    other = nodes.client(a, "other")
+    assert other.join("plain").status == P.OK
+    # s's connection is still open on node a: the HELLO on node b replaces it.
+    back = v2(nodes, b, "ignored", resume=s.welcome.resume_token)
+    assert back.welcome.resumed == 1 and back.welcome.nick == "s"
+    assert back.welcome.resume_token not in ("", s.welcome.resume_token)
+    assert s.recv_type(P.Error) == P.Error(P.REPLACED, "this session was resumed elsewhere")
+    s.expect_closed()  # FIN, not a reset
+    assert wait_until(lambda: metrics(a)["muxserver_parked_sessions"] == 0, 5)
+    assert metrics(b)["muxserver_cluster_resumes_total"] == 1
+    req = watcher.next_req()
+    watcher.send(P.Who(req, "r"))
+    assert P.parse_who(reply_to(watcher, req).body)[1] == ["watcher", "s"]
+    assert [f for f in quiet(watcher) if isinstance(f, P.Presence)] == []
+    # Both rooms moved to node b, plain memberships live at once.
+    emit(watcher, "r", b"hi")
+    emit(other, "plain", b"live")
+    got = {(f.source, f.payload) for f in frames(back, 2)}
+    assert got == {("r", b"hi"), ("plain", b"live")}
+    assert quiet(back) == []
+    # Its nick moved with it: a direct message from node a reaches node b.
+    reply = other.request(P.Emit(other.next_req(), P.TARGET_DIRECT, "s", "dm", b"dm"))
+    assert reply.status == P.OK
+    assert frames(back, 1)[0].payload == b"dm"
+
+
+def test_a_wrong_validator_for_a_session_live_on_another_node_is_a_fresh_session(nodes):  # noqa: F811
+    a, b = nodes(2, "--resume-window", "30")
+    s = v2(nodes, a, "s")
+    assert s.join("r").status == P.OK
+    selector, _, validator = s.welcome.resume_token.partition(".")
+    forged = selector + "." + ("y" if validator[-1] == "x" else "x") * len(validator)
+    started = time.monotonic()
+    fresh = v2(nodes, b, "fresh", resume=forged)
+    assert time.monotonic() - started < 1.5  # node a answered: no wait for the timeout
+    assert fresh.welcome.resumed == 0 and fresh.welcome.nick == "fresh"
+    # Node a's connection is untouched: still open, still in its room.
+    assert quiet(s) == []
+    assert fresh.join("r").status == P.OK
+    emit(fresh, "r", b"still here")
+    assert [(f.source, f.payload) for f in frames(s, 1)] == [("r", b"still here")]
+    assert metrics(a)["muxserver_parked_sessions"] == 0
+    # A selector naming a node that does not exist: fresh at once as well.
+    started = time.monotonic()
+    ghost = v2(nodes, b, "ghost", resume="0123456789ab~" + selector[-16:] + "." + validator)
+    assert time.monotonic() - started < 1.5  # nobody subscribed to that node's channel
+    assert ghost.welcome.resumed == 0 and ghost.welcome.nick == "ghost"
+
+
+def test_replace_waits_two_seconds_for_a_stalled_node_then_starts_fresh(nodes):  # noqa: F811
+    a, b = nodes(2, "--resume-window", "30")
+    s = v2(nodes, a, "s")
+    a.signal(signal.SIGSTOP)  # a short stall: its heartbeat (TTL 4 s) stays alive
+    try:
+        started = time.monotonic()
+        c = v2(nodes, b, "fresh", resume=s.welcome.resume_token)
+        waited = time.monotonic() - started
+    finally:
+        a.signal(signal.SIGCONT)
+    assert c.welcome.resumed == 0 and c.welcome.nick == "fresh"
+    assert 1.9 <= waited < 3.5
+    assert metrics(b)["muxserver_cluster_resumes_total"] == 0
+    # Node a refuses the request it reads late (the asker gave up): s stays
+    # attached. The direct message goes on the same node channel, after it.
+    reply = c.request(P.Emit(c.next_req(), P.TARGET_DIRECT, "s", "dm", b"still"))
+    assert reply.status == P.OK
+    (got,) = frames(s, 1)
+    assert isinstance(got, P.Event) and (got.sender, got.event, got.payload) == (
+        "fresh", "dm", b"still")  # fmt: skip
+    assert quiet(s) == []
+    assert metrics(a)["muxserver_parked_sessions"] == 0
 
 
 def acked(c: RawClient, room: str, payload: bytes) -> P.Reply:

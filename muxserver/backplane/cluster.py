@@ -440,8 +440,8 @@ class Backplane(Requests, SeqRooms, Resumes):
             room.remote = max(0, size - len(room.members))
 
     def _on_direct(self, channel: bytes, data: bytes) -> None:
-        if len(data) >= 2 and data[0] == K.DROP:
-            self._on_drop(data)
+        if len(data) >= 2 and data[0] in self._resume_kinds:
+            self._resume_kinds[data[0]](data)
             return
         if len(data) < 2 or data[0] != K.DIRECT:
             return

@@ -37,6 +37,12 @@ Messages on the channels (binary)::
     SEQ_EVENTS (7): a sequenced run, published by scripts.ROOM_RUN (layout there)
     DROP (8):     str8 conn id: that parked session was resumed on another node;
                   drop it without PRESENCE (on the node channel)
+    REPLACE (9):  str8 ask id | u64 sender's wall clock (ms) | str8 selector |
+                  64 bytes: sha256 hex of the validator | namespace (the rest):
+                  a HELLO on the origin node holds the token of a session
+                  attached here; park it (resume.py)
+    REPLACED (10): str8 ask id | u8 1 (its record is in Redis now: TAKE it)
+                  or 0 (no such session here, or the token is wrong)
 
 ``data`` is the ready EVENT frames (length prefixes included) of the sender's
 run; ``legacy`` their version-1 encoding when it differs (else empty), so a
@@ -50,6 +56,7 @@ import struct
 from muxserver.backplane.resp import Script
 
 EVENTS, PRESENCE, DIRECT, BROADCAST, SYNC, NS_COUNT, SEQ_EVENTS, DROP = 1, 2, 3, 4, 5, 6, 7, 8
+REPLACE, REPLACED = 9, 10
 NS_JOIN, NS_LEAVE, NS_SYNC = 1, 2, 5  # the byte after a NS_COUNT message's origin
 U32 = struct.Struct(">I")
 U32X2 = struct.Struct(">II")
