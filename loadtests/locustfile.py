@@ -85,6 +85,32 @@ _unpack_head = PAYLOAD_HEAD.unpack_from
 _pack_head = PAYLOAD_HEAD.pack
 
 
+def _csv_writer_outlives_its_files() -> None:
+    """Locust 2.47 closes the CSV files at shutdown without stopping the greenlet
+    that rewrites them; if that greenlet wakes in between, it dies on a closed
+    file and prints a traceback under the summary (every --processes 2 run
+    here). The rows were written; only that late rewrite is lost, so it ends
+    quietly when its files are closed, and raises as before otherwise."""
+    from locust.stats import StatsCSVFileWriter
+
+    original = StatsCSVFileWriter.stats_writer
+    if getattr(original, "muxload_wrapped", False):
+        return
+
+    def stats_writer(self) -> None:
+        try:
+            original(self)
+        except ValueError:
+            if not self.requests_csv_filehandle.closed:
+                raise
+
+    stats_writer.muxload_wrapped = True
+    StatsCSVFileWriter.stats_writer = stats_writer
+
+
+_csv_writer_outlives_its_files()
+
+
 # ============================================================= node state
 @dataclass
 class Node:
