@@ -206,3 +206,16 @@ def test_flood_of_half_open_connections_before_hello(server_factory):
     assert later.hello("later").nick == "later"
     for c in (extra, later):
         c.close()
+
+
+def test_sendfloor_times_bare_sends_to_every_socket():
+    """tools.sendfloor (issue 15's broadcast floor) reaches every socket and says how long."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.sendfloor", "--sockets", "400", "--threads", "2"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    found = re.search(r"sendfloor: 400 sockets, 2 sending thread\(s\), 4 reader processes: "
+                      r"send loop \d+ ms \([\d.]+ us per send\), last delivery after \d+ ms",
+                      proc.stdout)  # fmt: skip
+    assert found, proc.stdout
