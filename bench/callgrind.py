@@ -42,7 +42,12 @@ BATCH = 64
 
 
 def workload(members: int, rounds: int, overrides: dict[str, int]) -> None:
-    """The measured run (in the child under valgrind)."""
+    """The measured run (in the child under valgrind).
+
+    Written out here rather than imported from bench.ab_fanout: it must run
+    against older checkouts (``--tree``), so it uses only what the server has
+    had since before the layering (Server.adopt, _on_readable, flush).
+    """
     from muxserver import protocol as P
     from muxserver.loop import EventLoop
     from muxserver.server import Config, Server
