@@ -38,12 +38,7 @@ def nodes(redis):
     clients: list[RawClient] = []
 
     def start(n: int = 2, *args: str) -> list[ServerProcess]:
-        for _ in range(n):
-            mport = free_port()
-            node = ServerProcess("--redis", redis.url, "--metrics-port", str(mport),
-                                 "--log-level", "warning", "--drain-timeout", "1", *args)  # fmt: skip
-            node.metrics_port = mport
-            started.append(node)
+        started.extend(start_node(redis.url, *args) for _ in range(n))
         return started[-n:]
 
     def client(node: ServerProcess, nick: str = "", namespace: str = "/") -> RawClient:
@@ -59,6 +54,18 @@ def nodes(redis):
         c.close()
     for node in started:
         node.stop(timeout=5)
+
+
+def start_node(redis_url: str, *args: str) -> ServerProcess:
+    """A cluster node on ``redis_url`` with a metrics port of its own (see metrics()).
+
+    ``args`` come last, so they override the defaults (``--log-level error``).
+    """
+    mport = free_port()
+    node = ServerProcess("--redis", redis_url, "--metrics-port", str(mport),
+                         "--log-level", "warning", "--drain-timeout", "1", *args)  # fmt: skip
+    node.metrics_port = mport
+    return node
 
 
 def free_port() -> int:
@@ -481,11 +488,8 @@ def test_pubsub_connection_cut_by_redis_output_limit_recovers(tmp_path):
     started: list[ServerProcess] = []
     clients = []
     try:
-        for port in (free_port(), free_port()):
-            node = ServerProcess("--redis", redis.url, "--metrics-port", str(port),
-                                 "--log-level", "error", "--drain-timeout", "1")  # fmt: skip
-            node.metrics_port = port
-            started.append(node)
+        for _ in range(2):
+            started.append(start_node(redis.url, "--log-level", "error"))
         a, b = started
         sender, reader = RawClient(a.address), RawClient(b.address)
         clients += [sender, reader]

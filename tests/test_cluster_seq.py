@@ -15,8 +15,8 @@ import signal
 import time
 
 import pytest
-from conftest import RawClient, ServerProcess
-from test_cluster import free_port, metrics, nodes  # noqa: F401 (nodes: a fixture)
+from conftest import RawClient
+from test_cluster import metrics, nodes, start_node  # noqa: F401 (nodes: a fixture)
 from test_redis_link import RedisServer
 
 from muxserver import protocol as P
@@ -380,11 +380,8 @@ def test_hole_the_history_no_longer_holds_is_a_gap(tmp_path):
     redis = RedisServer(tmp_path, "--client-output-buffer-limit", "pubsub 64kb 0 0")
     started, clients = [], []
     try:
-        for port in (free_port(), free_port()):
-            node = ServerProcess("--redis", redis.url, "--metrics-port", str(port),
-                                 "--history-size", "3", "--log-level", "error")  # fmt: skip
-            node.metrics_port = port
-            started.append(node)
+        for _ in range(2):
+            started.append(start_node(redis.url, "--history-size", "3", "--log-level", "error"))
         a, b = started
         sender, reader = RawClient(a.address), RawClient(b.address)
         clients += [sender, reader]
