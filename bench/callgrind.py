@@ -2,6 +2,7 @@
 
     python -m bench.callgrind [--tree DIR] MEMBERS ROUNDS [key=value ...]
     python -m bench.callgrind --server [--tree DIR] RECEIVERS MESSAGES
+    python -m bench.callgrind --rooms [--tree DIR] ROOMS MESSAGES
 
 
 Timings on this shared 2-core machine drift by 20 % between runs, which
@@ -25,6 +26,12 @@ does); when every receiver has every EVENT the server gets SIGTERM. A second
 run with a tenth of the messages is subtracted, leaving instructions per
 delivered message. The server under callgrind is far slower than the sender,
 so its reads are always full and the count repeats to within a percent.
+
+``--rooms`` is bench.rooms's shape, one message per loop turn: ROOMS rooms
+of 10 members each; MESSAGES EMITs go out one at a time, round the rooms,
+each sent only when every member has the one before. What it counts is the
+cost of a turn that carries a single message: the poll, the read, the
+session, the fan-out and ten sends, per delivery.
 """
 
 from __future__ import annotations
@@ -83,37 +90,88 @@ def workload(members: int, rounds: int, overrides: dict[str, int]) -> None:
         drain()
 
 
-def serve_and_count(tree: Path, receivers: int, messages: int) -> int:
-    """Instructions of a whole server process that delivers ``messages`` to ``receivers``."""
-    import selectors
-    import signal
-
-    sys.path.insert(0, str(tree))
-    from muxserver import protocol as P
-
+def start_server(tree: Path, outfile: str = "/dev/null"):
+    """``python -m muxserver`` of ``tree`` under callgrind: (process, port)."""
     env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
     cmd = [
-        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        "valgrind", "--tool=callgrind", "--compress-strings=no", "--compress-pos=no", f"--callgrind-out-file={outfile}",
         sys.executable, "-m", "muxserver", "--host", "127.0.0.1", "--port", "0",
         "--ping-interval", "3600", "--log-level", "warning",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, env=env, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    line = proc.stdout.readline()
+    found = re.search(r"listening on \S*?:(\d+)", line)
+    if not found:
+        proc.kill()
+        raise SystemExit(f"server did not start: {line!r} {proc.stderr.read()[-2000:]}")
+    return proc, int(found.group(1))
+
+
+def stop_and_count(proc) -> int:
+    """SIGTERM the server; the instructions callgrind collected."""
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    found = re.search(r"Collected : (\d+)", err)
+    if not found:
+        raise SystemExit(f"no callgrind total:\n{err[-2000:]}")
+    return int(found.group(1))
+
+
+def member(P, port: int, nick: str, room: str) -> socket.socket:
+    """A connection that said HELLO and JOINed ``room``, its REPLY read."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=600)
+    s.sendall(P.encode(P.Hello(1, "/", nick, "")) + P.encode(P.Join(1, room)))
+    got = b""
+    while b"\x82\x00\x00\x00\x01" not in got:  # the JOIN's REPLY (req 1)
+        got += s.recv(65536)
+    return s
+
+
+def rooms_count(
+    tree: Path, rooms: int, messages: int, outfile: str = "/dev/null", size: int = 10
+) -> int:
+    """Instructions of a server that carries ``messages`` single-message turns."""
+    sys.path.insert(0, str(tree))
+    from muxserver import protocol as P
+
+    proc, port = start_server(tree, outfile)
+    socks = []
     try:
-        line = proc.stdout.readline()
-        found = re.search(r"listening on \S*?:(\d+)", line)
-        if not found:
-            raise SystemExit(f"server did not start: {line!r} {proc.stderr.read()[-2000:]}")
-        port = int(found.group(1))
-        socks = []
-        for i in range(receivers + 1):
-            s = socket.create_connection(("127.0.0.1", port), timeout=600)
-            s.sendall(P.encode(P.Hello(1, "/", f"m{i:04d}", "")) + P.encode(P.Join(1, "r")))
-            got = b""
-            while b"\x82\x00\x00\x00\x01" not in got:  # the JOIN's REPLY (req 1)
-                got += s.recv(65536)
-            socks.append(s)
+        groups = []
+        for r in range(rooms):
+            group = [member(P, port, f"m{r:03d}x{i}", f"r{r}") for i in range(size)]
+            socks += group
+            groups.append(group)
+        for i in range(messages):
+            group = groups[i % rooms]
+            group[i % size].sendall(P.encode(P.Emit(0, P.TARGET_ROOM, f"r{i % rooms}", "ev", b"x" * 64, P.EMIT_ECHO)))
+            for s in group:  # every member, the sender too (echo), gets exactly one EVENT
+                want = 4 + P.LENGTH.unpack(s.recv(4, socket.MSG_WAITALL))[0]
+                s.recv(want - 4, socket.MSG_WAITALL)
+        return stop_and_count(proc)
+    finally:
+        for s in socks:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def serve_and_count(tree: Path, receivers: int, messages: int, outfile: str = "/dev/null") -> int:
+    """Instructions of a whole server process that delivers ``messages`` to ``receivers``."""
+    import selectors
+
+    sys.path.insert(0, str(tree))
+    from muxserver import protocol as P
+
+    proc, port = start_server(tree, outfile)
+    socks = []
+    try:
+        socks = [member(P, port, f"m{i:04d}", "r") for i in range(receivers + 1)]
         sender, members = socks[-1], socks[:-1]
         emit = P.encode(P.Emit(0, P.TARGET_ROOM, "r", "ev", b"x" * 64))
         event = P.encode(P.Event(P.TARGET_ROOM, f"m{receivers:04d}", "r", "ev", b"x" * 64))
@@ -140,18 +198,13 @@ def serve_and_count(tree: Path, receivers: int, messages: int) -> int:
                 if left[sock] <= 0:
                     sel.unregister(sock)
                     del left[sock]
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=600)
+        return stop_and_count(proc)
+    finally:
         for s in socks:
             s.close()
-    finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    found = re.search(r"Collected : (\d+)", err)
-    if not found:
-        raise SystemExit(f"no callgrind total:\n{err[-2000:]}")
-    return int(found.group(1))
 
 
 def count(tree: Path, members: int, rounds: int, overrides: list[str]) -> int:
@@ -177,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--server", action="store_true", help="measure a whole server process")
+    ap.add_argument("--rooms", action="store_true", help="single-message turns in rooms of 10")
+    ap.add_argument("--out", default="/dev/null", help="callgrind output file of the long run (--rooms, --server)")
     ap.add_argument("members", type=int)
     ap.add_argument("rounds", type=int)
     ap.add_argument("overrides", nargs="*", metavar="key=value")
@@ -194,9 +249,16 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.callgrind needs valgrind: apt-get install valgrind", file=sys.stderr)
         return 1
     tree = args.tree.resolve()
+    if args.rooms:
+        rooms, n = args.members, args.rounds
+        total = rooms_count(tree, rooms, n, args.out)
+        base = rooms_count(tree, rooms, n // 10)
+        per = (total - base) / (n - n // 10) / 10
+        print(f"{tree.name}: {rooms} rooms of 10, one message per turn: {per:,.0f} instructions per delivery")
+        return 0
     if args.server:
         n, r = args.rounds, args.members
-        total = serve_and_count(tree, r, n)
+        total = serve_and_count(tree, r, n, args.out)
         base = serve_and_count(tree, r, n // 10)
         per = (total - base) / (n - n // 10)
         print(f"{tree.name}: server, 1 -> {r}: {per:,.0f} instructions per message sent")

@@ -30,6 +30,7 @@ from .hub import Hub
 from .limits import InputLimits
 from .listener import Listener
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop
+from .output import flush_pending
 from .router import Router
 from .session import CLOSED, CLOSING, DRAINING, HELLO_WAIT, OPEN, Session, SessionProtocol
 from .stats import Snapshot, new_counters, take_snapshot, waiting_for
@@ -260,44 +261,8 @@ class Server:
 
     # ======================================================= output, limits
     def flush(self) -> None:
-        """Before-sleep hook: one send per pending connection."""
-        max_output = self.config.max_output
-        loop = self.loop
-        router = self.router
-        while router.pending:
-            pending = router.pending
-            router.pending = set()
-            router.new_turn()
-            # A room's members get the same frames in a turn: join them once.
-            joined: dict = {}
-            for sess in pending:
-                if sess.state >= CLOSED:  # or PARKED: no connection
-                    continue
-                out = sess.out
-                n = len(out)
-                data = None
-                if n > 1:
-                    key = (n, id(out[0]), id(out[-1]))
-                    hit = joined.get(key)
-                    if hit is not None and hit[0] == out:
-                        data = hit[1]
-                    else:
-                        data = b"".join(out)
-                        joined[key] = (out.copy(), data)
-                try:
-                    left = sess.transport.flush(loop, data)
-                except OSError:
-                    self.lost(sess)
-                    continue
-                except Exception:
-                    self._internal_error(sess, "sending its output")
-                    continue
-                sess.frames_out += n
-                if left:
-                    if left > max_output and sess.state == OPEN:
-                        self.protocol.slow_consumer(sess, sess.transport.discard_unsent())
-                elif sess.state == CLOSING:
-                    self._finish_output(sess)
+        """Before-sleep hook: one send per pending connection (output.py)."""
+        flush_pending(self)
 
     # ============================================================= closing
     def closing(self, sess: Session) -> None:

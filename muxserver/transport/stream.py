@@ -215,6 +215,11 @@ class StreamTransport:
         self.bytes_out += sent
         if sent == len(data):
             return 0
+        return self.keep_unsent(loop, data, sent)
+
+    def keep_unsent(self, loop, data: bytes, sent: int) -> int:
+        """The kernel took ``sent`` bytes of ``data``, all that was queued: keep
+        the rest as the backlog, wait for EVENT_WRITE; return the backlog's bytes."""
         self.chunks = deque((data,))
         self.woff = sent
         self.wbytes = len(data) - sent
