@@ -148,7 +148,9 @@ def rooms_count(
             groups.append(group)
         for i in range(messages):
             group = groups[i % rooms]
-            group[i % size].sendall(P.encode(P.Emit(0, P.TARGET_ROOM, f"r{i % rooms}", "ev", b"x" * 64, P.EMIT_ECHO)))
+            group[i % size].sendall(
+                P.encode(P.Emit(0, P.TARGET_ROOM, f"r{i % rooms}", "ev", b"x" * 64, P.EMIT_ECHO))
+            )
             for s in group:  # every member, the sender too (echo), gets exactly one EVENT
                 want = 4 + P.LENGTH.unpack(s.recv(4, socket.MSG_WAITALL))[0]
                 s.recv(want - 4, socket.MSG_WAITALL)
@@ -231,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--server", action="store_true", help="measure a whole server process")
     ap.add_argument("--rooms", action="store_true", help="single-message turns in rooms of 10")
-    ap.add_argument("--out", default="/dev/null", help="callgrind output file of the long run (--rooms, --server)")
+    ap.add_argument(
+        "--out",
+        default="/dev/null",
+        help="callgrind output file of the long run (--rooms, --server)",
+    )
     ap.add_argument("members", type=int)
     ap.add_argument("rounds", type=int)
     ap.add_argument("overrides", nargs="*", metavar="key=value")
@@ -254,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         total = rooms_count(tree, rooms, n, args.out)
         base = rooms_count(tree, rooms, n // 10)
         per = (total - base) / (n - n // 10) / 10
-        print(f"{tree.name}: {rooms} rooms of 10, one message per turn: {per:,.0f} instructions per delivery")
+        print(
+            f"{tree.name}: {rooms} rooms of 10, one message per turn: {per:,.0f} instructions per delivery"
+        )
         return 0
     if args.server:
         n, r = args.rounds, args.members

@@ -80,4 +80,3 @@ def flush_pending(server) -> None:
                     server.protocol.slow_consumer(sess, transport.discard_unsent())
             elif sess.state == CLOSING:
                 server._finish_output(sess)
-

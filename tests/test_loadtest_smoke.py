@@ -63,8 +63,18 @@ RECOVERY_RUNS = {
     # The same with a history of 3 messages (so re-joins find gaps, announced) and 2 %
     # of deliveries ignored by the users: the run must report exactly those as loss.
     "recovery-drop": [
-        "--scenario", "recovery", "--duration", "6s", "--cut-every", "1.5", "--offline", "1.5",
-        "--drop-for-test", "0.02", "--server-args", "--history-size 3",
+        "--scenario",
+        "recovery",
+        "--duration",
+        "6s",
+        "--cut-every",
+        "1.5",
+        "--offline",
+        "1.5",
+        "--drop-for-test",
+        "0.02",
+        "--server-args",
+        "--history-size 3",
     ],
 }
 TIMEOUT = 180  # far beyond a healthy run (~10 s); only a hang gets here
