@@ -145,6 +145,15 @@ def encode_frame(ftype: int, body: bytes = b"") -> bytes:
     return HEADER.pack(len(body) + 1, ftype) + body
 
 
+def _bad_length(length: int, max_frame: int, frames: list) -> FrameError:
+    """The error for a length prefix outside 1..max_frame (``frames``: those before it)."""
+    if length:
+        return FrameError(
+            _TOO_LARGE, f"frame length {length} exceeds max_frame {max_frame}", frames
+        )
+    return FrameError(_BAD_FRAME, "frame length 0 (no type byte)", frames)
+
+
 class FrameDecoder:
     """Incremental decoder: ``feed(data)`` returns the complete frames.
 
@@ -192,6 +201,12 @@ class FrameDecoder:
 
     def feed(self, data) -> list[tuple[int, bytes]]:
         """Decode ``data`` (bytes-like) together with anything buffered."""
+        if self._buf is None and len(data) > 4:
+            # The read that is exactly one frame (a chat message, one EMIT per
+            # turn): no loop and one copy, not the read's and then the body's.
+            (length,) = LENGTH.unpack_from(data)
+            if length == len(data) - 4 and length <= self.max_frame:
+                return [(data[4], bytes(data[5:]))]
         frames: list[tuple[int, bytes]] = []
         if self._buf is not None:
             data = self._continue(data, frames)
@@ -204,25 +219,25 @@ class FrameDecoder:
             data = bytes(data)
         end = len(data)
         pos = 0
-        unpack = LENGTH.unpack_from
+        unpack = HEADER.unpack_from  # length and type in one call
         max_frame = self.max_frame
         length = 0
         append = frames.append
-        while end - pos >= 4:
-            (length,) = unpack(data, pos)
+        limit = end - 5  # a whole frame has at least its length and type
+        while pos <= limit:
+            length, ftype = unpack(data, pos)
             if not 0 < length <= max_frame:  # one test per frame for both errors
-                if length:
-                    raise FrameError(
-                        _TOO_LARGE,
-                        f"frame length {length} exceeds max_frame {max_frame}",
-                        frames,
-                    )
-                raise FrameError(_BAD_FRAME, "frame length 0 (no type byte)", frames)
+                raise _bad_length(length, max_frame, frames)
             stop = pos + 4 + length
             if stop > end:
                 break
-            append((data[pos + 4], data[pos + 5 : stop]))
+            append((ftype, data[pos + 5 : stop]))
             pos = stop
+        else:
+            if end - pos == 4:  # a lone length prefix ends the read: check it now
+                (length,) = LENGTH.unpack_from(data, pos)
+                if not 0 < length <= max_frame:
+                    raise _bad_length(length, max_frame, frames)
         if pos < end:
             self._buf = bytearray(memoryview(data)[pos:])
             self._need = 4 + length if end - pos >= 4 else 0
@@ -246,12 +261,8 @@ class FrameDecoder:
                 return None
             data = memoryview(data)[take:]
             (length,) = LENGTH.unpack_from(buf)
-            if length > self.max_frame:
-                raise FrameError(
-                    _TOO_LARGE, f"frame length {length} exceeds max_frame {self.max_frame}"
-                )
-            if length == 0:
-                raise FrameError(_BAD_FRAME, "frame length 0 (no type byte)")
+            if not 0 < length <= self.max_frame:
+                raise _bad_length(length, self.max_frame, [])
             self._need = 4 + length
         missing = self._need - len(buf)
         if len(data) < missing:

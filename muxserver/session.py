@@ -308,7 +308,7 @@ class SessionProtocol(RequestHandlers):
         frames = iter(frames)  # a handler that blocks takes the rest (see block)
         for ftype, body in frames:
             if ftype == emit_type and body.startswith(run_key):
-                by_type[emit_type] += 1
+                # Counted in frames_in_by_type by _end_run, once per run.
                 if len(body) != last_n:  # runs are mostly of one size: reuse its length prefix
                     last_n = len(body)
                     last_len = pack_len(plen + last_n)
@@ -323,7 +323,6 @@ class SessionProtocol(RequestHandlers):
                 # those passed holds for this EMIT too.
                 req = req_of(body)[0]
                 if not (req and (run_echo or acks_wait)):
-                    by_type[emit_type] += 1
                     tail = body[tail_at:]
                     parts += (pack_len(plen + len(body)), prefix, tail)
                     seq += step  # its own seq (the history takes the run's tails in _end_run)
@@ -423,9 +422,12 @@ class SessionProtocol(RequestHandlers):
         target, event and payload, bytes that already exist) and the run's
         sender prefix once; a replay builds the EVENT_SEQ frames from them.
         """
+        n = len(parts) // 3
+        # The run's EMITs after its first (which went through the general
+        # path) are counted here: one addition per run, not one per message.
+        self.frames_in_by_type[_EMIT] += n - 1
         cluster = self.backplane is not None
         if self.history.enabled and not cluster:  # a cluster keeps it in Redis
-            n = len(parts) // 3
             self.sequencer.keep(room.key, parts[2::3], seq - n + 1, sprefix)
         legacy = None
         if ptype and (room.legacy or self.backplane is not None):

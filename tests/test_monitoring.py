@@ -182,6 +182,29 @@ def test_counters_follow_traffic(monitored):
     sender2.close()
 
 
+def test_emits_of_one_read_are_each_counted(monitored):
+    """A read of pipelined EMITs is handled as a run, counted once per run:
+    every EMIT must still show in frames_received (plain ones, acked ones in
+    the middle, and a run broken by another room)."""
+    mon = monitored()
+    a, b = RawClient(mon.srv.address), RawClient(mon.srv.address)
+    for c, nick in ((a, "a"), (b, "b")):
+        c.hello(nick)
+        c.join("r1")
+        c.join("r2")
+    before = mon.metrics()
+    frames = [P.Emit(0, P.TARGET_ROOM, "r1", "ev", b"x") for _ in range(40)]
+    frames[10] = P.Emit(a.next_req(), P.TARGET_ROOM, "r1", "ev", b"acked")
+    frames[20] = P.Emit(0, P.TARGET_ROOM, "r2", "ev", b"other room")
+    a.send_raw(b"".join(P.encode(f) for f in frames))
+    for _ in frames:
+        b.recv_type(P.Event)
+    a.recv_type(P.Reply)
+    after = mon.metrics()
+    got = value(after, "muxserver_frames_received_total", type="EMIT")
+    assert got - value(before, "muxserver_frames_received_total", type="EMIT") == len(frames)
+
+
 def test_errors_by_code_and_reply_errors(monitored):
     mon = monitored()
     bad = RawClient(mon.srv.address)
