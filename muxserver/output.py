@@ -28,12 +28,12 @@ def flush_pending(server) -> None:
         # A room's members get the same frames in a turn: join them once.
         joined: dict = {}
         for sess in pending:
-            if sess.state >= CLOSED:  # or PARKED: no connection
+            state = sess.state  # nothing below changes it before the send
+            if state >= CLOSED:  # or PARKED: no connection
                 continue
             out = sess.out
-            n = len(out)
             transport = sess.transport
-            if n == 1 and type(transport) is StreamTransport and transport.chunks is None:
+            if len(out) == 1 and type(transport) is StreamTransport and transport.chunks is None:
                 # The usual case: StreamTransport.flush, inline (see above).
                 data = out[0]
                 out.clear()
@@ -50,13 +50,14 @@ def flush_pending(server) -> None:
                 transport.bytes_out += sent
                 sess.frames_out += 1
                 if sent == len(data):
-                    if sess.state == CLOSING:
+                    if state == CLOSING:
                         server._finish_output(sess)
                     continue
                 left = transport.keep_unsent(loop, data, sent)
-                if left > max_output and sess.state == OPEN:
+                if left > max_output and state == OPEN:
                     server.protocol.slow_consumer(sess, transport.discard_unsent())
                 continue
+            n = len(out)
             data = None
             if n > 1:
                 key = (n, id(out[0]), id(out[-1]))
