@@ -248,16 +248,18 @@ class History:
             self._trim(room, now)
         return seq
 
-    def extend(self, key: Hashable, items: list[bytes], now: float) -> int:
+    def extend(self, key: Hashable, items: list[bytes], now: float, size: int = -1) -> int:
         """``append`` each of ``items`` in order; return the last one's seq (0 when off).
 
         For the server's runs of EMITs (muxserver.session): one call and one
-        room lookup per run, not per message.
+        room lookup per run, not per message. ``size``, when the caller knows
+        it, is the items' total length (a run's comes from its joined frames:
+        summing it here was 3 % of a pipelined message's cost).
         """
         if not items:
             return self.position(key, now)[1]
         room = self._rooms.get(key)
-        n = len(items[0]) if len(items) == 1 else sum(map(len, items))
+        n = size if size >= 0 else sum(map(len, items))
         if room is None or room.members == 0 or self.bytes_held + n > self.memory:
             # Memberless rooms, and runs that cross the global bound, one by
             # one: evicting for ``memory`` after each message (which the

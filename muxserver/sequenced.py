@@ -77,7 +77,7 @@ class Sequencer:
         self.senders: dict = {}  # room key -> deque of (first seq, sender prefix)
 
     # ---------------------------------------------------------- keeping
-    def keep(self, key, tails: list, first: int, sprefix: bytes) -> None:
+    def keep(self, key, tails: list, first: int, sprefix: bytes, size: int = -1) -> None:
         """Keep a run of one sender's messages, seqs ``first..``, in the room's history.
 
         ``sprefix``: the EVENT prefix without its type byte (source_kind,
@@ -89,7 +89,7 @@ class Sequencer:
             ranges = self.senders[key] = deque(maxlen=self.history.size + 1)
         if not ranges or ranges[-1][1] != sprefix:
             ranges.append((first, sprefix))
-        self.history.extend(key, tails, self.clock.now)
+        self.history.extend(key, tails, self.clock.now, size)
 
     def frames(self, key, first: int, tails: list) -> list[bytes]:
         """EVENT_SEQ frames of the held messages ``first, first+1, ...`` (their tails)."""

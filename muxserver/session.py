@@ -427,23 +427,27 @@ class SessionProtocol(RequestHandlers):
         # path) are counted here: one addition per run, not one per message.
         self.frames_in_by_type[_EMIT] += n - 1
         cluster = self.backplane is not None
+        seq_variant = sparts is not None and (room.seq or room.held)
+        # SEQUENCED members get the EVENT_SEQ variant; skip the plain join
+        # when nobody else is there to take it.
+        plain = not seq_variant or cluster or len(room.seq) + len(room.held) < len(room.members)
+        data = b"".join(parts) if plain else b""
         if self.history.enabled and not cluster:  # a cluster keeps it in Redis
-            self.sequencer.keep(room.key, parts[2::3], seq - n + 1, sprefix)
+            # The tails' bytes: the frames less a 4-byte length and the run's
+            # one prefix (parts[1]) each.
+            size = len(data) - n * (4 + len(parts[1])) if plain else -1
+            self.sequencer.keep(room.key, parts[2::3], seq - n + 1, sprefix, size)
         legacy = None
         if ptype and (room.legacy or self.backplane is not None):
             # Version-1 members (here or, in a cluster, on other nodes) get the
             # same frames without the payload type.
             old = parts.copy()
-            old[1::3] = [sess.prefix_room] * (len(parts) // 3)
+            old[1::3] = [sess.prefix_room] * n
             legacy = b"".join(old)
-        if sparts is not None and (room.seq or room.held):
-            # SEQUENCED members get the EVENT_SEQ variant; skip the plain join
-            # when nobody else is there to take it.
-            plain = cluster or len(room.seq) + len(room.held) < len(room.members)
-            data = b"".join(parts) if plain else b""
+        if seq_variant:
             self.router.fanout_seq(sess, room, data, legacy, b"".join(sparts), len(sparts), echo)
             return
-        self.router.fanout(sess, room, b"".join(parts), legacy, len(parts) // 3, echo)
+        self.router.fanout(sess, room, data, legacy, n, echo)
 
     # ================================================================ HELLO
     def _on_hello(self, sess: Session, ftype: int, body: bytes) -> None:

@@ -208,3 +208,34 @@ def test_a_bug_while_containing_a_bug_still_leaves_the_loop_running(srv, caplog,
     assert a.session.id not in srv.sessions
     b.send(P.Emit(4, P.TARGET_ROOM, "r", "m", b"still here"))
     assert [f.status for f in b.frames()] == [P.OK]
+
+
+@pytest.mark.parametrize("member", ["plain", "v1", "sequenced-only"])
+def test_history_counts_the_bytes_of_every_run(member):
+    """A run's history bytes come from its joined frames (session._end_run),
+    not from summing the tails: they must still equal what the room holds,
+    whatever mix of sizes, acks, payload types and members the runs had."""
+    srv, _clock = memory_server(history_size=1000)
+    a = client(srv, "a", 2)
+    b = client(srv, "b", 1 if member == "v1" else 2)
+    a.send(P.Join(1, "r", P.JOIN_SEQUENCED if member == "sequenced-only" else 0))
+    b.send(P.Join(1, "r", P.JOIN_SEQUENCED if member == "sequenced-only" else 0))
+    a.frames(), b.frames()
+    typed = 1 << 1  # payload type 1 (text) in the EMIT flags, version 2
+    runs = [
+        [P.Emit(0, 0, "r", "m", b"x" * 10) for _ in range(5)],
+        [P.Emit(0, 0, "r", "m", b"y" * n) for n in (1, 50, 7, 7, 300)],
+        [P.Emit(0, 0, "r", "m", b"z", typed), P.Emit(0, 0, "r", "m", b"zz", typed)],
+        [
+            P.Emit(0, 0, "r", "m", b"a"),
+            P.Emit(2, 0, "r", "m", b"acked"),
+            P.Emit(0, 0, "r", "m", b""),
+        ],
+    ]
+    for run in runs:
+        a.send(*run)
+    a.frames(), b.frames()
+    history = srv.protocol.history
+    [held] = history._rooms.values()
+    assert sum(map(len, held.items[held.head :])) == held.bytes == history.bytes_held
+    assert held.held == sum(map(len, runs))
