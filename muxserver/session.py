@@ -301,13 +301,16 @@ class SessionProtocol(RequestHandlers):
         sparts: list[bytes] | None = None  # one EVENT_SEQ frame per EMIT, when needed
         acks = sess.out
         acks_wait = self._acks_wait
-        # req 0 + run_head: one startswith() takes an unacked EMIT of the run;
-        # an empty tuple of prefixes matches nothing (no run yet).
-        run_key: bytes | tuple = ()
+        # req 0 + run_head: one comparison takes an unacked EMIT of the run;
+        # None matches nothing (no run yet). A slice and == cost less than
+        # startswith(), whose argument parsing was 7 % of a pipelined
+        # message (bench.callgrind --server 1 20000: 7,238 -> 7,024).
+        run_key: bytes | None = None
+        klen = 0
         last_n, last_len = -1, b""
         frames = iter(frames)  # a handler that blocks takes the rest (see block)
         for ftype, body in frames:
-            if ftype == emit_type and body.startswith(run_key):
+            if ftype == emit_type and body[:klen] == run_key:
                 # Counted in frames_in_by_type by _end_run, once per run.
                 if len(body) != last_n:  # runs are mostly of one size: reuse its length prefix
                     last_n = len(body)
@@ -356,6 +359,7 @@ class SessionProtocol(RequestHandlers):
                             if run_room is not None:
                                 run_head = body[4:eend]
                                 run_key = _NO_REQ + run_head
+                                klen = len(run_key)
                                 last_n = -1
                                 run_echo = flags & _ECHO
                                 run_type = ptype
@@ -387,7 +391,7 @@ class SessionProtocol(RequestHandlers):
                 self._end_run(sess, run_room, parts, run_echo, run_type, sparts, seq, sprefix)
                 parts = []
             run_head = run_room = None
-            run_key = ()
+            run_key = None
             state = sess.state
             if state == OPEN:
                 handler = handlers.get(ftype)
