@@ -208,7 +208,13 @@ class Server:
             return
         self.received(sess, self._rview[:n])
         sess = sess.successor or sess
-        if sess.state <= OPEN and sess.deferred is None and transport.more_buffered():
+        # transport.tls first: a plain socket's read pays no call for this.
+        if (
+            transport.tls
+            and sess.state <= OPEN
+            and sess.deferred is None
+            and transport.more_buffered()
+        ):
             self.loop.call_later(0, self._read_again, transport)
 
     def received(self, sess: Session, data) -> None:

@@ -132,7 +132,9 @@ class StreamTransport:
     def held(self) -> int:
         """Memory of the incomplete frame waiting for the rest (input memory accounting):
         what its buffer occupies, not just the bytes in it, so the bound is the memory's."""
-        return self.decoder.allocated
+        decoder = self.decoder
+        # Asked after every read: the shared (idle) decoder holds nothing by definition.
+        return 0 if type(decoder) is SharedDecoder else decoder.allocated
 
     def discard_input(self) -> None:
         """Free the incomplete frame: this connection's input is no longer read."""
