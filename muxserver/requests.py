@@ -5,7 +5,8 @@ that each file stays readable. :class:`RequestHandlers` is a mixin of
 :class:`muxserver.session.SessionProtocol`: its methods use that class's
 hub, router, history sequencer and, in a cluster, backplane. Every request
 gets exactly one REPLY with its ``req`` (protocol section 2), through
-``_reply_error`` or the router.
+``_reply_error`` or the router. The EMIT rate limit's token bucket lives
+here too, for the same reason: session.py keeps to its size.
 """
 
 from __future__ import annotations
@@ -19,6 +20,20 @@ log = logging.getLogger("muxserver")
 
 
 class RequestHandlers:
+    def _take_token(self, sess) -> bool:
+        """Token bucket: ``rate_limit`` per second, up to ``rate_burst`` saved."""
+        now = self.clock.now
+        bucket = sess.bucket
+        tokens = bucket[0] + (now - bucket[1]) * self._rate
+        bucket[1] = now
+        if tokens > self._burst:
+            tokens = self._burst
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
     def _reply_error(self, sess, req: int, status: int, message: str) -> None:
         self.router.reply(sess, P.reply_error(req, status, message))
         errors = self.stats["reply_errors"]

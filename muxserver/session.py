@@ -608,20 +608,6 @@ class SessionProtocol(RequestHandlers):
         typed = P.event_frame(P.typed_prefix(prefix, ptype), tail)
         return typed, (P.event_frame(prefix, tail) if want_legacy else None)
 
-    def _take_token(self, sess: Session) -> bool:
-        """Token bucket: ``rate_limit`` per second, up to ``rate_burst`` saved."""
-        now = self.clock.now
-        bucket = sess.bucket
-        tokens = bucket[0] + (now - bucket[1]) * self._rate
-        bucket[1] = now
-        if tokens > self._burst:
-            tokens = self._burst
-        if tokens < 1.0:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1.0
-        return True
-
     # ============================================================ liveness
     def sweep(self, sessions, now: float) -> None:
         """Heartbeats and timeouts of protocol section 7 (and the HELLO timeout); history ages."""
