@@ -3,6 +3,7 @@
     python -m bench.callgrind [--tree DIR] MEMBERS ROUNDS [key=value ...]
     python -m bench.callgrind --server [--tree DIR] RECEIVERS MESSAGES
     python -m bench.callgrind --rooms [--tree DIR] ROOMS MESSAGES
+    (--server and --rooms take --functions N: the N costliest C functions too)
 
 
 Timings on this shared 2-core machine drift by 20 % between runs, which
@@ -43,6 +44,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 BATCH = 64
@@ -209,6 +211,19 @@ def serve_and_count(tree: Path, receivers: int, messages: int, outfile: str = "/
             proc.wait()
 
 
+def functions(outfile: str) -> dict[str, int]:
+    """Instructions per C function (self cost) in a callgrind output file."""
+    text = subprocess.run(
+        ["callgrind_annotate", "--threshold=100", outfile], capture_output=True, text=True
+    ).stdout
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d,]+) \([^)]*\)\s+\S*?:(\S+)", line)
+        if m:
+            found[m.group(2)] = found.get(m.group(2), 0) + int(m.group(1).replace(",", ""))
+    return found
+
+
 def count(tree: Path, members: int, rounds: int, overrides: list[str]) -> int:
     """Instructions callgrind collected for one run of the workload in ``tree``."""
     # The child runs this file as a script, so that ``muxserver`` comes from
@@ -234,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", action="store_true", help="measure a whole server process")
     ap.add_argument("--rooms", action="store_true", help="single-message turns in rooms of 10")
     ap.add_argument(
-        "--out",
-        default="/dev/null",
-        help="callgrind output file of the long run (--rooms, --server)",
+        "--functions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--rooms, --server: also the N costliest C functions per message (or delivery)",
     )
     ap.add_argument("members", type=int)
     ap.add_argument("rounds", type=int)
@@ -255,21 +272,32 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.callgrind needs valgrind: apt-get install valgrind", file=sys.stderr)
         return 1
     tree = args.tree.resolve()
-    if args.rooms:
-        rooms, n = args.members, args.rounds
-        total = rooms_count(tree, rooms, n, args.out)
-        base = rooms_count(tree, rooms, n // 10)
-        per = (total - base) / (n - n // 10) / 10
-        print(
-            f"{tree.name}: {rooms} rooms of 10, one message per turn: {per:,.0f} instructions per delivery"
-        )
-        return 0
-    if args.server:
-        n, r = args.rounds, args.members
-        total = serve_and_count(tree, r, n, args.out)
-        base = serve_and_count(tree, r, n // 10)
-        per = (total - base) / (n - n // 10)
-        print(f"{tree.name}: server, 1 -> {r}: {per:,.0f} instructions per message sent")
+    if args.rooms or args.server:
+        # Each workload runs twice, the second with a tenth of the messages;
+        # the difference is what the extra messages cost.
+        if args.rooms:
+            rooms, n = args.members, args.rounds
+            run, unit, per_unit = (lambda m, out: rooms_count(tree, rooms, m, out)), "delivery", 10
+            title = f"{rooms} rooms of 10, one message per turn"
+        else:
+            r, n = args.members, args.rounds
+            run, unit, per_unit = (
+                (lambda m, out: serve_and_count(tree, r, m, out)),
+                "message sent",
+                1,
+            )
+            title = f"server, 1 -> {r}"
+        with tempfile.TemporaryDirectory() as tmp:
+            outs = [f"{tmp}/long.out", f"{tmp}/short.out"] if args.functions else ["/dev/null"] * 2
+            total = run(n, outs[0])
+            base = run(n // 10, outs[1])
+            units = (n - n // 10) * per_unit
+            print(f"{tree.name}: {title}: {(total - base) / units:,.0f} instructions per {unit}")
+            if args.functions:
+                long, short = functions(outs[0]), functions(outs[1])
+                diff = {k: (long.get(k, 0) - short.get(k, 0)) / units for k in long}
+                for name, cost in sorted(diff.items(), key=lambda kv: -kv[1])[: args.functions]:
+                    print(f"{cost:9,.0f}  {name}")
         return 0
     base = count(tree, args.members, 0, args.overrides)
     total = count(tree, args.members, args.rounds, args.overrides)
