@@ -38,6 +38,7 @@ session, the fan-out and ten sends, per delivery.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -92,35 +93,46 @@ def workload(members: int, rounds: int, overrides: dict[str, int]) -> None:
         drain()
 
 
-def start_server(tree: Path, outfile: str = "/dev/null"):
-    """``python -m muxserver`` of ``tree`` under callgrind: (process, port)."""
+@contextlib.contextmanager
+def counted_server(tree: Path, outfile: str = "/dev/null"):
+    """``python -m muxserver`` of ``tree`` under callgrind.
+
+    Yields ``(port, socks, result)``: the test appends its connections to
+    ``socks`` (closed at the end) and reads ``result[0]`` afterwards, the
+    instructions callgrind collected once the server had SIGTERM.
+    """
+    import signal
+
     env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
     cmd = [
-        "valgrind", "--tool=callgrind", "--compress-strings=no", "--compress-pos=no", f"--callgrind-out-file={outfile}",
+        "valgrind", "--tool=callgrind", "--compress-strings=no", "--compress-pos=no",
+        f"--callgrind-out-file={outfile}",
         sys.executable, "-m", "muxserver", "--host", "127.0.0.1", "--port", "0",
         "--ping-interval", "3600", "--log-level", "warning",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, env=env, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    line = proc.stdout.readline()
-    found = re.search(r"listening on \S*?:(\d+)", line)
-    if not found:
-        proc.kill()
-        raise SystemExit(f"server did not start: {line!r} {proc.stderr.read()[-2000:]}")
-    return proc, int(found.group(1))
-
-
-def stop_and_count(proc) -> int:
-    """SIGTERM the server; the instructions callgrind collected."""
-    import signal
-
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=600)
-    found = re.search(r"Collected : (\d+)", err)
-    if not found:
-        raise SystemExit(f"no callgrind total:\n{err[-2000:]}")
-    return int(found.group(1))
+    socks: list[socket.socket] = []
+    result: list[int] = []
+    try:
+        line = proc.stdout.readline()
+        found = re.search(r"listening on \S*?:(\d+)", line)
+        if not found:
+            raise SystemExit(f"server did not start: {line!r} {proc.stderr.read()[-2000:]}")
+        yield int(found.group(1)), socks, result
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=600)
+        found = re.search(r"Collected : (\d+)", err)
+        if not found:
+            raise SystemExit(f"no callgrind total:\n{err[-2000:]}")
+        result.append(int(found.group(1)))
+    finally:
+        for s in socks:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def member(P, port: int, nick: str, room: str) -> socket.socket:
@@ -140,9 +152,7 @@ def rooms_count(
     sys.path.insert(0, str(tree))
     from muxserver import protocol as P
 
-    proc, port = start_server(tree, outfile)
-    socks = []
-    try:
+    with counted_server(tree, outfile) as (port, socks, result):
         groups = []
         for r in range(rooms):
             group = [member(P, port, f"m{r:03d}x{i}", f"r{r}") for i in range(size)]
@@ -156,13 +166,7 @@ def rooms_count(
             for s in group:  # every member, the sender too (echo), gets exactly one EVENT
                 want = 4 + P.LENGTH.unpack(s.recv(4, socket.MSG_WAITALL))[0]
                 s.recv(want - 4, socket.MSG_WAITALL)
-        return stop_and_count(proc)
-    finally:
-        for s in socks:
-            s.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return result[0]
 
 
 def serve_and_count(tree: Path, receivers: int, messages: int, outfile: str = "/dev/null") -> int:
@@ -172,10 +176,8 @@ def serve_and_count(tree: Path, receivers: int, messages: int, outfile: str = "/
     sys.path.insert(0, str(tree))
     from muxserver import protocol as P
 
-    proc, port = start_server(tree, outfile)
-    socks = []
-    try:
-        socks = [member(P, port, f"m{i:04d}", "r") for i in range(receivers + 1)]
+    with counted_server(tree, outfile) as (port, socks, result):
+        socks += [member(P, port, f"m{i:04d}", "r") for i in range(receivers + 1)]
         sender, members = socks[-1], socks[:-1]
         emit = P.encode(P.Emit(0, P.TARGET_ROOM, "r", "ev", b"x" * 64))
         event = P.encode(P.Event(P.TARGET_ROOM, f"m{receivers:04d}", "r", "ev", b"x" * 64))
@@ -202,13 +204,7 @@ def serve_and_count(tree: Path, receivers: int, messages: int, outfile: str = "/
                 if left[sock] <= 0:
                     sel.unregister(sock)
                     del left[sock]
-        return stop_and_count(proc)
-    finally:
-        for s in socks:
-            s.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return result[0]
 
 
 def functions(outfile: str) -> dict[str, int]:

@@ -33,42 +33,30 @@ def flush_pending(server) -> None:
                 continue
             out = sess.out
             transport = sess.transport
-            if len(out) == 1 and type(transport) is StreamTransport and transport.chunks is None:
-                # The usual case: StreamTransport.flush, inline (see above).
-                data = out[0]
-                out.clear()
-                try:
-                    sent = transport.sock.send(data)
-                except WOULD_BLOCK:
-                    sent = 0
-                except OSError:
-                    server.lost(sess)
-                    continue
-                except Exception:
-                    server._internal_error(sess, "sending its output")
-                    continue
-                transport.bytes_out += sent
-                sess.frames_out += 1
-                if sent == len(data):
-                    if state == CLOSING:
-                        server._finish_output(sess)
-                    continue
-                left = transport.keep_unsent(loop, data, sent)
-                if left > max_output and state == OPEN:
-                    server.protocol.slow_consumer(sess, transport.discard_unsent())
-                continue
-            n = len(out)
-            data = None
-            if n > 1:
-                key = (n, id(out[0]), id(out[-1]))
-                hit = joined.get(key)
-                if hit is not None and hit[0] == out:
-                    data = hit[1]
-                else:
-                    data = b"".join(out)
-                    joined[key] = (out.copy(), data)
             try:
-                left = transport.flush(loop, data)
+                if len(out) == 1 and type(transport) is StreamTransport and transport.chunks is None:
+                    # The usual case: StreamTransport.flush, inline (see above).
+                    n = 1
+                    data = out[0]
+                    out.clear()
+                    try:
+                        sent = transport.sock.send(data)
+                    except WOULD_BLOCK:
+                        sent = 0
+                    transport.bytes_out += sent
+                    left = 0 if sent == len(data) else transport.keep_unsent(loop, data, sent)
+                else:
+                    n = len(out)
+                    data = None
+                    if n > 1:
+                        key = (n, id(out[0]), id(out[-1]))
+                        hit = joined.get(key)
+                        if hit is not None and hit[0] == out:
+                            data = hit[1]
+                        else:
+                            data = b"".join(out)
+                            joined[key] = (out.copy(), data)
+                    left = transport.flush(loop, data)
             except OSError:
                 server.lost(sess)
                 continue
@@ -77,7 +65,7 @@ def flush_pending(server) -> None:
                 continue
             sess.frames_out += n
             if left:
-                if left > max_output and sess.state == OPEN:
+                if left > max_output and state == OPEN:
                     server.protocol.slow_consumer(sess, transport.discard_unsent())
-            elif sess.state == CLOSING:
+            elif state == CLOSING:
                 server._finish_output(sess)
