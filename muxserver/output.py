@@ -34,7 +34,11 @@ def flush_pending(server) -> None:
             out = sess.out
             transport = sess.transport
             try:
-                if len(out) == 1 and type(transport) is StreamTransport and transport.chunks is None:
+                if (
+                    len(out) == 1
+                    and type(transport) is StreamTransport
+                    and transport.chunks is None
+                ):
                     # The usual case: StreamTransport.flush, inline (see above).
                     n = 1
                     data = out[0]
