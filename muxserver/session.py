@@ -437,9 +437,9 @@ class SessionProtocol(RequestHandlers):
         plain = not seq_variant or cluster or len(room.seq) + len(room.held) < len(room.members)
         data = b"".join(parts) if plain else b""
         if self.history.enabled and not cluster:  # a cluster keeps it in Redis
-            # The tails' bytes: the frames less a 4-byte length and the run's
-            # one prefix (parts[1]) each.
-            size = len(data) - n * (4 + len(parts[1])) if plain else -1
+            # The tails' bytes: the frames less a length prefix and the run's
+            # one sender prefix (parts[1]) each.
+            size = len(data) - n * (LENGTH.size + len(parts[1])) if plain else -1
             self.sequencer.keep(room.key, parts[2::3], seq - n + 1, sprefix, size)
         legacy = None
         if ptype and (room.legacy or self.backplane is not None):
